@@ -1,0 +1,123 @@
+"""Typed, validated training configuration, and the paper's recipes by name.
+
+A ``TrainConfig`` is what a run directory's ``config.json`` holds: a run can be repeated from it.
+Recipes are named partial configurations (``mnist-deterministic`` ...): options given on the command
+line override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .binarize import BINARIZATIONS, STE_VARIANTS
+from .errors import ConfigError
+from .layers import STOCHASTIC_EVAL
+from .optim import LR_SCALES
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Field comments give the paper's MNIST values."""
+
+    dataset: str = "mnist"
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {"hidden": 1024, "depth": 3}
+    binarization: str = "deterministic"  # deterministic | stochastic | none
+    H: float = 1.0
+    ste: str = "identity"  # identity (paper) | clipped (zero gradient where |W| > H)
+    stochastic_eval: str = "real"  # real (paper) | sample
+    eval_samples: int = 1  # with stochastic_eval="sample": average the outputs of N weight samples
+    lr_scale: str = "glorot"  # glorot (paper) | none
+    epochs: int = 250
+    batch_size: int = 100
+    lr_start: float = 1e-3
+    lr_end: float = 3e-6
+    val_size: int = 10_000
+    train_subset: int | None = None  # train on the first N training examples only (smoke tests)
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    eval_batch_size: int = 1000
+    recipe: str | None = None
+    data_dir: str | None = None
+    download: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first invalid option and what is allowed; return self."""
+        _choice("binarization", self.binarization, BINARIZATIONS)
+        _choice("ste", self.ste, STE_VARIANTS)
+        _choice("stochastic_eval", self.stochastic_eval, STOCHASTIC_EVAL)
+        _choice("lr_scale", self.lr_scale, LR_SCALES)
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        _positive_int("eval_samples", self.eval_samples)
+        _positive_int("val_size", self.val_size)
+        if self.train_subset is not None:
+            _positive_int("train_subset", self.train_subset)
+        for name in ("H", "lr_start", "lr_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if self.lr_end > self.lr_start:
+            raise ConfigError(f"lr_end ({self.lr_end}) must not exceed lr_start ({self.lr_start})")
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+_MNIST = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": 1024, "depth": 3, "bn_momentum": 0.15},
+              epochs=250, batch_size=100, lr_start=1e-3, lr_end=3e-6, val_size=10_000)
+
+#: The paper's recipes. Epochs, batch size and learning rates are those of the original code.
+RECIPES: dict[str, dict] = {
+    "mnist-float": {**_MNIST, "binarization": "none"},
+    "mnist-deterministic": {**_MNIST, "binarization": "deterministic"},
+    "mnist-stochastic": {**_MNIST, "binarization": "stochastic"},
+}
+
+
+def list_recipes() -> list[str]:
+    return sorted(RECIPES)
+
+
+def recipe_config(name: str | None, **overrides) -> TrainConfig:
+    """The recipe ``name`` (or the defaults when None) with ``overrides`` applied, validated."""
+    base: dict = {}
+    if name is not None:
+        try:
+            base = {**RECIPES[name], "recipe": name}
+        except KeyError:
+            raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}") from None
+    model_kwargs = {**base.pop("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict({**base, "model_kwargs": model_kwargs}).validate()

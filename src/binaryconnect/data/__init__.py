@@ -1,0 +1,95 @@
+"""Datasets as device-resident tensors.
+
+Each loader returns a ``Splits``: train / validation / test tensors already preprocessed, ready to be
+moved to the training device once and sliced into batches there (no per-sample Python loading).
+The data root comes from ``--data-dir``, else the environment variable ``BINARYCONNECT_DATA``, else
+``./data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+
+ENV_DATA_ROOT = "BINARYCONNECT_DATA"
+
+
+@dataclass
+class Splits:
+    """Preprocessed tensors of one dataset: inputs float32, labels int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device) -> Splits:
+        return Splits(*(t.to(device) for t in (self.train_x, self.train_y, self.val_x, self.val_y,
+                                               self.test_x, self.test_y)), num_classes=self.num_classes)
+
+
+def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` if given, else ``$BINARYCONNECT_DATA``, else ``./data``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(os.environ.get(ENV_DATA_ROOT) or "data")
+
+
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path, expected: str, algorithm: str = "md5") -> None:
+    """Raise a DataError naming the file, the expected and the actual digest when they differ."""
+    actual = file_digest(path, algorithm)
+    if actual != expected:
+        raise DataError(
+            f"checksum mismatch for {path}: expected {algorithm} {expected}, got {actual}. "
+            "The file is corrupt or not the official release: delete it and download it again."
+        )
+
+
+_LOADERS: dict[str, Callable[..., Splits]] = {}
+
+
+def register_dataset(name: str):
+    def decorator(fn):
+        _LOADERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> Splits:
+    """Load dataset ``name`` from ``root`` (see ``resolve_data_root``) as preprocessed CPU tensors."""
+    try:
+        loader = _LOADERS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+    return loader(resolve_data_root(root), **kwargs)
+
+
+from . import mnist  # noqa: E402,F401  (registers the loaders)

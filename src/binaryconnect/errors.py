@@ -1,0 +1,25 @@
+"""Exceptions with messages meant for the user: the command line prints them as one line, no traceback."""
+
+
+class BinaryConnectError(Exception):
+    """Base class of the errors the command line reports as ``error: <message>``."""
+
+    exit_code = 2
+
+
+class ConfigError(BinaryConnectError, ValueError):
+    """An invalid option or configuration: the message says what is wrong and what to do."""
+
+
+class DataError(BinaryConnectError):
+    """A dataset that is missing, corrupt or fails its checksum."""
+
+
+class CheckpointError(BinaryConnectError):
+    """A run directory, checkpoint or model file that is missing, truncated or inconsistent."""
+
+
+class TrainingDiverged(BinaryConnectError):
+    """The loss became NaN or Inf: training stopped before the optimizer step."""
+
+    exit_code = 3

@@ -1,0 +1,100 @@
+"""Optimisation for BinaryConnect: learning-rate scales, latent clipping, the learning-rate schedule.
+
+- Learning-rate scale (the paper's code, "Glorot"): every binarized weight gets its layer's learning rate
+  multiplied by ``1 / sqrt(1.5 / (fan_in + fan_out))``, with ``fan_in = in_channels x kernel area`` and
+  ``fan_out = out_channels x kernel area`` for convolutions. Biases and batch-norm parameters, and the
+  weights of layers trained in float (``binarization="none"``), use the plain learning rate.
+- Clipping (Algorithm 1, ``clip(W - eta * dC/dW)``): after every optimizer step the latent weights of
+  binarized layers are clipped to [-H, H]. ``make_optimizer`` registers this as a step hook, so no
+  caller can forget it.
+- Schedule: the learning rate decays exponentially every epoch from ``lr_start`` (first epoch) to
+  ``lr_end`` (last epoch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import binary_layers
+
+LR_SCALES = ("glorot", "none")
+
+
+def fans(layer: nn.Module) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a linear or convolutional layer's weight, as Glorot & Bengio define them."""
+    w = layer.weight
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
+def glorot_lr_scale(layer: nn.Module) -> float:
+    """The paper's per-layer learning-rate scale ``1 / sqrt(1.5 / (fan_in + fan_out))``."""
+    fan_in, fan_out = fans(layer)
+    return 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
+
+
+def param_groups(model: nn.Module, lr: float, lr_scale: str = "glorot") -> list[dict]:
+    """Optimizer parameter groups: one per binarized weight, scaled; one for everything else.
+
+    Each group carries ``lr_scale`` so that ``set_lr`` can apply a schedule without losing the scale.
+    """
+    if lr_scale not in LR_SCALES:
+        raise ValueError(f"unknown lr_scale {lr_scale!r}; choose one of {', '.join(LR_SCALES)}")
+    groups: list[dict] = []
+    scaled: set[int] = set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in binary_layers(model):
+        if not layer.is_binary:
+            continue
+        scale = glorot_lr_scale(layer) if lr_scale == "glorot" else 1.0
+        groups.append({"params": [layer.weight], "lr": lr * scale, "lr_scale": scale,
+                       "name": names.get(id(layer.weight), "weight")})
+        scaled.add(id(layer.weight))
+    rest = [p for p in model.parameters() if id(p) not in scaled and p.requires_grad]
+    if rest:
+        groups.append({"params": rest, "lr": lr, "lr_scale": 1.0, "name": "other"})
+    return groups
+
+
+@torch.no_grad()
+def clip_latent_(model: nn.Module) -> None:
+    """Clip the latent weight of every binarized layer to [-H, H], in place."""
+    for layer in binary_layers(model):
+        if layer.is_binary:
+            layer.weight.clamp_(-layer.H, layer.H)
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    lr_scale: str = "glorot",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.Adam:
+    """Adam over ``param_groups(model, lr, lr_scale)``, clipping the latent weights after every step."""
+    if not lr > 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    optimizer = torch.optim.Adam(param_groups(model, lr, lr_scale), lr=lr, betas=betas, eps=eps, fused=fused)
+
+    def _clip_after_step(opt, args, kwargs):
+        clip_latent_(model)
+
+    optimizer.register_step_post_hook(_clip_after_step)
+    return optimizer
+
+
+def exponential_lr(epoch: int, epochs: int, lr_start: float, lr_end: float) -> float:
+    """Learning rate of ``epoch`` (0-based): ``lr_start * (lr_end / lr_start) ** (epoch / (epochs - 1))``."""
+    if epochs <= 1:
+        return lr_start
+    return lr_start * (lr_end / lr_start) ** (epoch / (epochs - 1))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times the group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
