@@ -26,6 +26,7 @@ class TrainConfig:
     dataset: str = "mnist"
     model: str = "mlp"
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"hidden": 1024, "depth": 3}
+    dataset_kwargs: dict = field(default_factory=dict)  # options of the dataset loader (preprocessing ...)
     binarization: str = "deterministic"  # deterministic | stochastic | none
     H: float = 1.0
     ste: str = "identity"  # identity (paper) | clipped (zero gradient where |W| > H)
@@ -67,8 +68,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.lr_end > self.lr_start:
             raise ConfigError(f"lr_end ({self.lr_end}) must not exceed lr_start ({self.lr_start})")
-        if not isinstance(self.model_kwargs, dict):
-            raise ConfigError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        for name in ("model_kwargs", "dataset_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         return self
@@ -118,6 +120,7 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
             base = {**RECIPES[name], "recipe": name}
         except KeyError:
             raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}") from None
-    model_kwargs = {**base.pop("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
+    merged = {key: {**base.pop(key, {}), **(overrides.pop(key, None) or {})}
+              for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict({**base, "model_kwargs": model_kwargs}).validate()
+    return TrainConfig.from_dict({**base, **merged}).validate()

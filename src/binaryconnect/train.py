@@ -108,11 +108,10 @@ def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, 
 
     # --- data, on the training device once ---
     if data is None:
-        data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, download=config.download)
+        data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, download=config.download,
+                            **config.dataset_kwargs)
     if config.train_subset is not None:
-        n = min(config.train_subset, len(data.train_x))
-        data = Splits(data.train_x[:n], data.train_y[:n], data.val_x, data.val_y, data.test_x, data.test_y,
-                      data.num_classes)
+        data = data.subset_train(config.train_subset)
     data = data.to(device)
     n_train = len(data.train_x)
     steps = n_train // config.batch_size
@@ -125,6 +124,7 @@ def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, 
     optimizer = make_optimizer(model, config.lr_start, config.lr_scale)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
     binarize_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    augment_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     set_generator(model, binarize_gen)
 
     # --- run directory ---
@@ -150,7 +150,10 @@ def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for step in _progress(range(steps), steps, f"epoch {epoch + 1}/{config.epochs}", progress):
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            loss = square_hinge_loss(model(data.train_x[idx]), data.train_y[idx])
+            xb = data.train_x[idx]
+            if data.train_transform is not None:
+                xb = data.train_transform(xb, augment_gen)
+            loss = square_hinge_loss(model(xb), data.train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not torch.isfinite(loss):

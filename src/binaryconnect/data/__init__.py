@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,14 +32,22 @@ class Splits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    #: Optional augmentation applied to every training batch on the device: ``(x, generator) -> x``.
+    train_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device) -> Splits:
-        return Splits(*(t.to(device) for t in (self.train_x, self.train_y, self.val_x, self.val_y,
-                                               self.test_x, self.test_y)), num_classes=self.num_classes)
+        return replace(self, **{k: getattr(self, k).to(device) for k in _TENSORS})
+
+    def subset_train(self, n: int) -> Splits:
+        """The same splits with only the first ``n`` training examples."""
+        return replace(self, train_x=self.train_x[:n], train_y=self.train_y[:n])
+
+
+_TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:

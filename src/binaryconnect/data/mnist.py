@@ -48,12 +48,16 @@ def _locate(root: Path, download: bool) -> dict[str, Path]:
     raw = root / "MNIST" / "raw"
     missing = [name for name, _ in FILES.values() if not (raw / name).is_file()]
     if missing and download:
+        created = [p for p in (raw, raw.parent, root) if not p.exists()]
         raw.mkdir(parents=True, exist_ok=True)
         for name, md5 in FILES.values():
             if not (raw / name).is_file():
                 try:
                     _download(raw, name, md5)
                 except DataError as exc:
+                    for folder in created:  # leave no empty folders behind
+                        if folder.is_dir() and not any(folder.iterdir()):
+                            folder.rmdir()
                     raise DataError(
                         f"MNIST is missing from {raw} and could not be downloaded ({exc}). "
                         f"Put the official files {', '.join(n for n, _ in FILES.values())} there, "
