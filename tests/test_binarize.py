@@ -1,0 +1,110 @@
+"""Binarization against exact oracles: eq. (1)-(3) of the paper and the straight-through estimator."""
+
+import math
+
+import pytest
+import torch
+
+from binaryconnect.binarize import (
+    binarize_deterministic,
+    binarize_ste,
+    binarize_stochastic,
+    check_binarization,
+    hard_sigmoid,
+)
+
+
+def test_hard_sigmoid_exact_values():
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0])
+    expected = torch.tensor([0.0, 0.0, 0.25, 0.5, 0.625, 1.0, 1.0])
+    assert torch.equal(hard_sigmoid(x), expected)
+
+
+@pytest.mark.parametrize("H", [1.0, 0.5, 3.0])
+def test_deterministic_exact_values(H):
+    w = torch.tensor([-2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.3, 5.0])
+    expected = torch.tensor([-H, -H, -H, H, H, H, H, H])  # zero (and -0.0) maps to +H
+    assert torch.equal(binarize_deterministic(w, H), expected)
+
+
+def test_stochastic_values_are_exactly_plus_minus_H():
+    w = torch.empty(10_000).uniform_(-2, 2)
+    wb = binarize_stochastic(w, 0.7, torch.Generator().manual_seed(1))
+    assert torch.equal(wb.abs(), torch.full_like(wb, 0.7))
+    assert (wb > 0).any() and (wb < 0).any()
+
+
+@pytest.mark.parametrize("H", [1.0, 2.0])
+def test_stochastic_frequency_matches_hard_sigmoid(H):
+    # 10^6 samples per weight value. The count of +H is Binomial(n, p): the observed frequency deviates
+    # from p by more than 6 standard deviations (sqrt(p(1-p)/n) <= 5e-4, so 3e-3) with probability < 2e-9.
+    n = 1_000_000
+    values = torch.tensor([-1.5, -1.0, -0.6, -0.2, 0.0, 0.3, 0.9, 1.0, 2.0]) * H
+    w = values.repeat_interleave(n)
+    wb = binarize_stochastic(w, H, torch.Generator().manual_seed(123))
+    freq = (wb == H).float().view(len(values), n).mean(1).double()
+    p = hard_sigmoid(values / H).double()
+    tol = 6 * torch.sqrt(p * (1 - p) / n)
+    assert torch.all((freq - p).abs() <= tol), (freq, p)
+    # p = 0 and p = 1 are exact: W <= -H is always -H, W >= H is always +H
+    assert freq[0] == 0 and freq[1] == 0 and freq[-2] == 1 and freq[-1] == 1
+
+
+def test_stochastic_is_reproducible_from_the_generator():
+    w = torch.empty(5000).uniform_(-1, 1)
+    a = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(7))
+    b = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(7))
+    c = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+def test_ste_identity_forward_is_binary_and_gradient_passes_unchanged(mode):
+    H = 1.0
+    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 3.0], requires_grad=True)
+    wb = binarize_ste(w, mode, H, "identity", torch.Generator().manual_seed(0))
+    assert torch.equal(wb.detach().abs(), torch.full_like(w, H))
+    upstream = torch.tensor([0.5, -1.0, 2.0, 3.0, -4.0, 0.25, 7.0])
+    wb.backward(upstream)
+    assert torch.equal(w.grad, upstream)  # dL/dW = dL/dWb everywhere, also where |W| > H
+
+
+def test_ste_clipped_cancels_gradient_outside_H():
+    H = 1.0
+    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 1.0001, 3.0], requires_grad=True)
+    wb = binarize_ste(w, "deterministic", H, "clipped")
+    upstream = torch.arange(1.0, 9.0)
+    wb.backward(upstream)
+    expected = upstream * torch.tensor([0, 1, 1, 1, 1, 1, 0, 0.0])  # 1 inside [-H, H] (boundary included)
+    assert torch.equal(w.grad, expected)
+    assert torch.equal(wb.detach(), binarize_deterministic(w.detach(), H))
+
+
+def test_ste_deterministic_matches_eq1_exactly_for_random_weights():
+    w = torch.empty(100_000).uniform_(-1, 1).requires_grad_()
+    wb = binarize_ste(w, "deterministic", 1.0)
+    assert torch.equal(wb.detach(), torch.where(w.detach() >= 0, 1.0, -1.0))
+
+
+def test_none_returns_the_real_weight():
+    w = torch.randn(10, requires_grad=True)
+    assert binarize_ste(w, "none") is w
+
+
+def test_unknown_names_are_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="deterministic, stochastic, none"):
+        binarize_ste(torch.zeros(1), "sign")
+    with pytest.raises(ValueError, match="identity, clipped"):
+        binarize_ste(torch.zeros(1), "deterministic", ste="tanh")
+    with pytest.raises(ValueError, match="unknown binarization"):
+        check_binarization("binary")
+
+
+def test_hard_sigmoid_is_the_probability_of_plus_H_in_closed_form():
+    # a second oracle on the same sampler: the mean of Wb is H * (2p - 1)
+    n = 1_000_000
+    w = torch.full((n,), 0.5)
+    wb = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(3))
+    p = 0.75
+    assert abs(wb.mean().item() - (2 * p - 1)) <= 6 * 2 * math.sqrt(p * (1 - p) / n)

@@ -1,0 +1,86 @@
+"""The command line end to end: train, evaluate, recipes, and its error messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from binaryconnect.cli import main
+
+SMALL = ["--train-subset", "1000", "--hidden", "32", "--depth", "1", "--epochs", "2", "--device", "cpu",
+         "--no-progress"]
+
+
+def test_train_then_evaluate(tmp_path, data_root, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "mnist-stochastic", "--data-dir", str(data_root), "-o", str(run), "--seed", "3",
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "epoch    2/2" in out and "done: test error" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["seed"] == 3 and summary["binarization"] == "stochastic"
+
+    assert main(["evaluate", str(run), "--data-dir", str(data_root), "--json", "--split", "both"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_error"] == summary["test_error"]  # real-valued weights, as during training
+    assert result["val_error"] == summary["best_val_error"]
+    assert main(["evaluate", str(run), "--data-dir", str(data_root), "--json", "--stochastic-eval", "sample",
+                 "--samples", "4"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled["stochastic_eval"] == "sample" and sampled["samples"] == 4 and 0 <= sampled["test_error"] <= 1
+
+
+def test_recipes_lists_the_paper_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist-float", "mnist-deterministic", "mnist-stochastic"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "mnist-nope"], "unknown recipe 'mnist-nope'; known recipes:"),
+        (["train"], "name a recipe"),
+        (["train", "mnist-float", "--lr-start", "-1"], "argument --lr-start: expected a positive number, got '-1'"),
+        (["train", "mnist-float", "--epochs", "0"], "argument --epochs: expected a positive integer"),
+        (["train", "mnist-float", "--binarization", "sign"], "argument --binarization: invalid choice"),
+        (["train", "mnist-float", "--device", "tpu"], "device must be one of auto, cpu, cuda"),
+        (["train", "mnist-float", "--data-dir", "/nonexistent/dir", "--no-download"], "MNIST not found"),
+        (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
+    if argv[0] == "train":
+        argv = [*argv, "-o", str(tmp_path / "r")]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors exit through SystemExit
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, data_root, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    assert main(["train", "mnist-float", "--data-dir", str(data_root), "-o", str(run), *SMALL]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "summary.json").read_text() == "{}"
+
+
+def test_console_script_is_installed(tmp_path, data_root):
+    env = {**os.environ, "BINARYCONNECT_DATA": str(data_root)}
+    exe = os.path.join(os.path.dirname(sys.executable), "binaryconnect")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "binaryconnect.cli"]
+    proc = subprocess.run([*cmd, "train", "mnist-deterministic", "-o", str(tmp_path / "r"), "-q", *SMALL],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["test_error"] < 0.9 and (tmp_path / "r" / "model.safetensors").is_file()

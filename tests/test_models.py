@@ -1,0 +1,44 @@
+"""The paper's MNIST MLP and the model registry."""
+
+import pytest
+import torch
+from torch import nn
+
+from binaryconnect.layers import BinaryLinear
+from binaryconnect.models import create_model, list_models
+
+
+def test_paper_mlp_shape_and_parameter_count():
+    net = create_model("mlp")
+    linears = [m for m in net.modules() if isinstance(m, BinaryLinear)]
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 1024), (1024, 1024), (1024, 1024),
+                                                                 (1024, 10)]
+    assert all(m.bias is None and m.binarization == "deterministic" for m in linears)
+    assert len(bns) == 4 and all(b.eps == 1e-4 and b.momentum == 0.15 for b in bns)
+    weights = 784 * 1024 + 2 * 1024 * 1024 + 1024 * 10
+    bn = 2 * (3 * 1024 + 10)
+    assert sum(p.numel() for p in net.parameters()) == weights + bn
+    assert sum(isinstance(m, nn.ReLU) for m in net.modules()) == 3  # none after the output layer
+    assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_mlp_is_configurable():
+    net = create_model("mlp", hidden=64, depth=1, binarization="stochastic", binarize_first=False,
+                       binarize_last=True)
+    linears = [m for m in net.modules() if isinstance(m, BinaryLinear)]
+    assert [m.binarization for m in linears] == ["none", "stochastic"]
+    assert net(torch.randn(3, 784)).shape == (3, 10)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="known models: .*mlp"):
+        create_model("resnet")
+    assert "mlp" in list_models()
+
+
+def test_impossible_shapes_are_rejected():
+    with pytest.raises(ValueError, match="impossible MLP shape"):
+        create_model("mlp", hidden=0)
+    with pytest.raises(ValueError, match="bad options"):
+        create_model("mlp", widht=3)

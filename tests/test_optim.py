@@ -1,0 +1,104 @@
+"""Learning-rate scales, parameter groups, clipping after the step, the schedule."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from binaryconnect.layers import BinaryConv2d, BinaryLinear
+from binaryconnect.optim import (
+    clip_latent_,
+    exponential_lr,
+    fans,
+    glorot_lr_scale,
+    make_optimizer,
+    param_groups,
+    set_lr,
+)
+
+
+def test_glorot_scale_for_known_shapes():
+    assert glorot_lr_scale(BinaryLinear(784, 1024)) == pytest.approx(1 / math.sqrt(1.5 / (784 + 1024)), rel=1e-12)
+    conv = BinaryConv2d(128, 256, 3)
+    assert fans(conv) == (128 * 9, 256 * 9)
+    assert glorot_lr_scale(conv) == pytest.approx(math.sqrt((128 * 9 + 256 * 9) / 1.5), rel=1e-12)
+    assert fans(BinaryConv2d(3, 8, (5, 3))) == (45, 120)
+
+
+def _net(binarization="deterministic"):
+    return nn.Sequential(BinaryLinear(20, 30, binarization=binarization), nn.BatchNorm1d(30), nn.ReLU(),
+                         BinaryLinear(30, 5, bias=True, binarization=binarization), nn.BatchNorm1d(5))
+
+
+def test_param_groups_scale_only_binarized_weights():
+    net = _net()
+    groups = param_groups(net, lr=0.01)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(net[0].weight)]["lr"] == pytest.approx(0.01 * glorot_lr_scale(net[0]))
+    assert by_param[id(net[3].weight)]["lr"] == pytest.approx(0.01 * glorot_lr_scale(net[3]))
+    for p in (net[3].bias, net[1].weight, net[1].bias, net[4].weight, net[4].bias):
+        assert by_param[id(p)]["lr"] == 0.01 and by_param[id(p)]["lr_scale"] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    # float layers (the "no regularizer" baseline) use the plain learning rate
+    assert all(g["lr_scale"] == 1.0 for g in param_groups(_net("none"), lr=0.01))
+
+
+def test_first_adam_step_moves_each_group_by_its_scaled_learning_rate():
+    # Adam's first step is lr * g / (|g| + eps'): with the scale it must be lr * scale * sign(g) (to 1e-6).
+    net = _net()
+    opt = make_optimizer(net, lr=1e-4, eps=1e-12)
+    before = net[0].weight.detach().clone()
+    g = torch.randn_like(before)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    net[0].weight.grad = g.clone()
+    opt.step()
+    step = net[0].weight.detach() - before
+    inside = before.abs() < 1 - 1e-3  # away from the clip
+    expected = -1e-4 * glorot_lr_scale(net[0]) * torch.sign(g)
+    assert torch.allclose(step[inside], expected[inside], rtol=1e-4, atol=1e-7)
+
+
+def test_step_clips_latent_weights_but_not_other_parameters():
+    net = _net()
+    opt = make_optimizer(net, lr=10.0)  # a huge step pushes everything far outside [-1, 1]
+    for p in net.parameters():
+        p.grad = -torch.ones_like(p)
+    opt.step()
+    for layer in (net[0], net[3]):
+        assert layer.weight.max().item() == 1.0 and layer.weight.min().item() >= -1.0
+    assert net[1].weight.max().item() > 1.0  # batch-norm gain is neither binarized nor clipped
+    assert net[3].bias.max().item() > 1.0  # nor is a bias
+
+
+def test_clip_respects_H_and_skips_float_layers():
+    a = BinaryLinear(4, 4, H=0.5)
+    b = BinaryLinear(4, 4, binarization="none")
+    with torch.no_grad():
+        a.weight.fill_(3.0)
+        b.weight.fill_(3.0)
+    clip_latent_(nn.Sequential(a, b))
+    assert torch.all(a.weight == 0.5)
+    assert torch.all(b.weight == 3.0)
+
+
+def test_exponential_schedule():
+    lrs = [exponential_lr(e, 11, 1e-3, 1e-5) for e in range(11)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    ratios = [lrs[i + 1] / lrs[i] for i in range(10)]
+    assert all(r == pytest.approx(10 ** -0.2) for r in ratios)  # a constant factor per epoch
+    assert exponential_lr(0, 1, 1e-3, 1e-5) == 1e-3
+
+
+def test_set_lr_keeps_the_scale():
+    net = _net()
+    opt = make_optimizer(net, lr=1e-3)
+    set_lr(opt, 2e-5)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(2e-5 * g["lr_scale"])
+
+
+def test_invalid_learning_rate():
+    with pytest.raises(ValueError, match="positive"):
+        make_optimizer(_net(), lr=-1.0)
