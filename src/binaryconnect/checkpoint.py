@@ -1,8 +1,25 @@
-"""Files of a run: atomic writes, and model files in safetensors (tensors and JSON only, no pickle).
+"""Files of a run: atomic writes, model files and training checkpoints in safetensors (no pickle).
 
 A write goes to a temporary file in the destination folder, is flushed and fsynced, then renamed over
-the final name: an interrupted write leaves the previous file intact and never a partial file under
-the final name. Loading never unpickles anything: safetensors holds raw tensors and a JSON header.
+the final name, and the folder is fsynced: an interrupted write leaves the previous file intact and
+never a partial file under the final name (a crash may leave a ``.<name>.*.tmp`` file beside it, which
+``remove_stale_temp_files`` clears).
+
+Loading never unpickles anything: safetensors holds raw tensors and a JSON header, and everything that
+is not a tensor (configuration, progress, optimizer hyper-parameters) is JSON in its metadata. Random
+generator states are ``uint8`` tensors (``torch.Generator.get_state()``). Files are written with their
+metadata in sorted order, so equal contents give byte-identical files.
+
+A training checkpoint (``checkpoint.safetensors`` in a run directory) holds tensors under prefixes:
+
+    model.<name>       the latent weights and batch-norm state (``model.state_dict()``)
+    optimizer.<i>.<k>  optimizer state tensor ``k`` of parameter ``i`` (Adam: step, exp_avg, exp_avg_sq)
+    rng.<name>         generator states (shuffle, binarize, augment, torch)
+    progress.<name>    the permutation of the epoch in progress and its running loss sum
+    best.<name>        the best-validation model so far
+
+and, in the metadata key ``state``, JSON: epoch, step, best validation error, metrics history,
+configuration, optimizer hyper-parameters (see ``train.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +38,9 @@ from .errors import CheckpointError
 
 MODEL_FORMAT = "binaryconnect-model"
 MODEL_FORMAT_VERSION = "1"
+CHECKPOINT_FORMAT = "binaryconnect-checkpoint"
+CHECKPOINT_FORMAT_VERSION = "1"
+CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -54,8 +74,29 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>") -> dict:
-    """The JSON header of a safetensors blob; raise CheckpointError if it is truncated or malformed."""
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a crash in ``atomic_write_bytes`` left in ``folder``."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _refuse_pickle(data: bytes, path) -> None:
+    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise CheckpointError(
+            f"{path} looks like a pickle or torch.save file, not safetensors: binaryconnect never unpickles "
+            "files (loading a pickle can run arbitrary code); use a file binaryconnect wrote"
+        )
+
+
+def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>", size: int | None = None) -> dict:
+    """The JSON header of a safetensors blob; raise CheckpointError if it is truncated or malformed.
+
+    ``data`` holds at least the header; ``size`` is the whole file's size when ``data`` is only its start.
+    """
+    _refuse_pickle(data, path)
+    size = len(data) if size is None else size
     if len(data) < 8:
         raise CheckpointError(f"{path} is truncated ({len(data)} bytes): not a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
@@ -67,15 +108,31 @@ def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>") ->
         raise CheckpointError(f"{path} has a corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > len(data):
-        raise CheckpointError(f"{path} is truncated: tensors need {8 + n + end} bytes, the file has {len(data)}")
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (bad tensor entry)") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: tensors need {8 + n + end} bytes, the file has {size}")
     return header
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the metadata in sorted key order (the library writes it in hash order,
+    which differs between processes), so that equal contents give byte-identical files."""
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted((header.get("__metadata__") or {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data stays 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + n :]
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Save ``tensors`` with string ``metadata`` as safetensors, atomically. Returns the file size."""
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = _serialize(tensors, metadata)
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -94,25 +151,126 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, dict(header.get("__metadata__") or {})
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, reading only its header (cheap on large files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, size))
+    return dict(read_safetensors_header(head, path, size=size).get("__metadata__") or {})
+
+
+def _check_format(path, metadata: dict[str, str], name: str, version: str, what: str) -> None:
+    if metadata.get("format") != name:
+        raise CheckpointError(f"{path} is not a binaryconnect {what} (format {metadata.get('format')!r})")
+    if metadata.get("format_version") != version:
+        raise CheckpointError(
+            f"{path} has {what} format version {metadata.get('format_version')!r}; this binaryconnect reads "
+            f"version {version}"
+        )
+
+
 def save_model(path: str | os.PathLike, model: torch.nn.Module, config: dict, **extra: str) -> int:
     """Save ``model.state_dict()`` with the run's configuration in the metadata."""
-    metadata = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": json.dumps(config),
-                **extra}
-    return save_tensors(path, model.state_dict(), metadata)
+    return save_tensors(path, model.state_dict(), model_metadata(config, **extra))
+
+
+def model_metadata(config: dict, **extra: str) -> dict[str, str]:
+    """The metadata ``save_model`` writes: format, version, the configuration as JSON, and ``extra``."""
+    return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": json.dumps(config, sort_keys=True),
+            **extra}
 
 
 def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """``(state_dict, config, metadata)`` of a model file written by ``save_model``."""
     tensors, metadata = load_tensors(path)
-    if metadata.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path} is not a binaryconnect model file (format {metadata.get('format')!r})")
-    if metadata.get("format_version") != MODEL_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has model format version {metadata.get('format_version')!r}; "
-            f"this binaryconnect reads version {MODEL_FORMAT_VERSION}"
-        )
+    _check_format(path, metadata, MODEL_FORMAT, MODEL_FORMAT_VERSION, "model file")
     try:
         config = json.loads(metadata["config"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} has no readable configuration in its metadata ({exc})") from None
     return tensors, config, metadata
+
+
+# --- training checkpoints ---
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict) -> int:
+    """Save a training checkpoint atomically: ``tensors`` and the JSON-serializable ``state``."""
+    metadata = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+                "state": json.dumps(state, sort_keys=True)}
+    return save_tensors(path, tensors, metadata)
+
+
+def _checkpoint_state(path, metadata: dict[str, str]) -> dict:
+    _check_format(path, metadata, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, "checkpoint")
+    try:
+        state = json.loads(metadata["state"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has no readable training state in its metadata ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has a training state that is not a JSON object")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, state)`` of a checkpoint written by ``save_checkpoint``."""
+    tensors, metadata = load_tensors(path)
+    return tensors, _checkpoint_state(path, metadata)
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict:
+    """The JSON state of a checkpoint, reading only the file's header."""
+    return _checkpoint_state(path, read_metadata(path))
+
+
+def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def strip_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` whose name starts with ``prefix``, without it."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optimizer.state_dict()`` as named tensors ``"<param index>.<key>"`` plus a JSON-able rest
+    (hyper-parameters of each group, non-tensor per-parameter values)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for index, values in sd["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Load what ``optimizer_to_tensors`` produced into ``optimizer`` (built for the same parameters)."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in plain.get("state", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    fresh = optimizer.state_dict()["param_groups"]
+    saved = plain.get("param_groups", [])
+    if len(saved) != len(fresh) or any(
+        len(s["params"]) != len(f["params"]) for s, f in zip(saved, fresh, strict=True)
+    ):
+        raise CheckpointError("the checkpoint's optimizer state does not match the model's parameters")
+    # JSON turned tuples (Adam's betas) into lists: give them back their type
+    groups = [{k: tuple(v) if isinstance(f.get(k), tuple) else v for k, v in s.items()}
+              for s, f in zip(saved, fresh, strict=True)]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"the checkpoint's optimizer state cannot be loaded ({exc})") from None

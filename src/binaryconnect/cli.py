@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .binarize import BINARIZATIONS, STE_VARIANTS
 from .config import RECIPES, list_recipes, recipe_config
-from .errors import BinaryConnectError, ConfigError
+from .errors import BinaryConnectError, ConfigError, TrainingInterrupted
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
 
@@ -85,31 +85,65 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="use deterministic algorithms (bit-reproducible on CPU)")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also checkpoint every N steps (always after every epoch and on Ctrl-C/SIGTERM)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its checkpoint; only --epochs, --device, --checkpoint-every, "
+                        "--data-dir, --no-download, --deterministic and the speed options may differ from the "
+                        "run's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line")
     p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args) -> int:
-    from .train import fit
+    from .train import fit, resume
 
-    if args.recipe is None:
-        raise ConfigError(f"name a recipe, e.g. `binaryconnect train mnist-deterministic`; "
-                          f"known recipes: {', '.join(list_recipes())}")
-    model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
-    overrides = {name: getattr(args, name) for name in (
-        "data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
-        "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
-        "deterministic")}
-    config = recipe_config(args.recipe, model_kwargs=model_kwargs, **overrides)
-    run_dir = args.out or Path("runs") / f"{args.recipe}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out")
     log = (lambda *a, **k: None) if args.quiet else print
-    summary = fit(config, run_dir, progress=False if args.no_progress else None, log=log)
+    progress = False if args.no_progress else None
+    model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
+    overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+    if args.resume is not None:  # the options given must agree with the run's, or be allowed to change
+        if args.out is not None:
+            raise ConfigError("--resume continues RUN_DIR in place: drop --out")
+        _check_data_dir(args.data_dir)
+        summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
+                         **overrides)
+    else:
+        if args.recipe is None:
+            raise ConfigError(f"name a recipe, e.g. `binaryconnect train mnist-deterministic`; "
+                              f"known recipes: {', '.join(list_recipes())}")
+        config = recipe_config(args.recipe, model_kwargs=model_kwargs, **overrides)
+        _check_data_dir(config.data_dir)
+        run_dir = args.out or Path("runs") / f"{args.recipe}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out, "
+                              f"or continue that run with `binaryconnect train --resume {run_dir}`")
+        summary = fit(config, run_dir, progress=progress, log=log)
     if args.quiet:
         print(json.dumps(summary))
     return 0
+
+
+#: ``train`` options that map one to one onto TrainConfig fields.
+_TRAIN_OPTIONS = ("data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
+                  "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
+                  "deterministic", "checkpoint_every")
+
+
+def _check_data_dir(data_dir: str | None) -> None:
+    """A data folder named by --data-dir or $BINARYCONNECT_DATA must exist (./data may be created by a download)."""
+    import os
+
+    from .data import ENV_DATA_ROOT, resolve_data_root
+
+    if data_dir is None and not os.environ.get(ENV_DATA_ROOT):
+        return
+    root = resolve_data_root(data_dir)
+    if not root.is_dir():
+        source = "--data-dir" if data_dir is not None else f"${ENV_DATA_ROOT}"
+        raise ConfigError(f"data directory {root} (from {source}) does not exist: point {source} at the folder "
+                          "that holds the datasets (e.g. <folder>/MNIST/raw/)")
 
 
 def _add_evaluate(sub) -> None:
@@ -189,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)
+        print(f"binaryconnect: {exc}", file=sys.stderr)
+        return exc.exit_code
     except BinaryConnectError as exc:
         print(f"binaryconnect: error: {exc}", file=sys.stderr)
         return exc.exit_code

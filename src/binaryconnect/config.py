@@ -46,6 +46,7 @@ class TrainConfig:
     recipe: str | None = None
     data_dir: str | None = None
     download: bool = True
+    checkpoint_every: int | None = None  # also checkpoint every N optimizer steps (always at epoch ends)
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first invalid option and what is allowed; return self."""
@@ -62,6 +63,8 @@ class TrainConfig:
         _positive_int("val_size", self.val_size)
         if self.train_subset is not None:
             _positive_int("train_subset", self.train_subset)
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
         for name in ("H", "lr_start", "lr_end"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -124,3 +127,32 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
               for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict({**base, **merged}).validate()
+
+
+#: Options that may differ when a run is resumed (``binaryconnect train --resume``): they change how
+#: long it trains, where and how fast, and how often it checkpoints, not what it trains. Changing
+#: ``epochs`` changes the learning-rate schedule of the epochs still to come (it decays to ``lr_end`` at
+#: the new last epoch); changing the device or the speed options gives a valid continuation that is not
+#: bit-identical to an uninterrupted run.
+RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "eval_batch_size", "data_dir", "download",
+                     "deterministic", "compile", "amp", "channels_last")
+
+
+def resume_config(saved: TrainConfig, **overrides) -> tuple[TrainConfig, dict[str, list]]:
+    """``saved`` with ``overrides`` (as for ``recipe_config``; None means unchanged) applied, validated,
+    and the changes as ``{name: [old, new]}``. Raise ConfigError naming every option that differs from
+    the saved run but is not in ``RESUME_MAY_CHANGE`` (architecture, binarization, dataset, seed ...)."""
+    old = saved.to_dict()
+    new = dict(old)
+    for key in ("model_kwargs", "dataset_kwargs"):
+        new[key] = {**old[key], **(overrides.pop(key, None) or {})}
+    new.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig.from_dict(new).validate()
+    changes = {k: [old[k], v] for k, v in config.to_dict().items() if v != old[k]}
+    refused = [f"{k} (run: {a!r}, asked: {b!r})" for k, (a, b) in changes.items() if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ConfigError(
+            f"the run was started with a different {'; '.join(refused)}; only {', '.join(RESUME_MAY_CHANGE)} "
+            "may change when resuming: drop those options or start a new run"
+        )
+    return config, changes

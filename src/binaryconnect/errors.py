@@ -23,3 +23,16 @@ class TrainingDiverged(BinaryConnectError):
     """The loss became NaN or Inf: training stopped before the optimizer step."""
 
     exit_code = 3
+
+
+class TrainingInterrupted(BinaryConnectError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training cleanly after a step, with a checkpoint written.
+
+    The exit code is ``128 + signal number`` as a shell reports for a process ended by that signal:
+    130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

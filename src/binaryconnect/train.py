@@ -1,31 +1,62 @@
 """The training loop: ``fit(config, run_dir)`` trains, selects the best-validation model, and writes the
-run directory. It reads top to bottom: build -> for each epoch (train, evaluate, keep the best) -> summary.
+run directory; ``resume(run_dir)`` continues a run from its checkpoint. Both read top to bottom in
+``_run``: data -> model, optimizer, generators (from the seed, or as the checkpoint left them) ->
+for each epoch (train, evaluate, keep the best, checkpoint) -> summary.
 
 Run directory:
-    config.json      the resolved configuration (a run can be repeated from it) and the environment
+    config.json      the resolved configuration (a run can be repeated from it), the environment, and
+                     the resumes with the options they changed
     metrics.jsonl    one JSON object per epoch: train loss, validation and test error, learning rate, seconds
     model.safetensors  the best-validation model (state_dict; the configuration in its metadata)
+    checkpoint.safetensors  everything needed to continue exactly (see checkpoint.py): written at the
+                     start, after every epoch, every ``checkpoint_every`` steps, and on SIGINT/SIGTERM
     summary.json     best epoch, its validation and test error, wall time
+
+Guarantees (each tested in tests/test_reliability_*.py): on the CPU a run killed at any point and resumed
+ends bit-identical to an uninterrupted run of the same seed (model, optimizer, learning-rate position,
+epoch permutation, running loss and every random generator are restored); SIGINT/SIGTERM finish the
+step, write a checkpoint and raise ``TrainingInterrupted`` (exit code 130/143); a non-finite loss raises
+``TrainingDiverged`` before the optimizer step, leaving the last checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import platform
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_json, load_model_file, save_model
-from .config import TrainConfig
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    load_model_file,
+    model_metadata,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    remove_stale_temp_files,
+    save_checkpoint,
+    save_tensors,
+    strip_prefix,
+    with_prefix,
+)
+from .config import TrainConfig, resume_config
 from .data import Splits, load_dataset
-from .errors import CheckpointError, ConfigError, TrainingDiverged
-from .layers import set_generator, set_stochastic_eval
+from .errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
 from .optim import exponential_lr, make_optimizer, set_lr
@@ -91,20 +122,127 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class _Progress:
+    """Where a run stands, besides model, optimizer and generators: what a checkpoint adds to them."""
+
+    epoch: int = 0  # the epoch in progress (0-based); equals config.epochs once the run is complete
+    step: int = 0  # steps of that epoch done; 0: the epoch has not started (no permutation drawn yet)
+    global_step: int = 0
+    lr: float = math.nan  # the epoch's learning rate (before the per-layer scales)
+    perm: torch.Tensor | None = None  # the epoch's permutation of the training set (CPU, int64)
+    loss_sum: torch.Tensor | None = None  # sum of the epoch's training losses so far (float64)
+    best: dict = field(default_factory=lambda: {"epoch": -1, "val_error": math.inf, "test_error": math.nan})
+    best_model: dict[str, torch.Tensor] | None = None  # CPU copy of the best-validation state_dict
+    best_metadata: dict[str, str] | None = None  # its model-file metadata
+    history: list[dict] = field(default_factory=list)  # the metrics.jsonl records
+    seconds: float = 0.0  # training time spent by earlier processes of this run
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM become a request to stop cleanly: ``signum`` is set, the loop finishes
+    its step, writes a checkpoint and raises ``TrainingInterrupted``. Further signals while stopping are
+    noted and ignored, so a second Ctrl-C cannot interrupt the checkpoint being written (SIGKILL still
+    can; the atomic write then leaves the previous checkpoint). Handlers are installed in the main thread
+    only, and the previous ones restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        # os.write, not print: a handler may run inside a print, and buffered streams are not reentrant
+        if self.signum is None:
+            self.signum = signum
+            _note(f"binaryconnect: {signal.Signals(signum).name} received: stopping after this step, "
+                  "writing a checkpoint\n")
+        else:
+            _note("binaryconnect: already stopping: the checkpoint is being written, please wait\n")
+
+
+def _note(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.write(sys.stderr.fileno(), text.encode())
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` while training, when asked; restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _data_fingerprint(data: Splits) -> str:
+    """SHA-256 (16 hex digits) of the splits' shapes and dtypes, all labels and the first 256 training
+    images: a resumed run must train on the data the run started with."""
+    h = hashlib.sha256()
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        t = getattr(data, name)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+    for t in (data.train_y, data.val_y, data.test_y, data.train_x[:256]):
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, log=print,
         data: Splits | None = None) -> dict:
-    """Train ``config`` and write the run directory ``run_dir``; return the summary dictionary.
+    """Train ``config`` from scratch and write the run directory ``run_dir``; return the summary dictionary.
 
     ``data`` may be passed to reuse already loaded splits (tests); otherwise the dataset is loaded from
     ``config.data_dir``. ``progress`` shows a bar per epoch (default: when stderr is a terminal).
     """
     config.validate()
+    return _run(config, Path(run_dir), progress, log, data)
+
+
+def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: Splits | None = None,
+           **overrides) -> dict:
+    """Continue the run in ``run_dir`` from its ``checkpoint.safetensors``; return the summary dictionary.
+
+    ``overrides`` are configuration options as for ``recipe_config`` (None: unchanged). Only those in
+    ``config.RESUME_MAY_CHANGE`` (epochs, device ...) may differ from the run's; they are recorded in
+    ``config.json``. Anything else that differs (architecture, binarization, dataset, seed ...), or training
+    data that differ from the run's, is refused with a message saying what differs.
+    """
     run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_NAME}: nothing to resume "
+                              "(is it a binaryconnect run directory?)")
+    tensors, state = load_checkpoint(path)
+    try:
+        saved = TrainConfig.from_dict(state["config"]).validate()
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} holds an unusable configuration ({exc})") from None
+    try:
+        config, changes = resume_config(saved, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    remove_stale_temp_files(run_dir)
+    return _run(config, run_dir, progress, log, data, checkpoint=(tensors, state), changes=changes)
+
+
+def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
+         checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None) -> dict:
     device = resolve_device(config.device)
     if progress is None:
         progress = sys.stderr.isatty()
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
 
     # --- data, on the training device once ---
     if data is None:
@@ -112,6 +250,7 @@ def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, 
                             **config.dataset_kwargs)
     if config.train_subset is not None:
         data = data.subset_train(config.train_subset)
+    fingerprint = _data_fingerprint(data)
     data = data.to(device)
     n_train = len(data.train_x)
     steps = n_train // config.batch_size
@@ -122,72 +261,184 @@ def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, 
     torch.manual_seed(config.seed)
     model = build_model(config, data.input_shape, data.num_classes).to(device)
     optimizer = make_optimizer(model, config.lr_start, config.lr_scale)
-    shuffle_gen = torch.Generator().manual_seed(config.seed)
-    binarize_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    augment_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
-    set_generator(model, binarize_gen)
+    generators = {"shuffle": torch.Generator().manual_seed(config.seed),
+                  "binarize": torch.Generator(device=device).manual_seed(config.seed + 1),
+                  "augment": torch.Generator(device=device).manual_seed(config.seed + 2)}
+    set_generator(model, generators["binarize"])
+    p = _Progress()
+    info = {"config": config.to_dict(), "data_fingerprint": fingerprint, "environment": _environment(device),
+            "resumes": []}
+
+    # --- resuming: all of it exactly as the checkpoint left it ---
+    if checkpoint is not None:
+        p, info = _restore(checkpoint, info, changes or {}, model, optimizer, generators, log)
+        if config.epochs < p.epoch or (config.epochs == p.epoch and p.step > 0):
+            raise ConfigError(f"the run has already trained {p.epoch + (p.step > 0)} epochs; "
+                              f"ask for at least that many (--epochs), got {config.epochs}")
 
     # --- run directory ---
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "environment": _environment(device)})
+    atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    n_params = sum(p.numel() for p in model.parameters())
+    atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
+    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left a later one)
+        save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    start = time.perf_counter()
+
+    last_saved = f"epoch {p.epoch + 1}, step {p.step}" if checkpoint is not None else "none yet"
+
+    def write_checkpoint() -> None:
+        nonlocal last_saved
+        _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
+        last_saved = f"epoch {p.epoch + 1}, step {p.step}"
+
+    if checkpoint is None:
+        write_checkpoint()  # at step 0: every run directory can be resumed from its start
+    n_params = sum(prm.numel() for prm in model.parameters())
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
         f"{config.epochs} epochs, device {device}, run dir {run_dir}")
 
-    best = {"epoch": -1, "val_error": math.inf, "test_error": math.nan}
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
-        t0 = time.perf_counter()
-        lr = exponential_lr(epoch, config.epochs, config.lr_start, config.lr_end)
-        set_lr(optimizer, lr)
+    with _deterministic_algorithms(config.deterministic), _StopSignals() as stop:
+        for epoch in range(p.epoch, config.epochs):
+            t0 = time.perf_counter()
+            if p.step == 0:  # a new epoch: its learning rate, its permutation of the training set
+                p.lr = exponential_lr(epoch, config.epochs, config.lr_start, config.lr_end)
+                p.perm = torch.randperm(n_train, generator=generators["shuffle"])
+                p.loss_sum = torch.zeros((), dtype=torch.float64)
+            set_lr(optimizer, p.lr)
+            perm, loss_sum = p.perm.to(device), p.loss_sum.to(device)
 
-        # --- train one epoch: shuffled mini-batches sliced on the device (last partial batch dropped) ---
-        model.train()
-        perm = torch.randperm(n_train, generator=shuffle_gen).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for step in _progress(range(steps), steps, f"epoch {epoch + 1}/{config.epochs}", progress):
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            xb = data.train_x[idx]
-            if data.train_transform is not None:
-                xb = data.train_transform(xb, augment_gen)
-            loss = square_hinge_loss(model(xb), data.train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped before "
-                    f"the optimizer step; the best model so far is in {run_dir}. Lower the learning rate "
-                    "(--lr-start) or check the data."
-                )
-            optimizer.step()  # also clips the latent weights to [-H, H]
-            loss_sum += loss.detach()
+            # --- train: shuffled mini-batches sliced on the device (last partial batch dropped) ---
+            model.train()
+            for step in _progress(range(p.step, steps), steps - p.step, f"epoch {epoch + 1}/{config.epochs}",
+                                  progress):
+                idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+                xb = data.train_x[idx]
+                if data.train_transform is not None:
+                    xb = data.train_transform(xb, generators["augment"])
+                loss = square_hinge_loss(model(xb), data.train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped "
+                        f"before the optimizer step; the last good checkpoint ({last_saved}) is untouched in "
+                        f"{checkpoint_path}. Lower the learning rate (--lr-start) or check the data."
+                    )
+                optimizer.step()  # also clips the latent weights to [-H, H]
+                loss_sum += loss.detach()
+                p.step, p.global_step = step + 1, p.global_step + 1
+                every = config.checkpoint_every
+                if stop.signum or (every and p.global_step % every == 0 and p.step < steps):
+                    p.loss_sum = loss_sum
+                    write_checkpoint()
+                    if stop.signum:
+                        raise _interrupted(stop.signum, f"at epoch {epoch + 1}, step {p.step}", checkpoint_path)
+            p.loss_sum = loss_sum
 
-        # --- evaluate; keep the best-validation model ---
-        val_error, _ = evaluate(model, data.val_x, data.val_y, config.eval_batch_size, config.eval_samples)
-        test_error, _ = evaluate(model, data.test_x, data.test_y, config.eval_batch_size, config.eval_samples)
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / steps, "val_error": val_error,
-                  "test_error": test_error, "seconds": time.perf_counter() - t0}
-        if val_error <= best["val_error"]:  # ties go to the later epoch, as in the original code
-            best = {"epoch": epoch + 1, "val_error": val_error, "test_error": test_error}
-            save_model(run_dir / "model.safetensors", model, config.to_dict(), epoch=str(epoch + 1),
-                       input_shape=json.dumps(list(data.input_shape)), num_classes=str(data.num_classes))
-        record["best_epoch"] = best["epoch"]
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {lr:.2e}  loss {record['train_loss']:.4f}  "
-            f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
+            # --- evaluate; keep the best-validation model ---
+            val_error, _ = evaluate(model, data.val_x, data.val_y, config.eval_batch_size, config.eval_samples)
+            test_error, _ = evaluate(model, data.test_x, data.test_y, config.eval_batch_size, config.eval_samples)
+            record = {"epoch": epoch + 1, "lr": p.lr, "train_loss": loss_sum.item() / steps,
+                      "val_error": val_error, "test_error": test_error, "seconds": time.perf_counter() - t0}
+            if val_error <= p.best["val_error"]:  # ties go to the later epoch, as in the original code
+                p.best = {"epoch": epoch + 1, "val_error": val_error, "test_error": test_error}
+                p.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                p.best_metadata = model_metadata(config.to_dict(), epoch=str(epoch + 1),
+                                                 input_shape=json.dumps(list(data.input_shape)),
+                                                 num_classes=str(data.num_classes))
+                save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+            record["best_epoch"] = p.best["epoch"]
+            p.history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
+                f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
+            p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
+            write_checkpoint()
+            if stop.signum:
+                raise _interrupted(stop.signum, f"after epoch {epoch + 1}", checkpoint_path)
 
+    best = p.best
     summary = {"recipe": config.recipe, "binarization": config.binarization, "seed": config.seed,
                "epochs": config.epochs, "best_epoch": best["epoch"], "best_val_error": best["val_error"],
-               "test_error": best["test_error"], "wall_seconds": time.perf_counter() - start,
+               "test_error": best["test_error"], "wall_seconds": p.seconds + time.perf_counter() - start,
                "device": str(device), "run_dir": str(run_dir)}
     atomic_write_json(run_dir / "summary.json", summary)
     log(f"done: test error {100 * best['test_error']:.2f}% at best validation epoch {best['epoch']} "
-        f"(val {100 * best['val_error']:.2f}%), {summary['wall_seconds']:.0f}s; model in {run_dir / 'model.safetensors'}")
+        f"(val {100 * best['val_error']:.2f}%), {summary['wall_seconds']:.0f}s; "
+        f"model in {run_dir / 'model.safetensors'}")
     return summary
+
+
+def _interrupted(signum: int, where: str, path: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {path}; continue with "
+        f"`binaryconnect train --resume {path.parent}`", signum)
+
+
+def _save(path: Path, p: _Progress, info: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+          generators: dict[str, torch.Generator], seconds: float) -> None:
+    """Write the checkpoint: tensors (see checkpoint.py for the names) and the JSON state."""
+    optimizer_tensors, optimizer_plain = optimizer_to_tensors(optimizer)
+    tensors = {**with_prefix("model.", model.state_dict()), **with_prefix("optimizer.", optimizer_tensors),
+               **{f"rng.{name}": g.get_state() for name, g in generators.items()},
+               "rng.torch": torch.get_rng_state()}
+    if p.step > 0:
+        tensors["progress.perm"] = p.perm
+        tensors["progress.loss_sum"] = p.loss_sum
+    if p.best_model is not None:
+        tensors.update(with_prefix("best.", p.best_model))
+    state = {**info, "epoch": p.epoch, "step": p.step, "global_step": p.global_step, "lr": p.lr,
+             "best": p.best, "best_metadata": p.best_metadata, "history": p.history, "seconds": seconds,
+             "optimizer": optimizer_plain, "rng_devices": {name: g.device.type for name, g in generators.items()}}
+    save_checkpoint(path, tensors, state)
+
+
+def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn.Module,
+             optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], log) -> tuple[_Progress, dict]:
+    """Load a checkpoint's state into ``model``, ``optimizer`` and ``generators``; return the progress and
+    the run information (``info`` with the history of resumes, this one included)."""
+    tensors, state = checkpoint
+    try:
+        if state["data_fingerprint"] != info["data_fingerprint"]:
+            raise CheckpointError(
+                f"the training data differ from those the run was started with (fingerprint "
+                f"{state['data_fingerprint']}, now {info['data_fingerprint']}): resume with the same dataset, "
+                "preprocessing and training subset"
+            )
+        try:
+            model.load_state_dict(strip_prefix("model.", tensors))
+        except RuntimeError as exc:
+            raise CheckpointError(f"the checkpoint's model does not match its configuration ({exc})") from None
+        optimizer_from_tensors(optimizer, strip_prefix("optimizer.", tensors), state["optimizer"])
+        for name, g in generators.items():
+            if state["rng_devices"][name] == g.device.type:
+                g.set_state(tensors[f"rng.{name}"])
+            else:  # generator states do not carry over between CPU and CUDA
+                g.manual_seed(int(info["config"]["seed"]) * 1_000_003 + state["global_step"] + len(name))
+                log(f"note: the {name} generator was saved on {state['rng_devices'][name]} and is reseeded on "
+                    f"{g.device.type}: from here on the run is not bit-identical to an uninterrupted one")
+        torch.set_rng_state(tensors["rng.torch"])
+        best_model = strip_prefix("best.", tensors) or None
+        p = _Progress(epoch=state["epoch"], step=state["step"], global_step=state["global_step"], lr=state["lr"],
+                      perm=tensors.get("progress.perm"), loss_sum=tensors.get("progress.loss_sum"),
+                      best=state["best"], best_model=best_model, best_metadata=state["best_metadata"],
+                      history=state["history"], seconds=state["seconds"])
+        if p.step > 0 and (p.perm is None or p.loss_sum is None):
+            raise KeyError("progress.perm")
+        resumed = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "changed": changes,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": info["environment"]}
+        info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint is incomplete or inconsistent ({exc!r})") from None
+    changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    log(f"resuming at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step})"
+        + (f"; changed: {changed}" if changed else ""))
+    return p, info
 
 
 def load_run(path: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:

@@ -1,0 +1,283 @@
+"""Reliability of training runs: exact resume after SIGKILL, clean stop on SIGTERM/SIGINT, a second Ctrl-C
+during the save, and resume refusing a mismatched configuration or dataset (README, "Reliability").
+
+The crash tests run the real command line in subprocesses on real MNIST (2000 training images, a 64-unit
+MLP, 3 epochs of 20 steps, a checkpoint every 4 steps) with one CPU thread, and compare the resumed run
+with an uninterrupted run of the same seed: the best-model files must be byte-identical and every tensor
+of the final checkpoint (latent weights, batch-norm statistics, Adam moments, generator states) equal.
+A kill is sent as soon as a mid-epoch checkpoint is on disk (polled, not timed): the child runs at a lower
+priority so the poller sees each checkpoint long before the run could end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_state
+from binaryconnect.cli import main
+from binaryconnect.config import recipe_config
+from binaryconnect.errors import CheckpointError, ConfigError, TrainingInterrupted
+from binaryconnect.train import fit, resume
+
+SMALL = ["--train-subset", "2000", "--hidden", "64", "--epochs", "3", "--batch-size", "100", "--device", "cpu",
+         "--no-progress", "--checkpoint-every", "4"]
+STEPS_PER_EPOCH = 20
+
+
+def _env(data_root: Path) -> dict:
+    # one thread: results do not depend on how a contended machine schedules two, and it is faster there
+    return {**os.environ, "BINARYCONNECT_DATA": str(data_root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "binaryconnect.cli", "train", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+
+
+def _finish(args: list[str], env: dict, log: Path) -> int:
+    proc = _start(args, env, log)
+    return proc.wait(timeout=300)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, condition, log: Path, timeout: float = 300) -> dict:
+    """Poll ``path`` until its state satisfies ``condition``; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the awaited checkpoint:\n{log.read_text()}")
+        try:
+            state = read_checkpoint_state(path)
+        except CheckpointError:  # not written yet
+            state = None
+        if state is not None and condition(state):
+            return state
+        time.sleep(0.002)
+    proc.kill()
+    pytest.fail(f"no checkpoint satisfying the condition within {timeout}s")
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    """``run`` ended exactly as ``reference``: model bytes, every checkpoint tensor, metrics, summary."""
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    got, got_state = load_checkpoint(run / CHECKPOINT_NAME)
+    want, want_state = load_checkpoint(reference / CHECKPOINT_NAME)
+    assert sorted(got) == sorted(want)
+    assert any(k.startswith("optimizer.") for k in want) and any(k.startswith("rng.") for k in want)
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"tensors differ after resume: {different}"
+    assert (got_state["epoch"], got_state["global_step"]) == (want_state["epoch"], want_state["global_step"])
+
+    def metrics(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert metrics(run) == metrics(reference)
+    keep = ("best_epoch", "best_val_error", "test_error", "epochs", "seed")
+    got_summary = json.loads((run / "summary.json").read_text())
+    want_summary = json.loads((reference / "summary.json").read_text())
+    assert {k: got_summary[k] for k in keep} == {k: want_summary[k] for k in keep}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist) -> dict[str, Path]:
+    """One uninterrupted run per binarization, in this process with one thread and the configuration the
+    command line builds from ``SMALL``: the reference every interrupted run must match bit for bit."""
+    runs = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for binarization in ("deterministic", "stochastic"):
+            config = recipe_config(f"mnist-{binarization}", train_subset=2000, model_kwargs={"hidden": 64},
+                                   epochs=3, batch_size=100, device="cpu", checkpoint_every=4)
+            runs[binarization] = tmp_path_factory.mktemp("reference") / binarization
+            fit(config, runs[binarization], progress=False, log=_quiet, data=mnist)
+    finally:
+        torch.set_num_threads(before)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binarization", ["deterministic", "stochastic"])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, data_root, uninterrupted, binarization):
+    env, run, log = _env(data_root), tmp_path / "run", tmp_path / "log.txt"
+    proc = _start([f"mnist-{binarization}", *SMALL, "-o", str(run)], env, log)
+    _wait_for_checkpoint(proc, run / CHECKPOINT_NAME, lambda s: s["step"] > 0, log)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed_at = read_checkpoint_state(run / CHECKPOINT_NAME)
+    assert 0 < killed_at["step"] < STEPS_PER_EPOCH, "the kill must land in the middle of an epoch"
+    assert not (run / "summary.json").exists()
+
+    assert _finish(["--resume", str(run), "--no-progress"], env, log) == 0, log.read_text()
+    assert f"resuming at epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in log.read_text()
+    _assert_same_run(run, uninterrupted[binarization])
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_cleanly_and_resume_exactly(tmp_path, data_root, uninterrupted):
+    env, run, log = _env(data_root), tmp_path / "run", tmp_path / "log.txt"
+    path = run / CHECKPOINT_NAME
+
+    # SIGTERM mid-epoch: the step finishes, a checkpoint is written, exit code 143
+    proc = _start(["mnist-deterministic", *SMALL, "-o", str(run)], env, log)
+    seen = _wait_for_checkpoint(proc, path, lambda s: s["step"] > 0, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()
+    stopped = read_checkpoint_state(path)
+    assert stopped["global_step"] >= seen["global_step"]
+    assert f"stopped by SIGTERM at epoch {stopped['epoch'] + 1}, step {stopped['step']}" in log.read_text() \
+        or f"stopped by SIGTERM after epoch {stopped['epoch']}" in log.read_text()
+    assert not (run / "summary.json").exists()
+
+    # the resumed run gets Ctrl-C (SIGINT): exit code 130, and it too can be resumed
+    proc = _start(["--resume", str(run), "--no-progress"], env, log)
+    _wait_for_checkpoint(proc, path, lambda s: s["global_step"] > stopped["global_step"], log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert "stopped by SIGINT" in log.read_text()
+    assert "Traceback" not in log.read_text()
+
+    assert _finish(["--resume", str(run), "--no-progress"], env, log) == 0, log.read_text()
+    _assert_same_run(run, uninterrupted["deterministic"])
+    resumes = json.loads((run / "config.json").read_text())["resumes"]
+    assert len(resumes) == 2 and all(r["changed"] == {} for r in resumes)
+
+
+# --- in-process tests (one thread, like the subprocesses) ---
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _small(**kw):
+    base = dict(train_subset=2000, epochs=2, batch_size=100, device="cpu", model_kwargs={"hidden": 64, "depth": 2})
+    return recipe_config("mnist-deterministic", **{**base, **kw})
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _call_hook(data, at: int, action):
+    """``data`` whose training-batch transform calls ``action()`` on its ``at``-th call (the batch of
+    global step ``at``) and returns the batch unchanged: a way to act at an exact step of ``fit``."""
+    calls = {"n": 0}
+
+    def transform(x, generator):
+        calls["n"] += 1
+        if calls["n"] == at:
+            action()
+        return x
+
+    return dataclasses.replace(data, train_transform=transform)
+
+
+def test_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path, mnist, monkeypatch, capfd, one_thread):
+    config = _small(binarization="stochastic")
+    reference = tmp_path / "reference"
+    fit(config, reference, progress=False, log=_quiet, data=mnist)
+
+    # first Ctrl-C during step 7; the second one arrives in the middle of writing the checkpoint, between
+    # the temporary file's fsync and its rename
+    from binaryconnect import checkpoint as checkpoint_module
+
+    real_fsync, second = os.fsync, {"armed": False, "sent": False}
+
+    def fsync_then_ctrl_c(fd):
+        real_fsync(fd)
+        if second["armed"] and not second["sent"]:
+            second["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def first_ctrl_c():
+        second["armed"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 1, step 7") as info:
+        fit(config, run, progress=False, log=_quiet, data=_call_hook(mnist, 7, first_ctrl_c))
+    monkeypatch.undo()
+    assert info.value.exit_code == 130
+    assert second["sent"]
+    err = capfd.readouterr().err
+    assert "SIGINT received: stopping after this step" in err and "already stopping" in err
+    assert not list(run.glob(".*.tmp"))
+    _, state = load_checkpoint(run / CHECKPOINT_NAME)  # complete and loadable
+    assert (state["epoch"], state["step"], state["global_step"]) == (0, 7, 7)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    resume(run, progress=False, log=_quiet, data=mnist)
+    _assert_same_run(run, reference)
+
+
+def test_resume_refuses_a_different_architecture_binarization_dataset_or_seed(tmp_path, mnist, one_thread):
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    before = (run / CHECKPOINT_NAME).read_bytes()
+    refusals = [
+        ({"binarization": "stochastic"}, r"binarization \(run: 'deterministic', asked: 'stochastic'\)"),
+        ({"model_kwargs": {"hidden": 128}}, r"model_kwargs \(run: \{.*'hidden': 64.*asked: \{.*'hidden': 128"),
+        ({"model": "cnn"}, r"model \(run: 'mlp', asked: 'cnn'\)"),
+        ({"dataset": "cifar10"}, r"dataset \(run: 'mnist', asked: 'cifar10'\)"),
+        ({"train_subset": 3000}, r"train_subset \(run: 2000, asked: 3000\)"),
+        ({"seed": 1}, r"seed \(run: 0, asked: 1\)"),
+        ({"H": 0.5, "lr_start": 1e-2}, r"H \(run: 1.0, asked: 0.5\); lr_start \(run: 0.001, asked: 0.01\)"),
+    ]
+    for overrides, message in refusals:
+        with pytest.raises(ConfigError, match=rf"cannot resume {run}: the run was started with a different "
+                                              rf"{message}.*only epochs, device"):
+            resume(run, progress=False, log=_quiet, data=mnist, **overrides)
+
+    # the same options but other training data (labels shifted): refused by the data fingerprint
+    shifted = dataclasses.replace(mnist, train_y=(mnist.train_y + 1) % 10)
+    with pytest.raises(CheckpointError, match="training data differ from those the run was started with"):
+        resume(run, progress=False, log=_quiet, data=shifted)
+    assert (run / CHECKPOINT_NAME).read_bytes() == before  # a refused resume changes nothing
+
+
+def test_allowed_changes_are_applied_and_recorded(tmp_path, mnist, one_thread, capsys):
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    summary = resume(run, progress=False, log=print, data=mnist, epochs=3, checkpoint_every=7)
+    assert "resuming at epoch 2, step 0 (global step 20); changed: epochs 1 -> 3, checkpoint_every None -> 7" \
+        in capsys.readouterr().out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["epochs"] == 3 and saved["config"]["checkpoint_every"] == 7
+    assert saved["resumes"][-1]["changed"] == {"epochs": [1, 3], "checkpoint_every": [None, 7]}
+    assert (saved["resumes"][-1]["epoch"], saved["resumes"][-1]["step"]) == (1, 0)
+    assert summary["epochs"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == 3 * STEPS_PER_EPOCH
+
+    # fewer epochs than the run has already trained cannot be asked for
+    with pytest.raises(ConfigError, match="already trained 3 epochs; ask for at least that many"):
+        resume(run, progress=False, log=_quiet, data=mnist, epochs=2)
+
+
+def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_thread):
+    run = tmp_path / "run"
+    fit(_small(epochs=1, data_dir=None), run, progress=False, log=_quiet, data=mnist)
+    assert main(["train", "--resume", str(run), "--hidden", "32", "--binarization", "stochastic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"binaryconnect: error: cannot resume {run}: ")
+    assert "binarization (run: 'deterministic', asked: 'stochastic')" in err and "'hidden': 32" in err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "holds no checkpoint.safetensors: nothing to resume" in capsys.readouterr().err
