@@ -1,0 +1,234 @@
+"""From a trained PyTorch model to a ``PackedNetwork``: pack the binary weights, fold the batch norms.
+
+The model is walked generically: its leaf modules, in registration order, must be the sequence its
+forward applies (an ``nn.Sequential``, or modules that hold one, like the paper's MLP and convnet).
+Supported leaves: ``nn.Flatten``, ``BinaryLinear``/``nn.Linear``, ``BinaryConv2d``/``nn.Conv2d``,
+``nn.BatchNorm1d``/``nn.BatchNorm2d``, ``nn.ReLU``, ``nn.MaxPool2d`` (``nn.Identity`` and ``nn.Dropout``
+are skipped). ``export_model`` checks the result against the model on random inputs, so a forward that
+is not that sequence is caught instead of exported wrongly.
+
+Folding. A binary layer computes ``a_o = sum_k Wb_ok x_k (+ bias_o)`` with ``Wb = +-H``, and the batch
+norm after it (eval mode) ``y = gamma (a - mean) / sqrt(var + eps) + beta``. With ``s_ok = Wb_ok / H``
+in {-1, +1} and ``g = gamma / sqrt(var + eps)``:
+
+    y_o = scale_o * sum_k s_ok x_k + offset_o,   scale_o = g_o H,   offset_o = g_o (bias_o - mean_o) + beta_o
+
+so the per-channel ``scale`` is the only multiplication left. Folding is done in float64 and stored as
+float32. A batch norm that does not directly follow a linear/conv layer becomes an ``affine`` layer.
+
+Stochastic BinaryConnect: its test-time network uses the real-valued weights (the paper), which cannot
+be packed; the export carries ``H * sign(W)`` (eq. 1 applied to the latent weights) and says so in
+``source["stochastic_weights"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import BinaryConnectError
+from ..layers import BinaryConv2d, BinaryLinear
+from .format import PackedNetwork
+from .pack import pack_signs
+
+SKIPPED = (nn.Identity, nn.Dropout)
+SUPPORTED = "Flatten, BinaryLinear/Linear, BinaryConv2d/Conv2d, BatchNorm1d/2d, ReLU, MaxPool2d, Identity, Dropout"
+
+
+class ExportError(BinaryConnectError):
+    """A model that cannot be exported: an unsupported layer or a forward that is not sequential."""
+
+
+def _leaves(module: nn.Module):
+    children = list(module.children())
+    if not children:
+        yield module
+        return
+    for child in children:
+        yield from _leaves(child)
+
+
+def _two(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _weight_layer(module: nn.Module, index: int, tensors: dict) -> dict:
+    p = f"layers.{index}."
+    binary = isinstance(module, (BinaryLinear, BinaryConv2d)) and module.binarization != "none"
+    binarization = module.binarization if isinstance(module, (BinaryLinear, BinaryConv2d)) else "none"
+    H = float(module.H) if binary else None
+    w = module.weight.detach().to(torch.float64).cpu()
+    out = w.shape[0]
+    if binary:
+        tensors[p + "weight_bits"] = pack_signs(w)
+        scale = torch.full((out,), H, dtype=torch.float64)
+    else:
+        tensors[p + "weight"] = w.to(torch.float32).contiguous()
+        scale = torch.ones(out, dtype=torch.float64)
+    bias = torch.zeros(out, dtype=torch.float64)
+    if module.bias is not None:
+        bias = module.bias.detach().to(torch.float64).cpu()
+    tensors[p + "scale"], tensors[p + "offset"] = scale, bias  # float64 until the end (folding)
+    if isinstance(module, nn.Linear):
+        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "binary": binary, "binarization": binarization, "H": H}
+    if module.groups != 1 or module.padding_mode != "zeros":
+        raise ExportError(f"cannot export {module}: only groups=1 and padding_mode='zeros' are supported")
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            padding = [0, 0]
+        else:  # "same" (stride 1): symmetric when dilation * (kernel - 1) is even
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+            if any(t % 2 for t in total):
+                raise ExportError(f"cannot export {module}: padding='same' is asymmetric here")
+            padding = [t // 2 for t in total]
+    else:
+        padding = _two(module.padding)
+    return {"type": "conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
+            "kernel_size": _two(module.kernel_size), "stride": _two(module.stride), "padding": padding,
+            "dilation": _two(module.dilation), "binary": binary, "binarization": binarization, "H": H}
+
+
+def _batchnorm(module: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, b)`` with ``BN(a) = g a + b`` in eval mode, float64."""
+    if module.running_mean is None or module.running_var is None:
+        raise ExportError(f"cannot export {module}: it has no running statistics (track_running_stats=False)")
+    var = module.running_var.detach().to(torch.float64).cpu()
+    mean = module.running_mean.detach().to(torch.float64).cpu()
+    g = 1.0 / torch.sqrt(var + module.eps)
+    b = -mean * g
+    if module.weight is not None:
+        gamma = module.weight.detach().to(torch.float64).cpu()
+        beta = module.bias.detach().to(torch.float64).cpu()
+        g, b = g * gamma, b * gamma + beta
+    return g, b
+
+
+def packed_layers(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The ``architecture`` list and tensors of ``model`` (BN folded, binary weights packed)."""
+    layers: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    foldable = False  # the previous layer is linear/conv with no batch norm folded into it yet
+    for module in _leaves(model):
+        i = len(layers)
+        if isinstance(module, SKIPPED):
+            continue
+        if isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise ExportError(f"cannot export {module}: only Flatten(start_dim=1, end_dim=-1) is supported")
+            layers.append({"type": "flatten"})
+            foldable = False
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            layers.append(_weight_layer(module, i, tensors))
+            foldable = True
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            g, b = _batchnorm(module)
+            prev = layers[-1] if layers else None
+            channels = prev and (prev.get("out_features") or prev.get("out_channels"))
+            if foldable and channels == module.num_features:
+                j = i - 1
+                scale, offset = tensors[f"layers.{j}.scale"], tensors[f"layers.{j}.offset"]
+                tensors[f"layers.{j}.scale"], tensors[f"layers.{j}.offset"] = g * scale, g * offset + b
+                foldable = False
+            else:
+                layers.append({"type": "affine", "channels": module.num_features})
+                tensors[f"layers.{i}.scale"], tensors[f"layers.{i}.offset"] = g, b
+                foldable = False
+        elif isinstance(module, nn.ReLU):
+            layers.append({"type": "relu"})
+        elif isinstance(module, nn.MaxPool2d):
+            if module.ceil_mode or module.return_indices or _two(module.dilation) != [1, 1]:
+                raise ExportError(f"cannot export {module}: ceil_mode, return_indices and dilation are not supported")
+            layers.append({"type": "maxpool2d", "kernel_size": _two(module.kernel_size),
+                           "stride": _two(module.stride if module.stride is not None else module.kernel_size),
+                           "padding": _two(module.padding)})
+            foldable = False
+        else:
+            raise ExportError(f"cannot export layer {type(module).__name__} ({module}); supported: {SUPPORTED}")
+        # a ReLU between a layer and its batch norm would make folding wrong
+        if layers and layers[-1]["type"] == "relu":
+            foldable = False
+    for name, t in tensors.items():
+        if t.dtype == torch.float64:
+            tensors[name] = t.to(torch.float32).contiguous()
+    return layers, tensors
+
+
+def _deterministic_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose stochastic layers use ``H * sign(W)`` (what is exported)."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    for m in twin.modules():
+        if isinstance(m, (BinaryLinear, BinaryConv2d)) and m.binarization == "stochastic":
+            m.binarization = "deterministic"
+    return twin
+
+
+@torch.no_grad()
+def check_export(model: nn.Module, net: PackedNetwork, n: int = 8, seed: int = 0, rtol: float = 1e-3) -> float:
+    """Max |packed - model| / max(1, max |model|) on ``n`` random inputs (torch fallback engine); raise
+    ExportError above ``rtol``: the model's forward is then not the sequence of its leaf modules."""
+    from .engine import PackedModel
+
+    twin = _deterministic_twin(model).to("cpu", torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *net.input_shape, generator=g)
+    ref = twin(x).float()
+    if tuple(ref.shape) != (n, net.num_classes):
+        raise ExportError(f"the model outputs shape {list(ref.shape)}, not [batch, {net.num_classes}]")
+    out = PackedModel(net, engine="torch")(x)
+    err = float((out - ref).abs().max() / max(1.0, float(ref.abs().max())))
+    if not err <= rtol:
+        raise ExportError(f"the exported network disagrees with the model (relative error {err:.2e}): is the "
+                          "model's forward exactly the sequence of its layers (nn.Sequential style)?")
+    return err
+
+
+def export_model(model: nn.Module, input_shape, num_classes: int | None = None, source: dict | None = None,
+                 config: dict | None = None, check: bool = True) -> PackedNetwork:
+    """Pack ``model`` (any device, in any mode: it is read in eval mode) for inputs of ``input_shape``."""
+    layers, tensors = packed_layers(model)
+    if not layers:
+        raise ExportError("the model has no layers to export")
+    input_shape = tuple(int(d) for d in input_shape)
+    if num_classes is None:
+        last = next((la for la in reversed(layers) if la["type"] in ("linear", "conv2d")), None)
+        num_classes = last.get("out_features") if last else None
+        if num_classes is None:
+            raise ExportError("pass num_classes: the model does not end with a linear layer")
+    binarizations = sorted({la["binarization"] for la in layers if la["type"] in ("linear", "conv2d")})
+    source = {"exported_by": f"binaryconnect {__version__}", "binarizations": binarizations, **(source or {})}
+    if "stochastic" in binarizations:
+        source["stochastic_weights"] = ("H * sign(W): the binary weights eq. (1) gives the latent weights; the "
+                                        "paper's test-time network uses the real-valued W, which cannot be packed")
+    net = PackedNetwork(layers, tensors, input_shape, int(num_classes), source, config)
+    try:
+        net.validate("exported model")
+    except BinaryConnectError as exc:
+        raise ExportError(str(exc)) from None
+    if check:
+        check_export(model, net)
+    return net
+
+
+def export_run(path: str | Path) -> PackedNetwork:
+    """Export the best model of a run directory (or its model.safetensors)."""
+    from ..checkpoint import load_model_file
+    from ..train import load_run
+
+    path = Path(path)
+    model, config = load_run(path)
+    model_path = path / "model.safetensors" if path.is_dir() else path
+    _, _, meta = load_model_file(model_path)
+    input_shape = json.loads(meta["input_shape"])
+    num_classes = int(meta["num_classes"])
+    source = {"run": str(path), "model": config.model, "model_kwargs": config.model_kwargs,
+              "dataset": config.dataset, "dataset_kwargs": config.dataset_kwargs, "val_size": config.val_size,
+              "binarization": config.binarization, "recipe": config.recipe, "seed": config.seed,
+              "epoch": meta.get("epoch")}
+    return export_model(model, input_shape, num_classes, source=source, config=config.to_dict())

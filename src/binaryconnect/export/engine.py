@@ -1,0 +1,229 @@
+"""Inference on a packed network: the compiled kernels on the packed bits, or a pure PyTorch fallback.
+
+``load_packed("model.bcnn")`` returns a ``PackedModel``; ``model(x)`` gives the logits of a float
+batch ``[B, *input_shape]`` and ``model.predict(x)`` the classes.
+
+Engines:
+
+- ``native``: the compiled kernels (``native.py``) read the packed bits directly. A binary layer computes
+  ``y_o = scale_o * (sum_{s_ok=+1} x_k - sum_{s_ok=-1} x_k) + offset_o`` with additions only (table
+  lookup on bytes of weights, or masked additions for a single column); the folded batch norm's
+  ``scale`` is the only multiplication, and the following ReLU is fused. Activations are kept
+  feature-major ([features, batch] or [channels, batch, height, width]) so that a vector register
+  holds one feature for many examples or pixels; convolutions gather their input tiles directly
+  (no im2col buffer).
+- ``torch``: pure PyTorch, for machines without a C++ compiler and as a reference. The bits are
+  unpacked once, at load, to +-1 float32 weights used with ``F.linear``/``F.conv2d`` (so it does use
+  multiplications and 32x the memory); results agree with ``native`` to float32 rounding.
+- ``auto`` (default): ``native`` if the kernels build here, else ``torch`` with a warning.
+
+The default comes from ``$BINARYCONNECT_ENGINE`` when set; an ``engine=`` argument wins over it.
+Threads: ``torch.get_num_threads()`` at call time, unless ``threads=`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from . import native
+from .format import PackedNetwork, layer_fan_in, layer_shapes, read_packed
+from .pack import unpack_bits
+
+ENGINES = ("auto", "native", "torch")
+ENV_ENGINE = "BINARYCONNECT_ENGINE"
+
+
+def resolve_engine(engine: str | None = None) -> str:
+    """``native`` or ``torch`` for ``engine`` (``None``: ``$BINARYCONNECT_ENGINE``, else ``auto``)."""
+    name = engine or os.environ.get(ENV_ENGINE) or "auto"
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if name == "torch":
+        return "torch"
+    try:
+        native.load()
+        return "native"
+    except native.NativeUnavailable as exc:
+        if name == "native":
+            raise
+        warnings.warn(f"binaryconnect: compiled kernels unavailable ({exc}); using the slower pure PyTorch "
+                      "engine", RuntimeWarning, stacklevel=3)
+        return "torch"
+
+
+@dataclass
+class _Step:
+    kind: str  # flatten | binary | float | affine | relu | maxpool2d
+    layer: dict
+    relu: bool = False  # a following ReLU fused into this step
+    weight: torch.Tensor | None = None  # torch engine: +-1 or float weights; native: float layers
+    wt: torch.Tensor | None = None  # native: group-major packed bits [Kg][N]
+    wr: torch.Tensor | None = None  # native: row-major packed bits [N][Kg]
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+
+class PackedModel:
+    """A packed network ready to run. ``engine``: ``auto``, ``native`` or ``torch``."""
+
+    def __init__(self, net: PackedNetwork, engine: str | None = None, threads: int | None = None):
+        self.net = net
+        self.engine = resolve_engine(engine)
+        self.threads = threads
+        self.kernels = native.load() if self.engine == "native" else None
+        self.input_shape = tuple(net.input_shape)
+        self.num_classes = net.num_classes
+        self.shapes = layer_shapes(net.layers, self.input_shape)
+        self.steps = self._plan()
+
+    @property
+    def isa(self) -> str | None:
+        """The instruction set of the native kernels (``None`` for the torch engine)."""
+        return self.kernels.isa if self.kernels is not None else None
+
+    def _plan(self) -> list[_Step]:
+        steps: list[_Step] = []
+        for i, layer in enumerate(self.net.layers):
+            kind = layer["type"]
+            if kind == "relu" and steps and steps[-1].kind in ("binary", "float", "affine") and not steps[-1].relu:
+                steps[-1].relu = True
+                continue
+            step = _Step("binary" if kind in ("linear", "conv2d") and layer["binary"] else
+                         "float" if kind in ("linear", "conv2d") else kind, layer)
+            if kind in ("linear", "conv2d", "affine"):
+                step.scale = self.net.tensor(i, "scale").contiguous()
+                step.offset = self.net.tensor(i, "offset").contiguous()
+            if step.kind == "binary":
+                bits = self.net.tensor(i, "weight_bits")
+                if self.engine == "native":
+                    step.wr = bits.contiguous()
+                    step.wt = bits.t().contiguous()
+                else:
+                    signs = unpack_bits(bits, layer_fan_in(layer)).to(torch.float32) * 2 - 1
+                    if kind == "conv2d":
+                        signs = signs.view(layer["out_channels"], layer["in_channels"], *layer["kernel_size"])
+                    step.weight = signs.contiguous()
+            elif step.kind == "float":
+                step.weight = self.net.tensor(i, "weight").contiguous()
+            steps.append(step)
+        return steps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` (float32) of a batch ``[B, *input_shape]``."""
+        x = torch.as_tensor(x)
+        if x.dim() == len(self.input_shape):
+            x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
+            raise ConfigError(f"input of shape {list(x.shape)} does not match the model's input shape "
+                              f"[batch, {', '.join(map(str, self.input_shape))}]")
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        if self.engine == "native":
+            return self._forward_native(x)
+        return self._forward_torch(x)
+
+    def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Predicted classes (int64) of ``x``, in batches."""
+        return torch.cat([self.forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+    # ---- pure PyTorch: batch-major, weights unpacked at load ----
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            layer = step.layer
+            if step.kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            elif step.kind in ("binary", "float"):
+                if layer["type"] == "linear":
+                    x = F.linear(x, step.weight) * step.scale + step.offset
+                else:
+                    x = F.conv2d(x, step.weight, stride=layer["stride"], padding=layer["padding"],
+                                 dilation=layer["dilation"])
+                    x = x * step.scale[:, None, None] + step.offset[:, None, None]
+            elif step.kind == "affine":
+                shape = (-1,) + (1,) * (x.dim() - 2)
+                x = x * step.scale.view(shape) + step.offset.view(shape)
+            elif step.kind == "relu":
+                x = x.clamp_min(0)
+            elif step.kind == "maxpool2d":
+                x = F.max_pool2d(x, layer["kernel_size"], layer["stride"], layer["padding"])
+            if step.relu:
+                x = x.clamp_min(0)
+        return x.reshape(x.shape[0], -1)
+
+    # ---- compiled kernels: feature-major activations ----
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        threads = self.threads or torch.get_num_threads()
+        batch = x.shape[0]
+        layout = "batch"  # batch: [B, *shape]; fm: [F, B]; cb: [C, B, H, W]
+        for step in self.steps:
+            layer = step.layer
+            kind = layer["type"]
+            if step.kind == "flatten":
+                if layout == "cb":
+                    x, layout = x.permute(1, 0, 2, 3).reshape(batch, -1).t().contiguous(), "fm"
+                elif layout == "batch":
+                    x = x.reshape(batch, -1)
+            elif step.kind == "binary":
+                if kind == "linear":
+                    if layout == "batch":
+                        x, layout = x.reshape(batch, -1).t().contiguous(), "fm"
+                    k, cols = x.shape
+                    out = torch.empty(step.scale.shape[0], cols)
+                    geometry = (cols, k, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1)
+                else:
+                    if layout == "batch":
+                        x, layout = x.transpose(0, 1).contiguous(), "cb"
+                    c, b, h, w = x.shape
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (layer["kernel_size"], layer["stride"],
+                                                              layer["padding"], layer["dilation"])
+                    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+                    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                    out = torch.empty(step.scale.shape[0], b, oh, ow)
+                    geometry = (b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+                x = self.kernels.conv2d(x, geometry, step.wt, step.wr, step.scale, step.offset, step.relu, out,
+                                        threads)
+                continue  # relu fused
+            elif step.kind == "float":
+                if kind == "linear":
+                    if layout == "batch":
+                        x, layout = x.reshape(batch, -1).t().contiguous(), "fm"
+                    x = torch.mm(step.weight, x) * step.scale[:, None] + step.offset[:, None]
+                else:
+                    if layout == "cb":
+                        x, layout = x.transpose(0, 1).contiguous(), "batch"
+                    x = F.conv2d(x, step.weight, stride=layer["stride"], padding=layer["padding"],
+                                 dilation=layer["dilation"])
+                    x = x * step.scale[:, None, None] + step.offset[:, None, None]
+            elif step.kind == "affine":
+                if layout == "batch":
+                    shape = (1, -1) + (1,) * (x.dim() - 2)
+                else:
+                    shape = (-1,) + (1,) * (x.dim() - 1)
+                x = x * step.scale.view(shape) + step.offset.view(shape)
+            elif step.kind == "relu":
+                x = x.clamp_min(0)
+            elif step.kind == "maxpool2d":
+                # [C, B, H, W] pools exactly like [B, C, H, W]: every (c, b) plane on its own
+                x = F.max_pool2d(x, layer["kernel_size"], layer["stride"], layer["padding"])
+            if step.relu:
+                x = x.clamp_min_(0)
+        if layout == "fm":
+            x = x.t()
+        elif layout == "cb":
+            x = x.transpose(0, 1)
+        return x.reshape(batch, -1).contiguous()
+
+
+def load_packed(path: str | os.PathLike, engine: str | None = None, threads: int | None = None) -> PackedModel:
+    """Load and validate a ``.bcnn`` file and prepare it for inference."""
+    return PackedModel(read_packed(Path(path)), engine=engine, threads=threads)

@@ -1,0 +1,497 @@
+// binaryconnect packed inference kernels: real-valued activations times binary weights, computed
+// without multiplications. Plain C ABI (loaded through ctypes), no Python or torch headers, so the
+// first build takes seconds. Built by binaryconnect/export/native.py with
+//     g++ -O3 -std=c++17 -fPIC -shared -fopenmp bcnn_kernels.cpp -o libbcnn_kernels.so
+// Instruction sets are chosen at run time (__builtin_cpu_supports): AVX-512, AVX2 or portable code.
+//
+// Layout of activations: feature-major. A linear layer reads X[K][cols] and writes Y[N][cols];
+// a convolution reads X[C][B][H][W] and writes Y[N][B][OH][OW]. Columns (batch rows, or output
+// pixels) are processed in tiles of V lanes, so every vector instruction serves V columns.
+//
+// Packed weights, two copies of the same bits (bit i of byte g of output j is the sign of weight
+// (j, 8g + i): 1 = +H, 0 = -H; pad bits are 0):
+//   wr: row-major  [N][Kg]  (the file's layout; used by the one-column kernel, `gemv`)
+//   wt: group-major [Kg][N] (used by the table-lookup kernel, `lut_tile`)
+// Each layer computes  y_j = scale_j * (sum_{+1} x - sum_{-1} x) + offset_j  (H and the folded batch
+// norm are inside scale_j and offset_j), then optionally max(y, 0).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef int64_t i64;
+
+namespace {
+
+struct Isa {
+    const char* name;
+    int V;     // columns per tile
+    i64 Gc;    // groups of 8 inputs whose tables are kept at once
+    double gemv_cost;  // relative cost of one weight byte in `gemv` ...
+    double lut_cost;   // ... and of one table entry or lookup in `lut_tile`
+    void (*gather)(const float*, i64, i64, i64, const int32_t*, const int32_t*, const uint32_t*, float*, i64);
+    void (*lut)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
+    void (*gemv)(const float*, i64, const uint8_t*, i64, i64, float*);
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Portable code: V = 8 lanes in a plain struct (the compiler may still use SSE2).
+namespace isa_scalar {
+constexpr int V = 8;
+struct vf { float v[V]; };
+static inline vf vzero() { vf r; for (int i = 0; i < V; ++i) r.v[i] = 0.f; return r; }
+static inline vf vload(const float* p) { vf r; for (int i = 0; i < V; ++i) r.v[i] = p[i]; return r; }
+static inline void vstore(float* p, vf a) { for (int i = 0; i < V; ++i) p[i] = a.v[i]; }
+static inline vf vadd(vf a, vf b) { for (int i = 0; i < V; ++i) a.v[i] += b.v[i]; return a; }
+static inline vf vsub(vf a, vf b) { for (int i = 0; i < V; ++i) a.v[i] -= b.v[i]; return a; }
+#include "lut_body.inc"
+
+// Xt[(c*T + t)][r] = in[c*plane + off[t][r]] where lane r of tap t is valid, else 0; rows K..Kp zero.
+static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off, const int32_t* base,
+                   const uint32_t* mask, float* Xt, i64 Kp) {
+    (void)base;
+    for (i64 t = 0; t < T; ++t) {
+        const int32_t* o = off + t * V;
+        const uint32_t m = mask[t];
+        for (i64 c = 0; c < C; ++c) {
+            const float* src = in + c * plane;
+            float* dst = Xt + (c * T + t) * V;
+            for (int r = 0; r < V; ++r) dst[r] = ((m >> r) & 1) ? src[o[r]] : 0.f;
+        }
+    }
+    std::memset(Xt + C * T * V, 0, sizeof(float) * (Kp - C * T) * V);
+}
+
+// One column: y[j] = sum_{+1} x - sum_{-1} x = 2 * (sum over set bits of x) - sum(x), for j0 <= j < j1.
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
+    float S = 0.f;
+    for (i64 k = 0; k < Kg * 8; ++k) S += x[k];
+    for (i64 j = j0; j < j1; ++j) {
+        const uint8_t* w = wr + j * Kg;
+        float pos = 0.f;
+        for (i64 g = 0; g < Kg; ++g) {
+            const unsigned b = w[g];
+            const float* xg = x + g * 8;
+            for (int i = 0; i < 8; ++i) pos += ((b >> i) & 1) ? xg[i] : 0.f;
+        }
+        y[j] = (pos + pos) - S;
+    }
+}
+}  // namespace isa_scalar
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: V = 8 lanes of __m256.
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+constexpr int V = 8;
+typedef __m256 vf;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+#include "lut_body.inc"
+
+static inline __m256i lane_mask(uint32_t m) {
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)m), bits), bits);
+}
+
+static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off, const int32_t* base,
+                   const uint32_t* mask, float* Xt, i64 Kp) {
+    for (i64 t = 0; t < T; ++t) {
+        const __m256i m = lane_mask(mask[t]);
+        if (base[t] != INT_MIN) {  // valid lanes read consecutive floats: one masked load
+            for (i64 c = 0; c < C; ++c)
+                vstore(Xt + (c * T + t) * V, _mm256_maskload_ps(in + c * plane + base[t], m));
+        } else {
+            const __m256i idx = _mm256_loadu_si256((const __m256i*)(off + t * V));
+            for (i64 c = 0; c < C; ++c)
+                vstore(Xt + (c * T + t) * V,
+                       _mm256_mask_i32gather_ps(vzero(), in + c * plane, idx, _mm256_castsi256_ps(m), 4));
+        }
+    }
+    std::memset(Xt + C * T * V, 0, sizeof(float) * (Kp - C * T) * V);
+}
+
+// Byte -> 8 lane masks (all ones where the bit is set), for the one-column kernel.
+static uint32_t byte_masks[256][8] __attribute__((aligned(32)));
+static bool byte_masks_ready = [] {
+    for (int b = 0; b < 256; ++b)
+        for (int i = 0; i < 8; ++i) byte_masks[b][i] = ((b >> i) & 1) ? 0xFFFFFFFFu : 0u;
+    return true;
+}();
+
+static inline float hsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// y[j] = 2 * (sum of x where the bit is set) - sum(x): a bitwise AND and an addition per 8 weights.
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
+    __m256 s = vzero();
+    for (i64 g = 0; g < Kg; ++g) s = vadd(s, vload(x + g * 8));
+    const float S = hsum(s);
+    i64 j = j0;
+    for (; j + 4 <= j1; j += 4) {
+        const uint8_t* w = wr + j * Kg;
+        __m256 a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+        for (i64 g = 0; g < Kg; ++g) {
+            const __m256 xv = vload(x + g * 8);
+            a0 = vadd(a0, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[g]])));
+            a1 = vadd(a1, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[Kg + g]])));
+            a2 = vadd(a2, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[2 * Kg + g]])));
+            a3 = vadd(a3, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[3 * Kg + g]])));
+        }
+        float p;
+        p = hsum(a0); y[j] = (p + p) - S;
+        p = hsum(a1); y[j + 1] = (p + p) - S;
+        p = hsum(a2); y[j + 2] = (p + p) - S;
+        p = hsum(a3); y[j + 3] = (p + p) - S;
+    }
+    for (; j < j1; ++j) {
+        const uint8_t* w = wr + j * Kg;
+        __m256 a = vzero();
+        for (i64 g = 0; g < Kg; ++g)
+            a = vadd(a, _mm256_and_ps(vload(x + g * 8), _mm256_load_ps((const float*)byte_masks[w[g]])));
+        const float p = hsum(a);
+        y[j] = (p + p) - S;
+    }
+}
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512: V = 16 lanes of __m512; masked loads for the tiles, masked additions for one column.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
+namespace isa_avx512 {
+constexpr int V = 16;
+typedef __m512 vf;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+#include "lut_body.inc"
+
+static inline float hsum(__m512 a) {  // through memory: GCC 12 warns on the 512-bit extract intrinsics
+    alignas(64) float t[16];
+    _mm512_store_ps(t, a);
+    return isa_avx2::hsum(_mm256_add_ps(_mm256_load_ps(t), _mm256_load_ps(t + 8)));
+}
+
+static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off, const int32_t* base,
+                   const uint32_t* mask, float* Xt, i64 Kp) {
+    for (i64 t = 0; t < T; ++t) {
+        const __mmask16 m = (__mmask16)mask[t];
+        if (base[t] != INT_MIN) {  // masked lanes are never read, so base may point before the row
+            const float* src = in + base[t];
+            for (i64 c = 0; c < C; ++c) vstore(Xt + (c * T + t) * V, _mm512_maskz_loadu_ps(m, src + c * plane));
+        } else {
+            const __m512i idx = _mm512_loadu_si512(off + t * V);
+            for (i64 c = 0; c < C; ++c)
+                vstore(Xt + (c * T + t) * V, _mm512_mask_i32gather_ps(vzero(), m, idx, in + c * plane, 4));
+        }
+    }
+    std::memset(Xt + C * T * V, 0, sizeof(float) * (Kp - C * T) * V);
+}
+
+// y[j] = 2 * (sum of x where the bit is set) - sum(x): one masked addition per 16 weights.
+// x holds 16 * ceil(Kg / 2) floats, zero beyond K.
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
+    const i64 K16 = Kg / 2;
+    const bool odd = Kg & 1;
+    vf s = vzero();
+    for (i64 c = 0; c < K16 + odd; ++c) s = vadd(s, vload(x + 16 * c));
+    const float S = hsum(s);
+    i64 j = j0;
+    for (; j + 4 <= j1; j += 4) {
+        const uint8_t* w0 = wr + j * Kg;
+        const uint8_t* w1 = w0 + Kg;
+        const uint8_t* w2 = w1 + Kg;
+        const uint8_t* w3 = w2 + Kg;
+        vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+        for (i64 c = 0; c < K16; ++c) {
+            const vf xv = vload(x + 16 * c);
+            uint16_t m0, m1, m2, m3;
+            std::memcpy(&m0, w0 + 2 * c, 2);
+            std::memcpy(&m1, w1 + 2 * c, 2);
+            std::memcpy(&m2, w2 + 2 * c, 2);
+            std::memcpy(&m3, w3 + 2 * c, 2);
+            a0 = _mm512_mask_add_ps(a0, m0, a0, xv);
+            a1 = _mm512_mask_add_ps(a1, m1, a1, xv);
+            a2 = _mm512_mask_add_ps(a2, m2, a2, xv);
+            a3 = _mm512_mask_add_ps(a3, m3, a3, xv);
+        }
+        if (odd) {
+            const vf xv = vload(x + 16 * K16);
+            a0 = _mm512_mask_add_ps(a0, w0[Kg - 1], a0, xv);
+            a1 = _mm512_mask_add_ps(a1, w1[Kg - 1], a1, xv);
+            a2 = _mm512_mask_add_ps(a2, w2[Kg - 1], a2, xv);
+            a3 = _mm512_mask_add_ps(a3, w3[Kg - 1], a3, xv);
+        }
+        float p;
+        p = hsum(a0); y[j] = (p + p) - S;
+        p = hsum(a1); y[j + 1] = (p + p) - S;
+        p = hsum(a2); y[j + 2] = (p + p) - S;
+        p = hsum(a3); y[j + 3] = (p + p) - S;
+    }
+    for (; j < j1; ++j) {
+        const uint8_t* w = wr + j * Kg;
+        vf a = vzero();
+        for (i64 c = 0; c < K16; ++c) {
+            uint16_t m;
+            std::memcpy(&m, w + 2 * c, 2);
+            a = _mm512_mask_add_ps(a, m, a, vload(x + 16 * c));
+        }
+        if (odd) a = _mm512_mask_add_ps(a, w[Kg - 1], a, vload(x + 16 * K16));
+        const float p = hsum(a);
+        y[j] = (p + p) - S;
+    }
+}
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+const Isa ISAS[3] = {
+    {"scalar", isa_scalar::V, 16, 8.0, 1.0, isa_scalar::gather, isa_scalar::lut_tile, isa_scalar::gemv},
+    {"avx2", isa_avx2::V, 32, 2.0, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv},
+    {"avx512", isa_avx512::V, 16, 0.5, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv},
+};
+
+bool isa_supported(int i) {
+    __builtin_cpu_init();
+    if (i == 0) return true;
+    if (i == 1) return __builtin_cpu_supports("avx2");
+    if (i == 2)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return false;
+}
+
+int best_isa() {
+    for (int i = 2; i > 0; --i)
+        if (isa_supported(i)) return i;
+    return 0;
+}
+
+int g_isa = -1;
+
+const Isa& isa() {
+    if (g_isa < 0) g_isa = best_isa();
+    return ISAS[g_isa];
+}
+
+// Per-thread scratch, 64-byte aligned, grown on demand and kept between calls.
+struct Scratch {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Scratch() { std::free(p); }
+    float* get(size_t m) {
+        if (m > n) {
+            std::free(p);
+            p = static_cast<float*>(std::aligned_alloc(64, ((m * sizeof(float) + 63) / 64) * 64));
+            n = p ? m : 0;
+        }
+        return p;
+    }
+};
+thread_local Scratch t_xt, t_tables, t_yt, t_idx;
+
+struct Geom {
+    i64 B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+};
+
+// Source offsets of the V columns (output pixels) p0.. of a tile, for every kernel tap t = dy*kw + dx:
+// off[t][r] = b*H*W + iy*W + ix inside a channel plane, mask bit r set where the pixel is inside the
+// input; base[t] = off[t][r] - r when all valid lanes read consecutive floats, else INT_MIN.
+void tile_offsets(const Geom& g, i64 p0, i64 nv, int V, int32_t* off, int32_t* base, uint32_t* mask) {
+    const i64 T = g.kh * g.kw, OHW = g.OH * g.OW;
+    i64 bb[16], oy[16], ox[16];
+    for (int r = 0; r < nv; ++r) {
+        const i64 p = p0 + r, q = p % OHW;
+        bb[r] = p / OHW;
+        oy[r] = q / g.OW;
+        ox[r] = q % g.OW;
+    }
+    for (i64 t = 0; t < T; ++t) {
+        const i64 dy = t / g.kw, dx = t % g.kw;
+        uint32_t m = 0;
+        bool contiguous = true;
+        i64 b0 = LLONG_MIN;
+        for (int r = 0; r < V; ++r) {
+            int32_t o = 0;
+            if (r < nv) {
+                const i64 iy = oy[r] * g.sh - g.ph + dy * g.dh, ix = ox[r] * g.sw - g.pw + dx * g.dw;
+                if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) {
+                    const i64 full = (bb[r] * g.H + iy) * g.W + ix;
+                    o = static_cast<int32_t>(full);
+                    m |= 1u << r;
+                    if (b0 == LLONG_MIN) b0 = full - r;
+                    else if (full - r != b0) contiguous = false;
+                }
+            }
+            off[t * V + r] = o;
+        }
+        mask[t] = m;
+        base[t] = m == 0 ? 0 : (contiguous ? static_cast<int32_t>(b0) : INT_MIN);
+    }
+}
+
+// y = scale * acc + offset (the folded batch norm, the only scaling), then max(y, 0) if relu.
+void epilogue(const float* Yt, int V, i64 j0, i64 j1, i64 nv, const float* scale, const float* offset, int relu,
+              float* Y, i64 ld, i64 col0) {
+    for (i64 j = j0; j < j1; ++j) {
+        const float s = scale[j], o = offset[j];
+        const float* a = Yt + j * V;
+        float* y = Y + j * ld + col0;
+        if (relu) {
+            for (i64 r = 0; r < nv; ++r) y[r] = std::max(a[r] * s + o, 0.f);
+        } else {
+            for (i64 r = 0; r < nv; ++r) y[r] = a[r] * s + o;
+        }
+    }
+}
+
+int nthreads_for(int requested) { return requested < 1 ? 1 : requested; }
+
+}  // namespace
+
+extern "C" {
+
+// Name of the instruction set in use; bcnn_set_isa(i) forces 0 = scalar, 1 = avx2, 2 = avx512,
+// -1 = the best one this CPU has. Returns the one now in use, or -1 if the CPU lacks the one asked.
+const char* bcnn_isa_name() { return isa().name; }
+int bcnn_isa_supported(int i) { return isa_supported(i) ? 1 : 0; }
+int bcnn_set_isa(int i) {
+    if (i < 0) i = best_isa();
+    if (i > 2 || !isa_supported(i)) return -1;
+    g_isa = i;
+    return i;
+}
+
+// Binary convolution (a linear layer is the case H = W = kh = kw = 1, B = columns):
+//   X [C][B][H][W] float32, wt [Kg][N] and wr [N][Kg] packed bits with K = C*kh*kw, k = (c*kh + dy)*kw + dx,
+//   Y [N][B][OH][OW] = act(scale[n] * sum_k (+-x_k) + offset[n]).
+// mode: 0 = choose, 1 = table lookup, 2 = one column at a time (linear layers only).
+// Returns 0, or a negative code: -1 bad geometry, -2 out of memory, -3 a channel plane over 2^31 floats.
+int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
+                i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, i64 N, const float* scale,
+                const float* offset, int relu, float* Y, int nthreads, int mode) {
+    Geom g{B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
+    if (B < 1 || C < 1 || H < 1 || W < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 ||
+        dw < 1 || N < 1)
+        return -1;
+    g.OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    g.OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    if (g.OH < 1 || g.OW < 1) return -1;
+    if (B * H * W >= (i64(1) << 31)) return -3;
+    const Isa& I = isa();
+    const int V = I.V;
+    const i64 T = kh * kw, K = C * T, Kg = (K + 7) / 8, Kp = Kg * 8;
+    const i64 P = B * g.OH * g.OW;  // output columns
+    const i64 plane_in = B * H * W;
+    const bool is_linear = (H == 1 && W == 1 && T == 1);
+    const i64 tiles = (P + V - 1) / V;
+    bool use_gemv = false;
+    if (mode == 2) {
+        if (!is_linear) return -1;
+        use_gemv = true;
+    } else if (mode == 0 && is_linear) {
+        const double gemv = double(P) * N * Kg * I.gemv_cost;
+        const double lut = double(tiles) * Kg * (264.0 + N) * I.lut_cost;
+        use_gemv = gemv < lut;
+    }
+    int nt = nthreads_for(nthreads);
+    int status = 0;
+
+    if (use_gemv) {
+        // One column at a time; columns split among threads, or outputs when there are few columns.
+        const i64 xlen = ((Kg + 1) / 2) * 16;
+        const bool split_cols = P >= nt;
+        const i64 NB = ((N + 3) / 4);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+            const int tid = 0, nth = 1;
+#endif
+            float* x = t_xt.get(xlen);
+            float* y = t_yt.get(N);
+            if (!x || !y) {
+#pragma omp atomic write
+                status = -2;
+            } else {
+                const i64 c0 = split_cols ? P * tid / nth : 0, c1 = split_cols ? P * (tid + 1) / nth : P;
+                const i64 j0 = split_cols ? 0 : std::min(N, 4 * (NB * tid / nth));
+                const i64 j1 = split_cols ? N : std::min(N, 4 * (NB * (tid + 1) / nth));
+                std::memset(x, 0, sizeof(float) * xlen);
+                for (i64 col = c0; col < c1; ++col) {
+                    for (i64 k = 0; k < K; ++k) x[k] = X[k * P + col];
+                    I.gemv(x, Kg, wr, j0, j1, y);
+                    for (i64 j = j0; j < j1; ++j) {
+                        float v = y[j] * scale[j] + offset[j];
+                        if (relu) v = std::max(v, 0.f);
+                        Y[j * P + col] = v;
+                    }
+                }
+            }
+        }
+        return status;
+    }
+
+    // Table lookup on tiles of V columns; tiles split among threads, or outputs when there are few tiles.
+    const bool split_tiles = tiles >= nt;
+    const i64 NB = (N + 7) / 8;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int tid = 0, nth = 1;
+#endif
+        float* Xt = t_xt.get(Kp * V);
+        float* tables = t_tables.get(I.Gc * 256 * V);
+        float* Yt = t_yt.get(N * V);
+        int32_t* idx = reinterpret_cast<int32_t*>(t_idx.get(T * V + 2 * T));
+        if (!Xt || !tables || !Yt || !idx) {
+#pragma omp atomic write
+            status = -2;
+        } else {
+            int32_t* base = idx + T * V;
+            uint32_t* mask = reinterpret_cast<uint32_t*>(base + T);
+            const i64 t0 = split_tiles ? tiles * tid / nth : 0, t1 = split_tiles ? tiles * (tid + 1) / nth : tiles;
+            const i64 j0 = split_tiles ? 0 : std::min(N, 8 * (NB * tid / nth));
+            const i64 j1 = split_tiles ? N : std::min(N, 8 * (NB * (tid + 1) / nth));
+            if (j0 < j1) {
+                for (i64 tile = t0; tile < t1; ++tile) {
+                    const i64 p0 = tile * V, nv = std::min<i64>(V, P - p0);
+                    tile_offsets(g, p0, nv, V, idx, base, mask);
+                    I.gather(X, plane_in, C, T, idx, base, mask, Xt, Kp);
+                    I.lut(Xt, Kg, wt, N, j0, j1, Yt, tables, I.Gc);
+                    epilogue(Yt, V, j0, j1, nv, scale, offset, relu, Y, P, p0);
+                }
+            }
+        }
+    }
+    return status;
+}
+
+}  // extern "C"

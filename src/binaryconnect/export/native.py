@@ -1,0 +1,185 @@
+"""Build, cache and load the compiled CPU kernels (``kernels/bcnn_kernels.cpp``) through ctypes.
+
+The kernels are plain C++ with a C ABI and no Python or torch headers, so the one-time build is a
+single compiler call of about a second (``g++ -O3 -std=c++17 -fPIC -shared -fopenmp``); there is no
+dependency on ninja or on the Python development headers. The library is cached under
+``$BINARYCONNECT_KERNEL_CACHE``, else ``$TORCH_EXTENSIONS_DIR/binaryconnect``, else
+``$XDG_CACHE_HOME/binaryconnect/kernels`` (``~/.cache/...``), in a file named after a hash of the
+sources, the compiler's version and the flags: a changed source or compiler builds a new library,
+and concurrent builds are safe (each writes a temporary file and renames it into place).
+
+The instruction set (AVX-512, AVX2 or portable code) is chosen at run time by the library itself;
+``$BINARYCONNECT_ISA`` (``avx512``, ``avx2``, ``scalar``) or ``set_isa`` forces one. The compiler is
+``$CXX``, else ``g++``, else ``c++``. OpenMP threads: the kernels use the count they are passed (the
+engine passes ``torch.get_num_threads()``); libgomp is shared with torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import BinaryConnectError
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCES = ("bcnn_kernels.cpp", "lut_body.inc")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+ISAS = ("scalar", "avx2", "avx512")
+ENV_CACHE = "BINARYCONNECT_KERNEL_CACHE"
+ENV_ISA = "BINARYCONNECT_ISA"
+
+#: Return codes of ``bcnn_conv2d``.
+_ERRORS = {-1: "invalid layer geometry", -2: "out of memory", -3: "a channel plane (batch x height x width) "
+           "over 2^31 values: use a smaller batch"}
+
+
+class NativeUnavailable(BinaryConnectError):
+    """The compiled kernels cannot be built or loaded here (no compiler, failed build, non-x86 CPU...)."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "binaryconnect"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "binaryconnect" / "kernels"
+
+
+def find_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"cannot run the C++ compiler {cxx} ({exc})") from None
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels if the cache has no library for these sources and compiler; return its path."""
+    if os.uname().machine not in ("x86_64", "AMD64", "i686", "i386"):
+        raise NativeUnavailable(f"the compiled kernels target x86 CPUs; this machine is {os.uname().machine}")
+    cxx = find_compiler()
+    if cxx is None:
+        raise NativeUnavailable("no C++ compiler found (set $CXX or install g++)")
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((KERNEL_DIR / name).read_bytes())
+    digest.update(_compiler_version(cxx).encode())
+    digest.update(" ".join((cxx, *FLAGS)).encode())
+    folder = cache_dir()
+    lib = folder / f"libbcnn_kernels-{digest.hexdigest()[:16]}.so"
+    if lib.is_file() and not force:
+        return lib
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+        os.close(fd)
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot write the kernel cache {folder} ({exc}); set ${ENV_CACHE}") from None
+    cmd = [cxx, *FLAGS, "-I", str(KERNEL_DIR), str(KERNEL_DIR / "bcnn_kernels.cpp"), "-o", tmp]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise NativeUnavailable(f"building the kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"building the kernels failed ({exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+class Kernels:
+    """The loaded library: ``conv2d`` (linear layers are 1x1 convolutions) and instruction-set control."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = lib = ctypes.CDLL(str(path))
+        i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.bcnn_conv2d.argtypes = [vp] + [i64] * 12 + [vp, vp, i64, vp, vp, c_int, vp, c_int, c_int]
+        lib.bcnn_conv2d.restype = c_int
+        lib.bcnn_isa_name.restype = ctypes.c_char_p
+        lib.bcnn_isa_name.argtypes = []
+        lib.bcnn_set_isa.argtypes = [c_int]
+        lib.bcnn_set_isa.restype = c_int
+        lib.bcnn_isa_supported.argtypes = [c_int]
+        lib.bcnn_isa_supported.restype = c_int
+        self._conv = lib.bcnn_conv2d
+
+    @property
+    def isa(self) -> str:
+        return self.lib.bcnn_isa_name().decode()
+
+    def supported_isas(self) -> list[str]:
+        return [name for i, name in enumerate(ISAS) if self.lib.bcnn_isa_supported(i)]
+
+    def set_isa(self, name: str | None) -> str:
+        """Force an instruction set (``None``: the best this CPU has); return the one in use."""
+        if name is not None and name not in ISAS:
+            raise ValueError(f"unknown instruction set {name!r}; choose one of {', '.join(ISAS)}")
+        if self.lib.bcnn_set_isa(-1 if name is None else ISAS.index(name)) < 0:
+            raise NativeUnavailable(f"this CPU lacks {name}; it supports {', '.join(self.supported_isas())}")
+        return self.isa
+
+    def conv2d(self, x: torch.Tensor, geometry: tuple[int, ...], wt: torch.Tensor, wr: torch.Tensor,
+               scale: torch.Tensor, offset: torch.Tensor, relu: bool, out: torch.Tensor, threads: int,
+               mode: int = 0) -> torch.Tensor:
+        """Run one binary layer. ``x`` [C, B, H, W] float32 contiguous, ``geometry`` = (B, C, H, W, kh, kw,
+        sh, sw, ph, pw, dh, dw), ``out`` [N, B, OH, OW]; mode 0 chooses the kernel, 1 forces table lookup,
+        2 one column at a time (linear layers only)."""
+        rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), scale.shape[0], scale.data_ptr(),
+                        offset.data_ptr(), int(relu), out.data_ptr(), int(threads), int(mode))
+        if rc != 0:
+            raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
+        return out
+
+
+_lock = threading.Lock()
+_kernels: Kernels | None = None
+_failure: NativeUnavailable | None = None
+
+
+def load() -> Kernels:
+    """The kernels, built on first use and cached; NativeUnavailable (remembered) if that fails."""
+    global _kernels, _failure
+    with _lock:
+        if _kernels is not None:
+            return _kernels
+        if _failure is not None:
+            raise _failure
+        try:
+            kernels = Kernels(build())
+        except NativeUnavailable as exc:
+            _failure = exc
+            raise
+        except OSError as exc:
+            _failure = NativeUnavailable(f"cannot load the compiled kernels ({exc})")
+            raise _failure from None
+        isa = os.environ.get(ENV_ISA)
+        if isa:
+            kernels.set_isa(isa)
+        _kernels = kernels
+        return kernels
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except NativeUnavailable:
+        return False

@@ -1,0 +1,65 @@
+"""Helpers of the ``export``, ``predict`` and ``summary`` commands: array inputs, dataset evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from .engine import PackedModel
+from .format import PackedNetwork
+
+
+def read_inputs(path: str | os.PathLike) -> torch.Tensor:
+    """A float array from ``.npy`` (read with ``allow_pickle=False``) or a ``.safetensors`` file holding one
+    tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path} is not a plain numeric .npy array ({exc})") from None
+        if not np.issubdtype(array.dtype, np.number):
+            raise DataError(f"{path} holds {array.dtype} values, not numbers")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if path.suffix == ".safetensors":
+        from ..checkpoint import load_tensors
+
+        tensors, _ = load_tensors(path)
+        if len(tensors) != 1:
+            raise DataError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); expected one")
+        return next(iter(tensors.values())).to(torch.float32)
+    raise DataError(f"cannot read inputs from {path}: use a .npy or .safetensors file")
+
+
+def dataset_of(net: PackedNetwork, data_dir: str | None):
+    """The dataset splits the packed network was trained on, as its ``source`` metadata names them."""
+    from ..data import load_dataset
+
+    source = net.source
+    name = source.get("dataset")
+    if not name:
+        raise ConfigError("this packed file names no dataset (it was not exported from a run directory): "
+                          "pass --input with the examples to classify")
+    kwargs = dict(source.get("dataset_kwargs") or {})
+    if source.get("val_size") is not None:
+        kwargs["val_size"] = source["val_size"]
+    return load_dataset(name, data_dir, download=False, **kwargs)
+
+
+def evaluate_packed(model: PackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
+    """``(error rate, predictions)`` of ``model`` on ``(x, y)``."""
+    predictions = model.predict(x, batch_size)
+    return float((predictions != y.cpu()).float().mean()), predictions
+
+
+@torch.no_grad()
+def model_predictions(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted classes of a PyTorch model in eval mode, in batches (CPU int64)."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)])

@@ -1,0 +1,202 @@
+"""The .bcnn file: exact round trip, no pickle, and one clear error for every kind of malformed file."""
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from binaryconnect.export import PackedFormatError, PackedNetwork, export_model, load_packed, read_packed
+from binaryconnect.export.format import FORMAT, FORMAT_VERSION
+from binaryconnect.layers import BinaryConv2d, BinaryLinear
+
+
+def _small_net() -> PackedNetwork:
+    model = nn.Sequential(
+        BinaryConv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        BinaryLinear(4 * 3 * 3, 13), nn.BatchNorm1d(13), nn.ReLU(),
+        BinaryLinear(13, 5, binarization="none"), nn.BatchNorm1d(5),
+    ).eval()
+    return export_model(model, (2, 6, 6))
+
+
+@pytest.fixture()
+def net() -> PackedNetwork:
+    return _small_net()
+
+
+def _bytes(tensors: dict, metadata: dict) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _load(data: bytes, tmp_path):
+    path = tmp_path / "bad.bcnn"
+    path.write_bytes(data)
+    return read_packed(path)
+
+
+def test_round_trip_is_exact(net, tmp_path):
+    path = tmp_path / "m.bcnn"
+    size = net.save(path)
+    assert size == path.stat().st_size
+    back = read_packed(path)
+    assert back.layers == net.layers and back.input_shape == net.input_shape and back.num_classes == 5
+    assert back.tensors.keys() == net.tensors.keys()
+    for name, t in net.tensors.items():
+        assert torch.equal(back.tensors[name], t), name
+    # same size (the safetensors writer may order the metadata keys differently)
+    assert len(back.to_bytes()) == size
+    assert back.tensor(4, "weight_bits").dtype == torch.uint8 and back.tensor(6, "weight").dtype == torch.float32
+
+
+def test_file_is_plain_safetensors(net, tmp_path):
+    path = tmp_path / "m.bcnn"
+    net.save(path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header["__metadata__"]
+    assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION
+    assert [la["type"] for la in json.loads(meta["architecture"])] == [
+        "conv2d", "relu", "maxpool2d", "flatten", "linear", "relu", "linear"]
+    assert header["layers.0.weight_bits"]["dtype"] == "U8" and header["layers.0.weight_bits"]["shape"] == [4, 3]
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    assert 8 + n + end == len(data)
+
+
+def test_loading_never_unpickles(net, tmp_path, monkeypatch):
+    path = tmp_path / "m.bcnn"
+    net.save(path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(target, name, forbidden)
+    model = load_packed(path, engine="torch")
+    assert model(torch.randn(2, 2, 6, 6)).shape == (2, 5)
+
+
+def test_a_pickle_file_is_refused(tmp_path):
+    path = tmp_path / "m.bcnn"
+    torch.save({"x": torch.zeros(3)}, path)
+    with pytest.raises(PackedFormatError):
+        read_packed(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PackedFormatError, match="does not exist"):
+        read_packed(tmp_path / "nope.bcnn")
+
+
+def test_truncated_files(net, tmp_path):
+    data = net.to_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    for cut in (0, 5, 8, 8 + n // 2, 8 + n, 8 + n + 3, len(data) - 1):
+        with pytest.raises(PackedFormatError, match="truncated|not a valid|corrupt"):
+            _load(data[:cut], tmp_path)
+
+
+def test_trailing_garbage_is_refused(net, tmp_path):
+    with pytest.raises(PackedFormatError, match="16 bytes past the end of its tensors"):
+        _load(net.to_bytes() + b"\0" * 16, tmp_path)
+
+
+def test_unknown_version(net, tmp_path):
+    meta = {**net.metadata(), "format_version": "2"}
+    with pytest.raises(PackedFormatError, match="format version '2'; this binaryconnect reads version 1"):
+        _load(_bytes(net.tensors, meta), tmp_path)
+
+
+def test_other_safetensors_file_is_not_a_packed_model(net, tmp_path):
+    with pytest.raises(PackedFormatError, match="is not a binaryconnect packed model"):
+        _load(_bytes(net.tensors, {"format": "binaryconnect-model"}), tmp_path)
+
+
+def test_missing_tensor(net, tmp_path):
+    tensors = dict(net.tensors)
+    del tensors["layers.4.scale"]
+    with pytest.raises(PackedFormatError, match="missing tensors: layers.4.scale"):
+        _load(_bytes(tensors, net.metadata()), tmp_path)
+
+
+def test_extra_tensor(net, tmp_path):
+    tensors = {**net.tensors, "layers.4.bias": torch.zeros(13)}
+    with pytest.raises(PackedFormatError, match="unexpected tensors: layers.4.bias"):
+        _load(_bytes(tensors, net.metadata()), tmp_path)
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("layers.4.weight_bits", torch.zeros(13, 4, dtype=torch.uint8), "has shape \\[13, 4\\], expected \\[13, 5\\]"),
+    ("layers.4.scale", torch.ones(12), "has shape \\[12\\], expected \\[13\\]"),
+    ("layers.6.weight", torch.ones(5, 12), "has shape \\[5, 12\\], expected \\[5, 13\\]"),
+    ("layers.4.scale", torch.ones(13, dtype=torch.float64), "dtype torch.float64, expected torch.float32"),
+    ("layers.0.weight_bits", torch.zeros(4, 3, dtype=torch.int8), "dtype torch.int8, expected torch.uint8"),
+])
+def test_wrong_shapes_and_dtypes(net, tmp_path, name, bad, message):
+    with pytest.raises(PackedFormatError, match=message):
+        _load(_bytes({**net.tensors, name: bad}, net.metadata()), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["layers.0.scale", "layers.4.offset", "layers.6.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_refused(net, tmp_path, name, value):
+    bad = net.tensors[name].clone()
+    bad.view(-1)[1] = value
+    with pytest.raises(PackedFormatError, match=f"tensor {name} holds NaN or Inf"):
+        _load(_bytes({**net.tensors, name: bad}, net.metadata()), tmp_path)
+
+
+def test_nonzero_padding_bits(net, tmp_path):
+    bits = net.tensors["layers.4.weight_bits"].clone()  # 36 inputs: 4 padding bits in the last byte
+    bits[3, -1] |= 0x80
+    with pytest.raises(PackedFormatError, match="nonzero padding bits"):
+        _load(_bytes({**net.tensors, "layers.4.weight_bits": bits}, net.metadata()), tmp_path)
+
+
+def _with_layers(net, edit):
+    layers = json.loads(json.dumps(net.layers))
+    edit(layers)
+    return {**net.metadata(), "architecture": json.dumps(layers)}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda la: la[0].update(type="conv3d"), "layer 0 has unknown type 'conv3d'"),
+    (lambda la: la[4].pop("in_features"), "layer 4 \\(linear\\) has missing keys \\['in_features'\\]"),
+    (lambda la: la[4].update(bias=True), "unknown keys \\['bias'\\]"),
+    (lambda la: la[0].update(stride=[0, 1]), "stride must be a list of two integers >= 1"),
+    (lambda la: la[4].update(H=-1.0), "H must be a positive number"),
+    (lambda la: la[0].update(in_channels=3), "layer 0 \\(conv2d\\) expects 3 input channels but receives 2"),
+    (lambda la: la.pop(3), "layer 3 \\(linear\\) expects 36 input features but receives shape \\[4, 3, 3\\]"),
+    (lambda la: la[2].update(kernel_size=[7, 7], padding=[0, 0]), "smaller than the kernel"),
+])
+def test_inconsistent_architecture(net, tmp_path, edit, message):
+    with pytest.raises(PackedFormatError, match=message):
+        _load(_bytes(net.tensors, _with_layers(net, edit)), tmp_path)
+
+
+def test_bad_metadata(net, tmp_path):
+    with pytest.raises(PackedFormatError, match="unreadable metadata"):
+        _load(_bytes(net.tensors, {**net.metadata(), "architecture": "[{"}), tmp_path)
+    with pytest.raises(PackedFormatError, match="unreadable metadata"):
+        meta = net.metadata()
+        del meta["num_classes"]
+        _load(_bytes(net.tensors, meta), tmp_path)
+    with pytest.raises(PackedFormatError, match="the last layer outputs shape \\[5\\], not the 7 classes"):
+        _load(_bytes(net.tensors, {**net.metadata(), "num_classes": "7"}), tmp_path)
+    with pytest.raises(PackedFormatError, match="input_shape must be a list of positive integers"):
+        _load(_bytes(net.tensors, {**net.metadata(), "input_shape": "[2, 0, 6]"}), tmp_path)
+
+
+def test_no_pickle_in_the_export_package():
+    from pathlib import Path
+
+    import binaryconnect.export as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for needle in ("import pickle", "torch.load(", "allow_pickle=True", "weights_only=False"):
+            assert needle not in text, f"{path.name} uses {needle}"

@@ -1,0 +1,178 @@
+"""The compiled kernels against float64 math, on every instruction set this CPU has; build and fallback.
+
+Oracle: ``y = scale * conv(x, s) + offset`` (then ReLU) computed in float64 with the +-1 signs ``s``.
+Tolerance: the float32 rounding bound of a sum of K terms, ``|err| <= K * eps32 * sum_k |x_k|`` per output
+(times ``|scale|``), plus ``4 eps32 |y|`` for the epilogue. A wrong sign on a single weight moves an
+output by ``2 |x_k|``, far above it.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from binaryconnect.errors import ConfigError
+from binaryconnect.export import engine, native
+from binaryconnect.export.pack import pack_bits
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = native.load()  # gcc is required where the tests run: a build failure fails here
+    yield k
+    k.set_isa(None)
+
+
+def _use_isa(kernels, isa):
+    if isa not in kernels.supported_isas():
+        pytest.skip(f"this CPU lacks {isa} (it has {kernels.supported_isas()})")
+    kernels.set_isa(isa)
+
+
+def _run(kernels, x, signs, scale, offset, stride=(1, 1), padding=(0, 0), dilation=(1, 1), relu=False,
+         threads=1, mode=0):
+    """x [C, B, H, W]; signs bool [N, C, kh, kw]."""
+    c, b, h, w = x.shape
+    n, _, kh, kw = signs.shape
+    wr = pack_bits(signs.reshape(n, -1))
+    wt = wr.t().contiguous()
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.full((n, b, oh, ow), float("nan"))
+    geometry = (b, c, h, w, kh, kw, *stride, *padding, *dilation)
+    return kernels.conv2d(x, geometry, wt, wr, scale, offset, relu, out, threads, mode)
+
+
+def _reference(x, signs, scale, offset, stride=(1, 1), padding=(0, 0), dilation=(1, 1), relu=False):
+    """float64 result and its rounding bound, both [N, B, OH, OW]."""
+    s = signs.double() * 2 - 1
+    xb = x.double().transpose(0, 1)
+    acc = F.conv2d(xb, s, stride=stride, padding=padding, dilation=dilation)
+    mass = F.conv2d(xb.abs(), torch.ones_like(s), stride=stride, padding=padding, dilation=dilation)
+    y = acc * scale.double()[None, :, None, None] + offset.double()[None, :, None, None]
+    k = s[0].numel()
+    bound = (k + 2) * EPS32 * mass * scale.double().abs()[None, :, None, None] + 4 * EPS32 * y.abs() + 1e-30
+    if relu:
+        y = y.clamp_min(0)
+    return y.transpose(0, 1), bound.transpose(0, 1)
+
+
+def _check(got, ref, bound):
+    assert not torch.isnan(got).any()
+    err = (got.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {err.max().item():.3g} exceeds the float32 bound (ratio {worst:.2f})"
+
+
+def _layer(c, n, kh=1, kw=1, relu=True):
+    signs = torch.rand(n, c, kh, kw) < 0.5
+    scale = torch.rand(n) + 0.25
+    scale[::3] *= -1  # negative folded scales exist (negative batch-norm gamma)
+    return signs, scale, torch.randn(n), relu
+
+
+LINEAR = [(1, 1, 1), (13, 7, 5), (784, 1024, 1), (100, 33, 37), (1024, 10, 256), (9, 300, 17), (64, 64, 16),
+          (1000, 17, 3), (8, 8, 40)]
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("k, n, b", LINEAR)
+def test_linear_matches_float64(kernels, isa, k, n, b):
+    _use_isa(kernels, isa)
+    signs, scale, offset, relu = _layer(k, n)
+    x = torch.randn(k, b, 1, 1)
+    ref, bound = _reference(x, signs, scale, offset, relu=relu)
+    results = {}
+    for mode in (0, 1, 2):  # chosen, table lookup, one column at a time
+        for threads in (1, 2):
+            results[mode, threads] = got = _run(kernels, x, signs, scale, offset, relu=relu, threads=threads, mode=mode)
+            _check(got, ref, bound)
+        # each output is summed by one thread in a fixed order: the thread count changes nothing
+        assert torch.equal(results[mode, 1], results[mode, 2])
+
+
+CONV = [  # C, B, H, W, N, kernel, stride, padding, dilation
+    (3, 2, 9, 11, 20, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (5, 3, 8, 8, 9, (3, 2), (2, 1), (1, 0), (1, 2)),
+    (16, 2, 32, 32, 24, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (7, 1, 5, 40, 13, (1, 5), (1, 3), (0, 2), (1, 1)),
+    (2, 5, 4, 4, 3, (4, 4), (1, 1), (0, 0), (1, 1)),
+    (33, 1, 6, 6, 40, (3, 3), (2, 2), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("c, b, h, w, n, kernel, stride, padding, dilation", CONV)
+def test_conv_matches_float64(kernels, isa, c, b, h, w, n, kernel, stride, padding, dilation):
+    _use_isa(kernels, isa)
+    signs, scale, offset, relu = _layer(c, n, *kernel)
+    x = torch.randn(c, b, h, w)
+    ref, bound = _reference(x, signs, scale, offset, stride, padding, dilation, relu)
+    one = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=1)
+    two = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=2)
+    _check(one, ref, bound)
+    assert torch.equal(one, two)
+
+
+def test_isas_agree_with_each_other(kernels):
+    signs, scale, offset, relu = _layer(300, 50)
+    x = torch.randn(300, 20, 1, 1)
+    outs = []
+    for isa in kernels.supported_isas():
+        kernels.set_isa(isa)
+        outs.append(_run(kernels, x, signs, scale, offset, relu=relu))
+    kernels.set_isa(None)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-4)
+
+
+def test_best_isa_is_the_default(kernels):
+    kernels.set_isa(None)
+    assert kernels.isa == kernels.supported_isas()[-1]
+    assert "scalar" in kernels.supported_isas()
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        kernels.set_isa("avx9")
+
+
+def test_kernel_rejects_bad_geometry(kernels):
+    signs, scale, offset, _ = _layer(3, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="invalid layer geometry"):  # one-column mode is for linear layers
+        _run(kernels, torch.randn(3, 1, 5, 5), signs, scale, offset, mode=2)
+
+
+def test_fresh_build_is_fast_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    start = time.perf_counter()
+    lib = native.build()
+    seconds = time.perf_counter() - start
+    assert lib.parent == tmp_path and lib.is_file()
+    assert seconds < 60, f"the first build took {seconds:.1f}s"
+    assert native.build() == lib  # cached: same file, no rebuild
+    assert native.Kernels(lib).isa in native.ISAS
+
+
+def test_no_compiler_falls_back_to_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / c++ there
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native, "_kernels", None)
+    monkeypatch.setattr(native, "_failure", None)
+    with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler found"):
+        native.build()
+    with pytest.warns(RuntimeWarning, match="pure PyTorch engine"):
+        assert engine.resolve_engine("auto") == "torch"
+    with pytest.raises(native.NativeUnavailable):
+        engine.resolve_engine("native")
+    assert engine.resolve_engine("torch") == "torch"
+
+
+def test_engine_choice_from_environment(monkeypatch, kernels):
+    monkeypatch.setenv(engine.ENV_ENGINE, "torch")
+    assert engine.resolve_engine() == "torch"
+    assert engine.resolve_engine("native") == "native"  # the argument wins
+    monkeypatch.setenv(engine.ENV_ENGINE, "gpu")
+    with pytest.raises(ConfigError, match="unknown engine 'gpu'"):
+        engine.resolve_engine()
