@@ -106,7 +106,6 @@ def _cmd_train(args) -> int:
     if args.resume is not None:  # the options given must agree with the run's, or be allowed to change
         if args.out is not None:
             raise ConfigError("--resume continues RUN_DIR in place: drop --out")
-        _check_data_dir(args.data_dir)
         summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
                          **overrides)
     else:
@@ -114,7 +113,6 @@ def _cmd_train(args) -> int:
             raise ConfigError(f"name a recipe, e.g. `binaryconnect train mnist-deterministic`; "
                               f"known recipes: {', '.join(list_recipes())}")
         config = recipe_config(args.recipe, model_kwargs=model_kwargs, **overrides)
-        _check_data_dir(config.data_dir)
         run_dir = args.out or Path("runs") / f"{args.recipe}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out, "
@@ -129,21 +127,6 @@ def _cmd_train(args) -> int:
 _TRAIN_OPTIONS = ("data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
                   "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
                   "deterministic", "checkpoint_every")
-
-
-def _check_data_dir(data_dir: str | None) -> None:
-    """A data folder named by --data-dir or $BINARYCONNECT_DATA must exist (./data may be created by a download)."""
-    import os
-
-    from .data import ENV_DATA_ROOT, resolve_data_root
-
-    if data_dir is None and not os.environ.get(ENV_DATA_ROOT):
-        return
-    root = resolve_data_root(data_dir)
-    if not root.is_dir():
-        source = "--data-dir" if data_dir is not None else f"${ENV_DATA_ROOT}"
-        raise ConfigError(f"data directory {root} (from {source}) does not exist: point {source} at the folder "
-                          "that holds the datasets (e.g. <folder>/MNIST/raw/)")
 
 
 def _add_evaluate(sub) -> None:
