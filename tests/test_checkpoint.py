@@ -1,0 +1,277 @@
+"""checkpoint.py: atomic writes (interrupted at every point, and by a real SIGKILL), byte-deterministic
+safetensors files, an exact optimizer round trip, and safe loading: a pickle payload is refused and
+never runs, truncated files are refused (README, "Reliability")."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from binaryconnect import checkpoint
+from binaryconnect.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_checkpoint_state,
+    remove_stale_temp_files,
+    save_checkpoint,
+    save_tensors,
+)
+from binaryconnect.cli import main
+from binaryconnect.errors import CheckpointError
+from binaryconnect.layers import BinaryLinear
+from binaryconnect.losses import square_hinge_loss
+from binaryconnect.optim import make_optimizer
+from binaryconnect.train import load_run, resume
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "binaryconnect"
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at that point (BaseException: nothing may swallow it)."""
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return list(folder.glob(".*.tmp"))
+
+
+# --- atomic writes ---
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before-fsync", "before-rename", "after-rename"])
+def test_a_write_interrupted_at_any_point_leaves_a_complete_file(tmp_path, monkeypatch, point):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"w": torch.full((10_000,), 1.0)}, {"n": 1})
+    old = path.read_bytes()
+
+    if point == "mid-write":  # half the bytes reach the temporary file, then the process dies
+        real_fdopen = os.fdopen
+
+        class HalfWriter:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise _Crash
+
+        monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    elif point == "before-fsync":
+        monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (_ for _ in ()).throw(_Crash()))
+    elif point == "before-rename":
+        monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (_ for _ in ()).throw(_Crash()))
+    else:  # the rename is done; the process dies before the folder's fsync (mkstemp's os.open still works)
+        real_open = os.open
+
+        def open_file_or_die(file, flags, *args, **kwargs):
+            if Path(file).is_dir():
+                raise _Crash
+            return real_open(file, flags, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.os, "open", open_file_or_die)
+
+    with pytest.raises(_Crash):
+        save_checkpoint(path, {"w": torch.full((10_000,), 2.0)}, {"n": 2})
+    monkeypatch.undo()
+    tensors, state = load_checkpoint(path)  # loadable: the old file, or after the rename the new one
+    if point == "after-rename":
+        assert state == {"n": 2} and torch.equal(tensors["w"], torch.full((10_000,), 2.0))
+    else:
+        assert path.read_bytes() == old and state == {"n": 1}
+    assert not _temp_files(tmp_path)
+
+
+_WRITER = """
+import sys, torch
+from binaryconnect.checkpoint import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint(sys.argv[1], {"w": torch.full((4_000_000,), float(i))}, {"i": i})
+"""
+
+
+def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
+    """A child rewrites a 16 MB checkpoint in a loop; it is killed while a temporary file exists (a write
+    in progress). The final name then holds a complete checkpoint whose every value matches its metadata."""
+    path = tmp_path / CHECKPOINT_NAME
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (path.exists() and _temp_files(tmp_path)):  # the first write is done, a later one under way
+            assert child.poll() is None and time.monotonic() < deadline, "the writer stopped or never wrote"
+            time.sleep(0.001)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    tensors, state = load_checkpoint(path)
+    assert state["i"] >= 1 and torch.equal(tensors["w"], torch.full((4_000_000,), float(state["i"])))
+    leftovers = remove_stale_temp_files(tmp_path)  # what the crash left beside it, cleared on resume
+    assert all(p.name.startswith(f".{CHECKPOINT_NAME}.") for p in leftovers) and not _temp_files(tmp_path)
+
+
+def test_equal_contents_give_identical_bytes(tmp_path):
+    """safetensors writes metadata in hash order (different in every process); files here are canonical."""
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(2, 3, dtype=torch.float64),
+               "u": torch.zeros(7, dtype=torch.uint8)}
+    save_tensors(tmp_path / "1", tensors, {"x": "1", "config": "{}", "epoch": "3", "a": "é"})
+    save_tensors(tmp_path / "2", dict(reversed(tensors.items())), {"a": "é", "epoch": "3", "config": "{}", "x": "1"})
+    assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
+    loaded, metadata = load_tensors(tmp_path / "1")
+    assert metadata == {"x": "1", "config": "{}", "epoch": "3", "a": "é"}
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+# --- optimizer state as named tensors ---
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(BinaryLinear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), BinaryLinear(16, 4), nn.BatchNorm1d(4))
+
+
+def _steps(model, optimizer, batches):
+    for x, y in batches:
+        optimizer.zero_grad()
+        square_hinge_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def test_optimizer_round_trip_through_a_file_is_exact(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 20, generator=gen), torch.randint(0, 4, (32,), generator=gen)) for _ in range(6)]
+    model = _net(0)
+    optimizer = make_optimizer(model, 1e-2)
+    _steps(model, optimizer, batches[:3])
+
+    opt_tensors, opt_plain = optimizer_to_tensors(optimizer)
+    save_checkpoint(tmp_path / "c", {**checkpoint.with_prefix("model.", model.state_dict()),
+                                     **checkpoint.with_prefix("optimizer.", opt_tensors)}, {"optimizer": opt_plain})
+    tensors, state = load_checkpoint(tmp_path / "c")
+    restored = _net(1)  # other initial weights: everything must come from the file
+    restored.load_state_dict(checkpoint.strip_prefix("model.", tensors))
+    restored_optimizer = make_optimizer(restored, 1.0)  # another learning rate: it too comes from the file
+    optimizer_from_tensors(restored_optimizer, checkpoint.strip_prefix("optimizer.", tensors), state["optimizer"])
+    assert restored_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+
+    _steps(model, optimizer, batches[3:])
+    _steps(restored, restored_optimizer, batches[3:])
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    got, want = restored_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
+
+
+def test_optimizer_state_for_other_parameters_is_refused():
+    model = _net(0)
+    optimizer = make_optimizer(model, 1e-2)
+    tensors, plain = optimizer_to_tensors(optimizer)
+    other = nn.Sequential(BinaryLinear(20, 4), nn.BatchNorm1d(4))
+    with pytest.raises(CheckpointError, match="does not match the model's parameters"):
+        optimizer_from_tensors(make_optimizer(other, 1e-2), tensors, plain)
+
+
+# --- safe loading ---
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker file appears if anything unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    files = {"pickle": tmp_path / "pickle.safetensors", "torch.save": tmp_path / "torch_save.safetensors"}
+    files["pickle"].write_bytes(pickle.dumps({"weight": _Payload(marker)}))
+    torch.save({"weight": _Payload(marker)}, files["torch.save"])
+    return files
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, capsys):
+    # positive control: the payload is live, unpickling it does run code
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control)))
+    assert control.exists()
+
+    marker = tmp_path / "payload-ran"
+    for kind, path in _pickle_files(tmp_path, marker).items():
+        with pytest.raises(CheckpointError, match="looks like a pickle or torch.save file.*never unpickles"):
+            load_tensors(path)
+        with pytest.raises(CheckpointError, match="looks like a pickle"):
+            load_run(path)
+        with pytest.raises(CheckpointError, match="looks like a pickle"):
+            read_checkpoint_state(path)
+        assert main(["evaluate", str(path)]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "looks like a pickle" in err
+
+        run = tmp_path / f"run-{kind.replace('.', '-')}"  # a run directory whose files were swapped
+        run.mkdir()
+        (run / CHECKPOINT_NAME).write_bytes(path.read_bytes())
+        (run / "model.safetensors").write_bytes(path.read_bytes())
+        with pytest.raises(CheckpointError, match="looks like a pickle"):
+            resume(run, log=lambda *a: None)
+        with pytest.raises(CheckpointError, match="looks like a pickle"):
+            load_run(run)
+        assert main(["train", "--resume", str(run)]) == 2
+        assert "looks like a pickle" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_truncated_checkpoints_are_refused(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"w": torch.arange(1000.0)}, {"n": 1})
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    for cut in (0, 5, 8 + header // 2, 8 + header, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated|corrupt"):
+            load_checkpoint(path)
+    path.write_bytes(data)
+    assert load_checkpoint(path)[1] == {"n": 1}
+
+
+def test_a_model_file_is_not_a_checkpoint_and_vice_versa(tmp_path):
+    save_tensors(tmp_path / "m", {"w": torch.zeros(2)}, {"format": "binaryconnect-model", "format_version": "1",
+                                                          "config": "{}"})
+    with pytest.raises(CheckpointError, match="not a binaryconnect checkpoint"):
+        load_checkpoint(tmp_path / "m")
+    save_checkpoint(tmp_path / "c", {"w": torch.zeros(2)}, {})
+    with pytest.raises(CheckpointError, match="not a binaryconnect model file"):
+        load_run(tmp_path / "c")
+
+
+def test_no_code_path_can_unpickle_a_user_file():
+    """No torch.load, pickle.load(s), numpy allow_pickle or the like anywhere in the package. (CIFAR-10's
+    official Python batches are read after their checksum matched, through an unpickler that accepts
+    NumPy arrays and plain containers only: data/cifar.py.)"""
+    forbidden = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|import dill|import joblib|"
+                           r"weights_only\s*=\s*False|torch\.serialization")
+    hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}" for p in sorted(SRC.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert not hits, hits
