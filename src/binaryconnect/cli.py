@@ -4,6 +4,9 @@
     binaryconnect train mnist-stochastic --epochs 50 --seed 1 -o runs/s1
     binaryconnect evaluate runs/s1                     # test error of the best-validation model
     binaryconnect recipes                              # list the recipes
+    binaryconnect export runs/s1 -o s1.bcnn            # pack to 1 bit per weight, batch norm folded
+    binaryconnect predict s1.bcnn                      # packed inference (test error, or --input x.npy)
+    binaryconnect summary s1.bcnn                      # per-layer parameters, bytes on disk, additions
 """
 
 from __future__ import annotations
@@ -189,6 +192,143 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    from .export.engine import ENGINES
+
+    p = sub.add_parser("export", help="pack a trained run to 1 bit per binary weight (.bcnn)",
+                       description="Write a run's best model with every binary weight packed to 1 bit and batch "
+                                   "norm folded into a per-channel scale and offset (safetensors, no pickle).")
+    p.add_argument("run", type=Path, help="run directory or model.safetensors")
+    p.add_argument("-o", "--out", type=Path, help="packed file (default: <run>/model.bcnn)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also report the test error of the training model and of the packed model")
+    p.add_argument("--data-dir", help="dataset root for --evaluate (default: $BINARYCONNECT_DATA, else ./data)")
+    p.add_argument("--engine", choices=ENGINES, help="engine for --evaluate (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .export import PackedModel, export_run, summarize
+    from .export.tools import dataset_of, evaluate_packed, model_predictions
+
+    out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+    net = export_run(args.run)
+    size = net.save(out)
+    total = summarize(net)["total"]
+    result = {"out": str(out), "bytes": size, "float32_bytes": total.float32_bytes,
+              "compression": total.float32_bytes / size, "binary_params": total.binary_params,
+              "params": total.params}
+    if args.evaluate:
+        from .train import load_run
+
+        model, _ = load_run(args.run)
+        data = dataset_of(net, args.data_dir)
+        reference = model_predictions(model, data.test_x)
+        packed = PackedModel(net, engine=args.engine)
+        result["packed_test_error"], predictions = evaluate_packed(packed, data.test_x, data.test_y)
+        result["model_test_error"] = int((reference != data.test_y).sum()) / len(reference)
+        result["agreement"] = int((reference == predictions).sum()) / len(reference)
+        result["engine"] = packed.engine
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"wrote {out}: {size:,} bytes, {result['compression']:.1f}x smaller than the float32 weights "
+          f"({total.float32_bytes:,} bytes); {total.binary_params:,} of {total.params:,} parameters binary")
+    if net.source.get("stochastic_weights"):
+        print(f"note: stochastic layers exported as {net.source['stochastic_weights']}")
+    if args.evaluate:
+        print(f"test error: training model (eval mode) {100 * result['model_test_error']:.2f}%, packed model "
+              f"{100 * result['packed_test_error']:.2f}% ({result['engine']} engine); same prediction on "
+              f"{100 * result['agreement']:.2f}% of the test set")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    from .export.engine import ENGINES
+
+    p = sub.add_parser("predict", help="run a packed model (.bcnn) on a dataset split or on an array",
+                       description="Classify with a packed model: the test split of the dataset it was trained "
+                                   "on (prints the error rate), or the examples of --input.")
+    p.add_argument("model", type=Path, help="packed model file (.bcnn)")
+    p.add_argument("--input", type=Path, help="examples [N, *input_shape] as .npy (no pickle) or .safetensors")
+    p.add_argument("--output", type=Path, help="write the logits [N, classes] to this .npy file")
+    p.add_argument("--data-dir", help="dataset root (default: $BINARYCONNECT_DATA, else ./data)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--engine", choices=ENGINES, help="native kernels, pure PyTorch, or auto (default)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    import numpy as np
+    import torch
+
+    from .export import load_packed
+    from .export.tools import dataset_of, read_inputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_packed(args.model, engine=args.engine)
+    if args.input is not None:
+        x, y = read_inputs(args.input), None
+    else:
+        data = dataset_of(model.net, args.data_dir)
+        x, y = (data.test_x, data.test_y) if args.split == "test" else (data.val_x, data.val_y)
+    start = time.perf_counter()
+    logits = torch.cat([model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)])
+    seconds = time.perf_counter() - start
+    predictions = logits.argmax(1)
+    if args.output is not None:
+        np.save(args.output, logits.numpy(), allow_pickle=False)
+    result = {"model": str(args.model), "examples": len(x), "engine": model.engine, "isa": model.isa,
+              "threads": torch.get_num_threads(), "seconds": seconds}
+    if y is not None:
+        result[f"{args.split}_error"] = int((predictions != y).sum()) / len(y)
+    if args.json:
+        print(json.dumps(result))
+    elif y is not None:
+        print(f"{args.split} error {100 * result[f'{args.split}_error']:.2f}% on {len(x):,} examples "
+              f"({model.engine} engine{', ' + model.isa if model.isa else ''}, {result['threads']} threads, "
+              f"{seconds:.2f}s)")
+    elif args.output is None:
+        print("\n".join(str(int(c)) for c in predictions))
+    return 0
+
+
+def _add_summary(sub) -> None:
+    p = sub.add_parser("summary", help="per-layer parameters, bytes and additions of a packed model or run",
+                       description="Per layer and in total: parameters, binary parameters, bytes as float32 and "
+                                   "as packed (the bytes on disk), compression, and the share of "
+                                   "multiply-accumulates replaced by additions. A run directory is exported "
+                                   "in memory first.")
+    p.add_argument("path", type=Path, help="packed model (.bcnn), run directory or model.safetensors")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(handler=_cmd_summary)
+
+
+def _cmd_summary(args) -> int:
+    from .export import PackedNetwork, export_run
+    from .export.summary import format_summary, summarize, summary_json
+
+    path = args.path
+    if path.is_file() and path.suffix != ".safetensors":
+        data = path.read_bytes()
+        net, title = PackedNetwork.from_bytes(data, str(path)), f"{path} ({len(data):,} bytes on disk)"
+    else:
+        net = export_run(path)
+        data = net.to_bytes()
+        title = f"{path}: not exported yet; `binaryconnect export` would write {len(data):,} bytes"
+    summary = summarize(net, data)
+    print(summary_json(summary) if args.json else format_summary(summary, title))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binaryconnect", description=__doc__.split("\n\n")[0])
     from . import __version__
@@ -196,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"binaryconnect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_train, _add_evaluate, _add_recipes):
+    for add in (_add_train, _add_evaluate, _add_recipes, _add_export, _add_predict, _add_summary):
         add(sub)
     return parser
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from ..checkpoint import _serialize as serialize_safetensors
 from ..checkpoint import atomic_write_bytes, read_safetensors_header
 from ..errors import CheckpointError
 from .pack import packed_size, padding_bits_are_zero
@@ -259,9 +259,8 @@ class PackedNetwork:
         return self
 
     def to_bytes(self) -> bytes:
-        """The file's bytes (safetensors)."""
-        return st_save({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()},
-                       metadata=self.metadata())
+        """The file's bytes (safetensors; metadata keys sorted, so equal networks give identical bytes)."""
+        return serialize_safetensors(self.tensors, self.metadata())
 
     def save(self, path: str | os.PathLike) -> int:
         """Validate, then write ``path`` atomically; return its size in bytes."""

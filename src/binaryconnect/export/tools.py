@@ -55,7 +55,7 @@ def dataset_of(net: PackedNetwork, data_dir: str | None):
 def evaluate_packed(model: PackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
     """``(error rate, predictions)`` of ``model`` on ``(x, y)``."""
     predictions = model.predict(x, batch_size)
-    return float((predictions != y.cpu()).float().mean()), predictions
+    return int((predictions != y.cpu()).sum()) / len(y), predictions
 
 
 @torch.no_grad()

@@ -1,0 +1,192 @@
+"""Export of PyTorch models (batch-norm folding, packing) and the engines against the eval-mode model.
+
+Oracles: the eval-mode training model in float64 (``model.double()``) and in float32. Tolerance on
+logits: ``|packed - float64| <= 2e-5 * (1 + max |float64|)`` (float32 rounding of sums of up to ~8k
+terms, amplified by the batch-norm scales, is about 1e-6 relative here); the float32 PyTorch model
+itself is held to the same bound: the packed engines must be as accurate as float32 PyTorch.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from binaryconnect.export import ExportError, PackedModel, export_model, load_packed, summarize
+from binaryconnect.export.pack import packed_size
+from binaryconnect.layers import BinaryConv2d, BinaryLinear
+from binaryconnect.models import create_model, list_models
+
+ENGINES = ("native", "torch")
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give every batch norm the running statistics of ``x`` and random affine parameters (some gammas
+    negative), so that the folded scales are realistic and of both signs; return the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration pass
+        bn.weight.copy_(torch.randn(bn.num_features, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
+    model.train()
+    model(x)
+    return model.eval()
+
+
+def _tolerance(ref64: torch.Tensor) -> float:
+    return 2e-5 * (1 + ref64.abs().max().item())
+
+
+def _check_against_model(model: nn.Module, net, x: torch.Tensor, engines=ENGINES) -> dict:
+    ref32 = model(x).detach()
+    ref64 = copy.deepcopy(model).double()(x.double()).detach()
+    tol = _tolerance(ref64)
+    assert (ref32.double() - ref64).abs().max().item() <= tol  # float32 PyTorch meets the bound
+    outs = {}
+    for engine in engines:
+        out = outs[engine] = PackedModel(net, engine=engine)(x)
+        assert out.shape == ref32.shape and out.dtype == torch.float32
+        err = (out.double() - ref64).abs().max().item()
+        assert err <= tol, f"{engine}: error {err:.3g} > {tol:.3g}"
+        assert torch.equal(out.argmax(1), ref64.argmax(1)), engine
+    return outs
+
+
+def test_paper_mlp_matches_the_eval_model():
+    model = create_model("mlp")  # 784-1024-1024-1024-10, deterministic
+    calibrate(model, torch.rand(512, 1, 28, 28) * 2 - 1)
+    net = export_model(model, (1, 28, 28))
+    assert [la["type"] for la in net.layers] == ["flatten"] + ["linear", "relu"] * 3 + ["linear"]
+    for batch in (1, 3, 64):
+        _check_against_model(model, net, torch.rand(batch, 1, 28, 28) * 2 - 1)
+
+
+def _small_convnet(bn_after_pool: bool = True) -> nn.Sequential:
+    """The CIFAR convnet's layout at small width: pairs of 3x3 binary convolutions, 2x2 max pooling after
+    the second (batch norm after the pooling, as in the original code, or before it), then dense layers."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in (8, 16):
+        layers += [BinaryConv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), BinaryConv2d(c, c, 3, padding=1)]
+        tail = [nn.BatchNorm2d(c), nn.ReLU()]
+        layers += [nn.MaxPool2d(2), *tail] if bn_after_pool else [*tail, nn.MaxPool2d(2)]
+        c_in = c
+    layers += [nn.Flatten(), BinaryLinear(16 * 4 * 4, 32), nn.BatchNorm1d(32), nn.ReLU(), BinaryLinear(32, 10),
+               nn.BatchNorm1d(10)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("bn_after_pool", [True, False])
+def test_conv_net_matches_the_eval_model(bn_after_pool):
+    model = calibrate(_small_convnet(bn_after_pool), torch.randn(256, 3, 16, 16))
+    net = export_model(model, (3, 16, 16))
+    kinds = [la["type"] for la in net.layers]
+    # a batch norm after max pooling cannot be folded into the convolution: it stays an affine layer
+    assert kinds.count("affine") == (2 if bn_after_pool else 0)
+    assert kinds.count("conv2d") == 4 and kinds.count("maxpool2d") == 2
+    for batch in (1, 5, 37):  # 37: tiles of 16 columns end partially filled
+        _check_against_model(model, net, torch.randn(batch, 3, 16, 16))
+
+
+def test_registered_convnet_exports():
+    if "convnet" not in list_models():
+        pytest.skip("the convnet model is not registered in this checkout")
+    model = create_model("convnet", input_shape=(3, 16, 16), channels=(8, 16, 16), hidden=32)
+    calibrate(model, torch.randn(128, 3, 16, 16))
+    net = export_model(model, (3, 16, 16))
+    assert sum(la["type"] == "conv2d" for la in net.layers) == 6
+    _check_against_model(model, net, torch.randn(4, 3, 16, 16))
+
+
+def test_float_layers_export_as_float32_and_are_not_binary():
+    model = create_model("mlp", hidden=64, depth=2, binarize_first=False, binarize_last=False)
+    calibrate(model, torch.rand(256, 1, 28, 28) * 2 - 1)
+    net = export_model(model, (1, 28, 28))
+    linears = [(i, la) for i, la in enumerate(net.layers) if la["type"] == "linear"]
+    assert [la["binary"] for _, la in linears] == [False, True, False]
+    first = linears[0][0]
+    assert net.tensor(first, "weight").dtype == torch.float32
+    assert torch.equal(net.tensor(first, "weight"), model.layers[1].weight.detach())
+    _check_against_model(model, net, torch.rand(16, 1, 28, 28) * 2 - 1)
+    summary = summarize(net)
+    rows = {r.index: r for r in summary["rows"]}
+    assert rows[first].binary_params == 0 and rows[first].macs_replaced == 0 and "(float32)" in rows[first].layer
+    binary_macs = 64 * 64
+    total_macs = 784 * 64 + 64 * 64 + 64 * 10
+    assert summary["total"].macs == total_macs and summary["total"].macs_replaced == binary_macs
+
+
+def test_stochastic_model_exports_sign_of_latent_weights():
+    model = create_model("mlp", hidden=32, depth=1, binarization="stochastic")
+    calibrate(model, torch.rand(256, 1, 28, 28) * 2 - 1)  # (stochastic forward passes: any statistics do)
+    net = export_model(model, (1, 28, 28))
+    assert "sign(W)" in net.source["stochastic_weights"]
+    assert [la["binarization"] for la in net.layers if la["type"] == "linear"] == ["stochastic"] * 2
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, BinaryLinear):
+            m.binarization = "deterministic"  # H * sign(W)
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    _check_against_model(twin.eval(), net, x)
+    # the paper's test-time network (real-valued weights) is a different function
+    assert not torch.allclose(model.eval()(x), twin(x), atol=1e-3)
+
+
+def test_bias_and_unfolded_batch_norm():
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(20), BinaryLinear(20, 12, bias=True, H=0.5), nn.ReLU(),
+                          nn.BatchNorm1d(12), BinaryLinear(12, 6, bias=True), nn.BatchNorm1d(6), nn.Dropout(0.5),
+                          nn.Identity())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BinaryLinear):
+                m.bias.normal_()
+    calibrate(model, torch.randn(128, 4, 5))
+    net = export_model(model, (4, 5))
+    assert [la["type"] for la in net.layers] == ["flatten", "affine", "linear", "relu", "affine", "linear"]
+    assert net.layers[2]["H"] == 0.5
+    _check_against_model(model, net, torch.randn(9, 4, 5))
+
+
+def test_unsupported_layer_is_refused():
+    with pytest.raises(ExportError, match="cannot export layer Tanh"):
+        export_model(nn.Sequential(nn.Flatten(), BinaryLinear(4, 3), nn.Tanh()), (4,))
+    with pytest.raises(ExportError, match="groups=1"):
+        export_model(nn.Sequential(BinaryConv2d(4, 4, 3, groups=2), nn.Flatten()), (4, 5, 5), num_classes=36)
+
+
+def test_a_forward_that_is_not_the_layer_sequence_is_caught():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = BinaryLinear(10, 10)
+            self.fc2 = BinaryLinear(10, 10)
+
+        def forward(self, x):
+            return x + self.fc2(self.fc1(x))
+
+    with pytest.raises(ExportError, match="disagrees with the model"):
+        export_model(Residual().eval(), (10,))
+
+
+def test_file_size_is_one_bit_per_weight_plus_scales_and_header(tmp_path):
+    model = create_model("mlp")
+    net = export_model(calibrate(model, torch.rand(256, 1, 28, 28) * 2 - 1), (1, 28, 28))
+    path = tmp_path / "mlp.bcnn"
+    size = net.save(path)
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    shapes = [(784, 1024), (1024, 1024), (1024, 1024), (1024, 10)]
+    bits = sum(n * packed_size(k) for k, n in shapes)
+    vectors = sum(2 * 4 * n for _, n in shapes)  # scale and offset, float32
+    assert size == bits + vectors + header
+    float32_weights = 4 * sum(k * n for k, n in shapes)
+    assert float32_weights / bits == 32
+    summary = summarize(net, data)
+    assert summary["total"].packed_bytes == size == path.stat().st_size
+    assert sum(r.packed_bytes for r in summary["rows"]) == size
+    assert summary["total"].binary_params == sum(k * n for k, n in shapes)
+    assert summary["total"].macs_replaced == summary["total"].macs
+    assert load_packed(path, engine="torch").num_classes == 10

@@ -1,0 +1,117 @@
+"""On real MNIST: a model trained here, exported, loaded and run gives the eval-mode model's predictions on
+all 10,000 test images; and the export / predict / summary commands end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from binaryconnect.cli import main
+from binaryconnect.config import TrainConfig
+from binaryconnect.export import export_run, load_packed
+from binaryconnect.export.tools import model_predictions
+from binaryconnect.train import fit, load_run
+
+pytestmark = pytest.mark.slow
+
+
+def _train(tmp_path_factory, mnist, binarization: str, name: str, hidden: int = 256, depth: int = 2):
+    run = tmp_path_factory.mktemp(name)
+    config = TrainConfig(dataset="mnist", model="mlp", model_kwargs={"hidden": hidden, "depth": depth},
+                         binarization=binarization, epochs=1, batch_size=100, train_subset=6000, seed=0,
+                         device="cpu", lr_start=3e-3, lr_end=1e-3)
+    summary = fit(config, run, progress=False, log=lambda *a, **k: None, data=mnist)
+    return run, summary
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist):
+    return _train(tmp_path_factory, mnist, "deterministic", "det")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    run, _ = trained
+    path = tmp_path_factory.mktemp("bcnn") / "mlp.bcnn"
+    export_run(run).save(path)
+    return path
+
+
+@pytest.mark.parametrize("engine", ["native", "torch"])
+def test_packed_predictions_equal_the_eval_model_on_the_test_set(trained, exported, mnist, engine):
+    run, summary = trained
+    model, _ = load_run(run)
+    reference = model_predictions(model, mnist.test_x)
+    packed = load_packed(exported, engine=engine)
+    predictions = packed.predict(mnist.test_x)
+    assert len(predictions) == 10_000
+    assert torch.equal(predictions, reference), f"{int((predictions != reference).sum())} predictions differ"
+    error = int((predictions != mnist.test_y).sum()) / len(mnist.test_y)
+    assert error == pytest.approx(summary["test_error"], abs=1e-12)
+    assert error < 0.2  # it did learn (chance is 0.9)
+
+
+def test_cli_export_predict_summary(trained, exported, data_root, tmp_path, capsys):
+    run, summary = trained
+    out = tmp_path / "m.bcnn"
+    assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes"] == out.stat().st_size
+    assert result["agreement"] == 1.0
+    assert result["packed_test_error"] == result["model_test_error"] == pytest.approx(summary["test_error"])
+    assert result["compression"] > 20
+
+    assert main(["export", str(run), "-o", str(out)]) == 2  # exists
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(out), "--force"]) == 0
+    assert "smaller than the float32 weights" in capsys.readouterr().out
+
+    assert main(["summary", str(out), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["total"]["packed_bytes"] == table["file_bytes"] == out.stat().st_size
+    assert sum(r["packed_bytes"] for r in table["rows"]) == out.stat().st_size
+    assert main(["summary", str(run)]) == 0  # a run directory: exported in memory, same bytes
+    text = capsys.readouterr().out
+    assert f"would write {out.stat().st_size:,} bytes" in text and "100.00% of" in text
+
+    assert main(["predict", str(out), "--data-dir", str(data_root), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["test_error"] == pytest.approx(summary["test_error"]) and pred["examples"] == 10_000
+
+    x = np.random.default_rng(0).uniform(-1, 1, size=(7, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(out), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]) == 0
+    logits = np.load(tmp_path / "y.npy", allow_pickle=False)
+    expected = load_packed(out)(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(logits, expected)
+    capsys.readouterr()
+    assert main(["predict", str(out), "--input", str(tmp_path / "x.npy"), "--engine", "torch"]) == 0
+    classes = [int(v) for v in capsys.readouterr().out.split()]
+    assert classes == expected.argmax(1).tolist()
+
+
+def test_cli_errors_are_one_line(exported, tmp_path, capsys):
+    bad = tmp_path / "bad.bcnn"
+    bad.write_bytes(exported.read_bytes()[:-10])
+    assert main(["predict", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binaryconnect: error: ") and "is truncated" in err and err.count("\n") == 1
+    assert main(["summary", str(tmp_path / "missing.bcnn")]) == 2
+    assert "binaryconnect: error:" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 3), dtype=np.float32))
+    assert main(["predict", str(exported), "--input", str(tmp_path / "x.npy")]) == 2
+    assert "does not match the model's input shape [batch, 1, 28, 28]" in capsys.readouterr().err
+
+
+def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_root, tmp_path, capsys):
+    run, summary = _train(tmp_path_factory, mnist, "stochastic", "sto", hidden=64, depth=1)
+    out = tmp_path / "s.bcnn"
+    assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root)]) == 0
+    text = capsys.readouterr().out
+    assert "note: stochastic layers exported as H * sign(W)" in text
+    # the paper's evaluation (real-valued weights) and the packed network's, side by side
+    assert f"training model (eval mode) {100 * summary['test_error']:.2f}%, packed model " in text
+    packed_error = float(text.split("packed model ")[1].split("%")[0]) / 100
+    packed = load_packed(out).predict(mnist.test_x)
+    assert packed_error == pytest.approx(int((packed != mnist.test_y).sum()) / 10_000, abs=5e-5)
