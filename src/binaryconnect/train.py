@@ -240,6 +240,7 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
 
 def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
          checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None) -> dict:
+    """The training run behind ``fit`` (``checkpoint`` None) and ``resume`` (a loaded checkpoint)."""
     device = resolve_device(config.device)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -276,18 +277,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             raise ConfigError(f"the run has already trained {p.epoch + (p.step > 0)} epochs; "
                               f"ask for at least that many (--epochs), got {config.epochs}")
 
-    # --- run directory ---
+    # --- run directory: the checkpoint first, so that any run directory with files in it can be resumed ---
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
-    metrics_path = run_dir / "metrics.jsonl"
-    atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
-    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left a later one)
-        save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
-    (run_dir / "summary.json").unlink(missing_ok=True)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     start = time.perf_counter()
-
-    last_saved = f"epoch {p.epoch + 1}, step {p.step}" if checkpoint is not None else "none yet"
+    last_saved = f"epoch {p.epoch + 1}, step {p.step}"
 
     def write_checkpoint() -> None:
         nonlocal last_saved
@@ -295,7 +289,13 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
 
     if checkpoint is None:
-        write_checkpoint()  # at step 0: every run directory can be resumed from its start
+        write_checkpoint()  # at step 0: a run can be resumed from its very start
+    atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
+    metrics_path = run_dir / "metrics.jsonl"
+    atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
+    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left a later one)
+        save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it says so
     n_params = sum(prm.numel() for prm in model.parameters())
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
