@@ -86,7 +86,7 @@ def test_linear_matches_float64(kernels, isa, k, n, b):
     x = torch.randn(k, b, 1, 1)
     ref, bound = _reference(x, signs, scale, offset, relu=relu)
     results = {}
-    for mode in (0, 1, 2):  # chosen, table lookup, one column at a time
+    for mode in (0, 1, 2, 3):  # chosen, 256-entry tables, one column at a time, 16-entry tables
         for threads in (1, 2):
             results[mode, threads] = got = _run(kernels, x, signs, scale, offset, relu=relu, threads=threads, mode=mode)
             _check(got, ref, bound)
@@ -111,10 +111,11 @@ def test_conv_matches_float64(kernels, isa, c, b, h, w, n, kernel, stride, paddi
     signs, scale, offset, relu = _layer(c, n, *kernel)
     x = torch.randn(c, b, h, w)
     ref, bound = _reference(x, signs, scale, offset, stride, padding, dilation, relu)
-    one = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=1)
-    two = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=2)
-    _check(one, ref, bound)
-    assert torch.equal(one, two)
+    for mode in (0, 1, 3):  # chosen, 256-entry tables, 16-entry tables
+        one = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=1, mode=mode)
+        two = _run(kernels, x, signs, scale, offset, stride, padding, dilation, relu, threads=2, mode=mode)
+        _check(one, ref, bound)
+        assert torch.equal(one, two)
 
 
 def test_isas_agree_with_each_other(kernels):

@@ -6,8 +6,9 @@ batch ``[B, *input_shape]`` and ``model.predict(x)`` the classes.
 Engines:
 
 - ``native``: the compiled kernels (``native.py``) read the packed bits directly. A binary layer computes
-  ``y_o = scale_o * (sum_{s_ok=+1} x_k - sum_{s_ok=-1} x_k) + offset_o`` with additions only (table
-  lookup on bytes of weights, or masked additions for a single column); the folded batch norm's
+  ``y_o = scale_o * (sum_{s_ok=+1} x_k - sum_{s_ok=-1} x_k) + offset_o`` with additions only: tables
+  of the signed sums of 4 (or 8) inputs, built with one addition per entry and looked up with the
+  half-bytes (or bytes) of weights, or masked additions for a single column; the folded batch norm's
   ``scale`` is the only multiplication, and the following ReLU is fused. Activations are kept
   feature-major ([features, batch] or [channels, batch, height, width]) so that a vector register
   holds one feature for many examples or pixels; convolutions gather their input tiles directly
@@ -62,12 +63,15 @@ def resolve_engine(engine: str | None = None) -> str:
 class _Step:
     kind: str  # flatten | binary | float | affine | relu | maxpool2d
     layer: dict
+    index: int  # position in the file's architecture
     relu: bool = False  # a following ReLU fused into this step
     weight: torch.Tensor | None = None  # torch engine: +-1 or float weights; native: float layers
     wt: torch.Tensor | None = None  # native: group-major packed bits [Kg][N]
     wr: torch.Tensor | None = None  # native: row-major packed bits [N][Kg]
     scale: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    desc: object = None  # native: the kernel's layer descriptor (input shape, weights, scale, offset, ReLU)
+    out_chw: tuple[int, int, int] = (0, 0, 0)  # native: output channels, height, width
 
 
 class PackedModel:
@@ -96,7 +100,7 @@ class PackedModel:
                 steps[-1].relu = True
                 continue
             step = _Step("binary" if kind in ("linear", "conv2d") and layer["binary"] else
-                         "float" if kind in ("linear", "conv2d") else kind, layer)
+                         "float" if kind in ("linear", "conv2d") else kind, layer, i)
             if kind in ("linear", "conv2d", "affine"):
                 step.scale = self.net.tensor(i, "scale").contiguous()
                 step.offset = self.net.tensor(i, "offset").contiguous()
@@ -113,7 +117,21 @@ class PackedModel:
             elif step.kind == "float":
                 step.weight = self.net.tensor(i, "weight").contiguous()
             steps.append(step)
+        if self.engine == "native":
+            for step in steps:
+                if step.kind == "binary":
+                    self._describe(step, *self.shapes[step.index])
         return steps
+
+    def _describe(self, step: _Step, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> None:
+        layer = step.layer
+        if layer["type"] == "linear":  # a 1x1 convolution on a 1x1 image whose batch is the columns
+            c, h, w, geometry = shape_in[0], 1, 1, ((1, 1), (1, 1), (0, 0), (1, 1))
+            step.out_chw = (shape_out[0], 1, 1)
+        else:
+            (c, h, w), geometry = shape_in, (layer["kernel_size"], layer["stride"], layer["padding"], layer["dilation"])
+            step.out_chw = tuple(shape_out)
+        step.desc = self.kernels.layer(c, h, w, *geometry, step.wt, step.wr, step.scale, step.offset, step.relu)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
@@ -174,24 +192,13 @@ class PackedModel:
                 elif layout == "batch":
                     x = x.reshape(batch, -1)
             elif step.kind == "binary":
-                if kind == "linear":
-                    if layout == "batch":
-                        x, layout = x.reshape(batch, -1).t().contiguous(), "fm"
-                    k, cols = x.shape
-                    out = torch.empty(step.scale.shape[0], cols)
-                    geometry = (cols, k, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1)
-                else:
-                    if layout == "batch":
-                        x, layout = x.transpose(0, 1).contiguous(), "cb"
-                    c, b, h, w = x.shape
-                    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (layer["kernel_size"], layer["stride"],
-                                                              layer["padding"], layer["dilation"])
-                    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-                    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-                    out = torch.empty(step.scale.shape[0], b, oh, ow)
-                    geometry = (b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
-                x = self.kernels.conv2d(x, geometry, step.wt, step.wr, step.scale, step.offset, step.relu, out,
-                                        threads)
+                if kind == "linear" and layout != "fm":
+                    x, layout = x.reshape(batch, -1).t().contiguous(), "fm"
+                elif kind == "conv2d" and layout == "batch":
+                    x, layout = x.transpose(0, 1).contiguous(), "cb"
+                n, oh, ow = step.out_chw
+                out = torch.empty(n, batch, oh, ow) if kind == "conv2d" else torch.empty(n, batch)
+                x = self.kernels.forward(step.desc, x, batch, out, threads)
                 continue  # relu fused
             elif step.kind == "float":
                 if kind == "linear":

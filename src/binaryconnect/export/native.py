@@ -104,6 +104,15 @@ def build(force: bool = False) -> Path:
     return lib
 
 
+class LayerDesc(ctypes.Structure):
+    """``struct bcnn_layer``: a binary layer's fixed parameters, built once, passed by pointer."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("C", "H", "W", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+                                                    "N")] + [
+        ("wt", ctypes.c_void_p), ("wr", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+        ("relu", ctypes.c_int64)]
+
+
 class Kernels:
     """The loaded library: ``conv2d`` (linear layers are 1x1 convolutions) and instruction-set control."""
 
@@ -119,7 +128,10 @@ class Kernels:
         lib.bcnn_set_isa.restype = c_int
         lib.bcnn_isa_supported.argtypes = [c_int]
         lib.bcnn_isa_supported.restype = c_int
+        lib.bcnn_layer_forward.argtypes = [ctypes.POINTER(LayerDesc), vp, i64, vp, c_int, c_int]
+        lib.bcnn_layer_forward.restype = c_int
         self._conv = lib.bcnn_conv2d
+        self._layer = lib.bcnn_layer_forward
 
     @property
     def isa(self) -> str:
@@ -140,10 +152,26 @@ class Kernels:
                scale: torch.Tensor, offset: torch.Tensor, relu: bool, out: torch.Tensor, threads: int,
                mode: int = 0) -> torch.Tensor:
         """Run one binary layer. ``x`` [C, B, H, W] float32 contiguous, ``geometry`` = (B, C, H, W, kh, kw,
-        sh, sw, ph, pw, dh, dw), ``out`` [N, B, OH, OW]; mode 0 chooses the kernel, 1 forces table lookup,
-        2 one column at a time (linear layers only)."""
+        sh, sw, ph, pw, dh, dw), ``out`` [N, B, OH, OW]; mode 0 chooses the kernel by a cost model, 1 forces
+        256-entry tables (one per byte of weights), 2 one column at a time (linear layers only), 3 two 16-entry
+        tables per byte."""
         rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), scale.shape[0], scale.data_ptr(),
                         offset.data_ptr(), int(relu), out.data_ptr(), int(threads), int(mode))
+        if rc != 0:
+            raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
+        return out
+
+
+    def layer(self, c: int, h: int, w: int, kernel, stride, padding, dilation, wt: torch.Tensor, wr: torch.Tensor,
+              scale: torch.Tensor, offset: torch.Tensor, relu: bool) -> LayerDesc:
+        """A ``LayerDesc`` for ``forward``; the caller keeps the tensors alive as long as it."""
+        return LayerDesc(c, h, w, *kernel, *stride, *padding, *dilation, scale.shape[0], wt.data_ptr(), wr.data_ptr(),
+                         scale.data_ptr(), offset.data_ptr(), int(relu))
+
+    def forward(self, desc: LayerDesc, x: torch.Tensor, batch: int, out: torch.Tensor, threads: int,
+                mode: int = 0) -> torch.Tensor:
+        """Run the layer ``desc`` on ``x`` [C, batch, H, W] (float32, contiguous) into ``out``."""
+        rc = self._layer(desc, x.data_ptr(), batch, out.data_ptr(), threads, mode)
         if rc != 0:
             raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
         return out

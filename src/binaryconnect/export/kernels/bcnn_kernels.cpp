@@ -1,19 +1,27 @@
 // binaryconnect packed inference kernels: real-valued activations times binary weights, computed
 // without multiplications. Plain C ABI (loaded through ctypes), no Python or torch headers, so the
 // first build takes seconds. Built by binaryconnect/export/native.py with
-//     g++ -O3 -std=c++17 -fPIC -shared -fopenmp bcnn_kernels.cpp -o libbcnn_kernels.so
-// Instruction sets are chosen at run time (__builtin_cpu_supports): AVX-512, AVX2 or portable code.
+//     g++ -O3 -std=c++17 -fPIC -shared -fopenmp bcnn_kernels.cpp -o libbcnn_kernels-<hash>.so
+// Instruction sets are chosen at run time (__builtin_cpu_supports): AVX-512, AVX2 or portable code,
+// the same source (lut_body.inc) compiled three times under `#pragma GCC target`.
 //
 // Layout of activations: feature-major. A linear layer reads X[K][cols] and writes Y[N][cols];
 // a convolution reads X[C][B][H][W] and writes Y[N][B][OH][OW]. Columns (batch rows, or output
-// pixels) are processed in tiles of V lanes, so every vector instruction serves V columns.
+// pixels) are processed in tiles of V lanes, so every vector instruction serves V columns; a
+// convolution gathers its tile's inputs straight from X (masked loads), with no im2col buffer.
 //
 // Packed weights, two copies of the same bits (bit i of byte g of output j is the sign of weight
 // (j, 8g + i): 1 = +H, 0 = -H; pad bits are 0):
 //   wr: row-major  [N][Kg]  (the file's layout; used by the one-column kernel, `gemv`)
-//   wt: group-major [Kg][N] (used by the table-lookup kernel, `lut_tile`)
+//   wt: group-major [Kg][N] (used by the table-lookup kernels)
 // Each layer computes  y_j = scale_j * (sum_{+1} x - sum_{-1} x) + offset_j  (H and the folded batch
-// norm are inside scale_j and offset_j), then optionally max(y, 0).
+// norm are inside scale_j and offset_j), then optionally max(y, 0). Three ways to get the sums, all
+// with additions and subtractions only:
+//   lut4_tile  tables of the 16 signed sums of 4 inputs, looked up with each half-byte of weights
+//              (two vector additions per 8 weights and V columns; the tables stay in L1);
+//   lut_tile   tables of the 256 signed sums of 8 inputs, looked up with each weight byte;
+//   gemv       one column: masked additions, y = 2 * (sum of x where the bit is 1) - sum(x).
+// A cost model (per instruction set, measured) picks one per layer call; `mode` can force one.
 
 #include <immintrin.h>
 
@@ -40,6 +48,9 @@ struct Isa {
     void (*gather)(const float*, i64, i64, i64, const int32_t*, const int32_t*, const uint32_t*, float*, i64);
     void (*lut)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
     void (*gemv)(const float*, i64, const uint8_t*, i64, i64, float*);
+    void (*lut4)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
+    i64 Gc4;   // groups whose 16-entry tables are kept at once
+    double lut4_cost;  // relative cost of a lookup in `lut4_tile`
 };
 
 }  // namespace
@@ -270,9 +281,12 @@ static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, floa
 namespace {
 
 const Isa ISAS[3] = {
-    {"scalar", isa_scalar::V, 16, 8.0, 1.0, isa_scalar::gather, isa_scalar::lut_tile, isa_scalar::gemv},
-    {"avx2", isa_avx2::V, 32, 2.0, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv},
-    {"avx512", isa_avx512::V, 16, 0.5, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv},
+    {"scalar", isa_scalar::V, 4, 8.0, 1.0, isa_scalar::gather, isa_scalar::lut_tile, isa_scalar::gemv,
+     isa_scalar::lut4_tile, 8, 0.7},
+    {"avx2", isa_avx2::V, 4, 2.0, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv, isa_avx2::lut4_tile,
+     8, 0.82},
+    {"avx512", isa_avx512::V, 8, 0.5, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv,
+     isa_avx512::lut4_tile, 8, 0.52},
 };
 
 bool isa_supported(int i) {
@@ -389,7 +403,8 @@ int bcnn_set_isa(int i) {
 // Binary convolution (a linear layer is the case H = W = kh = kw = 1, B = columns):
 //   X [C][B][H][W] float32, wt [Kg][N] and wr [N][Kg] packed bits with K = C*kh*kw, k = (c*kh + dy)*kw + dx,
 //   Y [N][B][OH][OW] = act(scale[n] * sum_k (+-x_k) + offset[n]).
-// mode: 0 = choose, 1 = table lookup, 2 = one column at a time (linear layers only).
+// mode: 0 = choose, 1 = 256-entry table lookup, 2 = one column at a time (linear layers only),
+// 3 = two 16-entry tables per byte.
 // Returns 0, or a negative code: -1 bad geometry, -2 out of memory, -3 a channel plane over 2^31 floats.
 int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
                 i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, i64 N, const float* scale,
@@ -409,15 +424,16 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
     const i64 plane_in = B * H * W;
     const bool is_linear = (H == 1 && W == 1 && T == 1);
     const i64 tiles = (P + V - 1) / V;
-    bool use_gemv = false;
-    if (mode == 2) {
-        if (!is_linear) return -1;
-        use_gemv = true;
-    } else if (mode == 0 && is_linear) {
-        const double gemv = double(P) * N * Kg * I.gemv_cost;
-        const double lut = double(tiles) * Kg * (264.0 + N) * I.lut_cost;
-        use_gemv = gemv < lut;
+    // Kernel: by `mode`, or (mode 0) the cheapest by a cost model in vector operations per group of 8 inputs.
+    const double cost_gemv = is_linear ? double(P) * N * I.gemv_cost : 1e300;
+    const double cost_lut8 = double(tiles) * (264.0 + N * I.lut_cost);
+    const double cost_lut4 = double(tiles) * (40.0 + 2.0 * N * I.lut4_cost);
+    int kernel = mode;
+    if (mode == 2 && !is_linear) return -1;
+    if (mode < 1 || mode > 3) {
+        kernel = cost_gemv <= std::min(cost_lut8, cost_lut4) ? 2 : (cost_lut8 <= cost_lut4 ? 1 : 3);
     }
+    const bool use_gemv = kernel == 2;
     int nt = nthreads_for(nthreads);
     int status = 0;
 
@@ -468,7 +484,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
         const int tid = 0, nth = 1;
 #endif
         float* Xt = t_xt.get(Kp * V);
-        float* tables = t_tables.get(I.Gc * 256 * V);
+        float* tables = t_tables.get(std::max(I.Gc * 256, I.Gc4 * 32) * V);
         float* Yt = t_yt.get(N * V);
         int32_t* idx = reinterpret_cast<int32_t*>(t_idx.get(T * V + 2 * T));
         if (!Xt || !tables || !Yt || !idx) {
@@ -485,13 +501,29 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
                     const i64 p0 = tile * V, nv = std::min<i64>(V, P - p0);
                     tile_offsets(g, p0, nv, V, idx, base, mask);
                     I.gather(X, plane_in, C, T, idx, base, mask, Xt, Kp);
-                    I.lut(Xt, Kg, wt, N, j0, j1, Yt, tables, I.Gc);
+                    if (kernel == 3) I.lut4(Xt, Kg, wt, N, j0, j1, Yt, tables, I.Gc4);
+                    else I.lut(Xt, Kg, wt, N, j0, j1, Yt, tables, I.Gc);
                     epilogue(Yt, V, j0, j1, nv, scale, offset, relu, Y, P, p0);
                 }
             }
         }
     }
     return status;
+}
+
+// The same, with the layer's fixed parameters in a struct built once (fewer arguments per call).
+struct bcnn_layer {
+    i64 C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, N;
+    const uint8_t* wt;
+    const uint8_t* wr;
+    const float* scale;
+    const float* offset;
+    i64 relu;
+};
+
+int bcnn_layer_forward(const bcnn_layer* L, const float* X, i64 B, float* Y, int nthreads, int mode) {
+    return bcnn_conv2d(X, B, L->C, L->H, L->W, L->kh, L->kw, L->sh, L->sw, L->ph, L->pw, L->dh, L->dw, L->wt, L->wr,
+                       L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
 }
 
 }  // extern "C"
