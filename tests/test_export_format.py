@@ -199,3 +199,90 @@ def test_no_pickle_in_the_export_package():
         text = path.read_text()
         for needle in ("import pickle", "torch.load(", "allow_pickle=True", "weights_only=False"):
             assert needle not in text, f"{path.name} uses {needle}"
+
+
+def _numpy_reader(data: bytes):
+    """A reader written from the README's byte-level description, with struct, json and NumPy only."""
+    import numpy as np
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "binaryconnect-packed" and meta["format_version"] == "1"
+    dtypes = {"U8": np.uint8, "F32": np.dtype("<f4")}
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = np.frombuffer(data[8 + n + begin:8 + n + end], dtype=dtypes[info["dtype"]])
+        tensors[name] = raw.reshape(info["shape"]).astype(np.float64)
+    layers = json.loads(meta["architecture"])
+
+    def weights(i, layer, k):
+        if not layer["binary"]:
+            return tensors[f"layers.{i}.weight"].reshape(len(tensors[f"layers.{i}.scale"]), -1)
+        packed = tensors[f"layers.{i}.weight_bits"].astype(np.uint8)
+        bits = (packed[:, :, None] >> np.arange(8)) & 1  # bit j of byte g -> weight 8g + j
+        return np.where(bits.reshape(packed.shape[0], -1)[:, :k] == 1, 1.0, -1.0)
+
+    def forward(x):  # one example
+        for i, layer in enumerate(layers):
+            kind = layer["type"]
+            if kind == "flatten":
+                x = x.reshape(-1)
+            elif kind == "relu":
+                x = np.maximum(x, 0)
+            elif kind == "affine":
+                shape = (-1,) + (1,) * (x.ndim - 1)
+                x = tensors[f"layers.{i}.scale"].reshape(shape) * x + tensors[f"layers.{i}.offset"].reshape(shape)
+            elif kind == "linear":
+                w = weights(i, layer, layer["in_features"])
+                x = tensors[f"layers.{i}.scale"] * (w @ x) + tensors[f"layers.{i}.offset"]
+            elif kind == "conv2d":
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (layer[k] for k in ("kernel_size", "stride", "padding",
+                                                                             "dilation"))
+                w = weights(i, layer, layer["in_channels"] * kh * kw).reshape(-1, layer["in_channels"], kh, kw)
+                xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
+                oh = (x.shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+                ow = (x.shape[2] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                y = np.zeros((w.shape[0], oh, ow))
+                for dy in range(kh):
+                    for dx in range(kw):
+                        patch = xp[:, dy * dh:dy * dh + sh * (oh - 1) + 1:sh, dx * dw:dx * dw + sw * (ow - 1) + 1:sw]
+                        y += np.einsum("oc,chw->ohw", w[:, :, dy, dx], patch)
+                x = tensors[f"layers.{i}.scale"][:, None, None] * y + tensors[f"layers.{i}.offset"][:, None, None]
+            elif kind == "maxpool2d":
+                (kh, kw), (sh, sw), (ph, pw) = layer["kernel_size"], layer["stride"], layer["padding"]
+                xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+                oh, ow = (x.shape[1] + 2 * ph - kh) // sh + 1, (x.shape[2] + 2 * pw - kw) // sw + 1
+                x = np.stack([np.stack([xp[:, a * sh:a * sh + kh, b * sw:b * sw + kw].max(axis=(1, 2))
+                                        for b in range(ow)], -1) for a in range(oh)], -2)
+        return x
+
+    return forward, json.loads(meta["input_shape"]), int(meta["num_classes"])
+
+
+def test_an_independent_reader_from_the_readme_gives_the_same_outputs(tmp_path):
+    model = nn.Sequential(
+        BinaryConv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        BinaryConv2d(6, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.MaxPool2d(2, 1, 1),
+        nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), BinaryLinear(5 * 6 * 6, 11), nn.BatchNorm1d(11), nn.ReLU(),
+        BinaryLinear(11, 4, binarization="none"), nn.BatchNorm1d(4),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    net = export_model(model.eval(), (3, 10, 7))
+    assert {la["type"] for la in net.layers} == {"conv2d", "relu", "maxpool2d", "affine", "flatten", "linear"}
+    path = tmp_path / "m.bcnn"
+    net.save(path)
+    forward, input_shape, num_classes = _numpy_reader(path.read_bytes())
+    assert input_shape == [3, 10, 7] and num_classes == 4
+    x = torch.randn(5, 3, 10, 7)
+    ours = load_packed(path)(x).double()
+    for b in range(5):
+        theirs = torch.from_numpy(forward(x[b].double().numpy()))
+        torch.testing.assert_close(ours[b], theirs, rtol=1e-4, atol=1e-4)
