@@ -22,6 +22,7 @@ from .config import RECIPES, list_recipes, recipe_config
 from .errors import BinaryConnectError, ConfigError, TrainingInterrupted
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
+from .speed import AMP_MODES
 
 
 def _positive_int(text: str) -> int:
@@ -84,6 +85,14 @@ def _add_train(sub) -> None:
     p.add_argument("--depth", type=_non_negative_int, help="MLP: number of hidden layers (paper: 3)")
     p.add_argument("--val-size", type=_positive_int, help="training examples held out for validation")
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N training examples only")
+    p.add_argument("--dataset", help="dataset instead of the recipe's (mnist, cifar10, svhn, imagefolder)")
+    p.add_argument("--preprocess", help="image preprocessing: none, gcn, gcn-zca (CIFAR-10), gcn-lcn (SVHN)")
+    p.add_argument("--augment", help="training-batch augmentation: none (paper), crop, crop-flip")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="any option of the dataset loader, e.g. source=jpeg, extra=false, path=DIR (repeatable)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    p.add_argument("--amp", choices=AMP_MODES, help="autocast the training forward pass (bf16) or not (none)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format for convolutions")
     p.add_argument("--seed", type=_non_negative_int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--deterministic", action="store_true", default=None,
@@ -106,6 +115,7 @@ def _cmd_train(args) -> int:
     progress = False if args.no_progress else None
     model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
     overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+    overrides.update(_data_and_speed_options(args))
     if args.resume is not None:  # the options given must agree with the run's, or be allowed to change
         if args.out is not None:
             raise ConfigError("--resume continues RUN_DIR in place: drop --out")
@@ -130,6 +140,27 @@ def _cmd_train(args) -> int:
 _TRAIN_OPTIONS = ("data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
                   "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
                   "deterministic", "checkpoint_every")
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (``false``, ``5000``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _data_and_speed_options(args) -> dict:
+    """Configuration overrides from --dataset, --preprocess, --augment, --dataset-option and the speed options."""
+    dataset_kwargs = dict(args.dataset_option)
+    for name in ("preprocess", "augment"):
+        if getattr(args, name) is not None:
+            dataset_kwargs[name] = getattr(args, name)
+    return {"dataset": args.dataset, "dataset_kwargs": dataset_kwargs, "compile": args.compile, "amp": args.amp,
+            "channels_last": args.channels_last}
 
 
 def _add_evaluate(sub) -> None:

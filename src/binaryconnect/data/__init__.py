@@ -100,4 +100,4 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
     return loader(resolve_data_root(root), **kwargs)
 
 
-from . import mnist  # noqa: E402,F401  (registers the loaders)
+from . import cifar, mnist, svhn  # noqa: E402,F401  (registers the loaders)

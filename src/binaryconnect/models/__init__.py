@@ -42,4 +42,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"bad options for model {name!r}: {exc}") from None
 
 
-from . import mlp  # noqa: E402,F401  (registers the models)
+from . import convnet, mlp  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,122 @@
+"""A cache of decoded and preprocessed dataset tensors, so that the second run starts in seconds.
+
+Entries are safetensors files under ``$BINARYCONNECT_CACHE``, else ``~/.cache/binaryconnect`` (the data
+folder itself may be read-only). An entry is named by a key: the SHA-256 of a JSON object holding the
+source's fingerprint (the digest of its bytes, see ``source_fingerprint``), every option that changes
+the tensors (preprocessing, validation size ...) and ``CACHE_FORMAT``. A changed source or option gives
+another key, so a stale entry is never read; the key's JSON is also stored in the file's metadata and
+checked on reading. Writes are atomic (temporary file, then rename), so an interrupted run leaves no
+half-written entry; an unreadable entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ENV_CACHE = "BINARYCONNECT_CACHE"
+#: Bump when the meaning of cached tensors changes (decoding, preprocessing code): old entries are ignored.
+CACHE_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """``$BINARYCONNECT_CACHE`` if set, else ``~/.cache/binaryconnect``."""
+    env = os.environ.get(ENV_CACHE)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "binaryconnect"
+
+
+def cache_key(parts: dict) -> str:
+    """Hex SHA-256 (first 32 digits) of ``parts`` as canonical JSON, with ``CACHE_FORMAT`` added."""
+    text = json.dumps({**parts, "cache_format": CACHE_FORMAT}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def source_fingerprint(path: Path) -> str:
+    """A digest that changes when the data at ``path`` changes.
+
+    A file: the SHA-256 of its bytes. A folder: the SHA-256 of the sorted list of its files' relative
+    paths, sizes and modification times (reading every byte of a 60,000-file tree on each start would
+    cost more than decoding it; an edit through the filesystem changes the modification time).
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            st = full.stat()
+            entries.append(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
+    h.update("\n".join(entries).encode())
+    return "tree:" + h.hexdigest()
+
+
+def _entry_path(kind: str, key: str) -> Path:
+    return cache_dir() / f"{kind}-{key}.safetensors"
+
+
+def _read(path: Path, parts_json: str) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != parts_json:
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # a truncated or corrupt entry: rebuild it
+        warnings.warn(f"ignoring unreadable cache entry {path} ({exc}); rebuilding it", stacklevel=3)
+        return None
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], parts_json: str) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": parts_json})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an entry is as readable as any new file
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        warnings.warn(f"could not write the dataset cache {path} ({exc}); set {ENV_CACHE} to a writable "
+                      "folder to make later runs start faster", stacklevel=3)
+
+
+def cached_tensors(
+    kind: str, parts: dict, build: Callable[[], dict[str, torch.Tensor]], enabled: bool = True
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``(tensors, hit)``: the entry ``kind``/``cache_key(parts)`` if present, else ``build()`` stored.
+
+    ``parts`` must hold everything the tensors depend on (source fingerprint, options). With
+    ``enabled=False`` the cache is neither read nor written.
+    """
+    if not enabled:
+        return build(), False
+    parts_json = json.dumps({**parts, "cache_format": CACHE_FORMAT}, sort_keys=True, separators=(",", ":"))
+    path = _entry_path(kind, cache_key(parts))
+    if path.is_file():
+        tensors = _read(path, parts_json)
+        if tensors is not None:
+            return tensors, True
+    tensors = build()
+    _write(path, tensors, parts_json)
+    return tensors, False

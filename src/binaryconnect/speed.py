@@ -1,0 +1,70 @@
+"""Making the training forward pass fast without changing the algorithm: torch.compile, bf16 autocast,
+channels-last memory format.
+
+``training_forward(model, ...)`` returns the function a training step calls instead of ``model(x)``:
+
+- ``channels_last``: the model's 4-d parameters and buffers, and each input batch, are stored NHWC,
+  the layout tensor-core convolutions prefer. Values are unchanged.
+- ``amp="bf16"``: the forward pass runs under ``torch.autocast(dtype=torch.bfloat16)``. The binary
+  weights ``+-H`` are exact in bfloat16 (for H a power of two), so binarized layers lose nothing in
+  the weights; activations are rounded to 8 bits of mantissa (batch norm outputs bfloat16 for bfloat16
+  inputs; its parameters and running statistics stay float32), and the output is cast back to float32
+  for the loss. The latent weights, the optimizer state and the updates stay float32: BinaryConnect
+  needs the small real-valued updates to accumulate.
+- ``compile=True``: ``torch.compile`` of the forward pass, and through AOTAutograd the backward pass,
+  so the binarization (``binarize.binarize_ste``: compare, select, the straight-through identity)
+  is fused into the kernels around it rather than run as separate passes over the weights.
+  ``torch.rand`` with an explicit ``torch.Generator`` breaks Dynamo's graph (torch 2.14), so compiled
+  stochastic layers draw from PyTorch's global generator (seeded by ``fit`` from ``--seed``), which
+  Inductor generates inside the fused kernel; eager runs keep the dedicated generator. The
+  distribution of the binary weights (eq. 2) is the same; the stream of random numbers is not.
+
+The model itself is left usable as before (``state_dict`` keys unchanged, evaluation in eager mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .layers import set_generator
+
+#: Names accepted for ``amp``.
+AMP_MODES = ("none", "bf16")
+
+
+def check_amp(amp: str) -> str:
+    """Return ``amp`` if it is one of ``AMP_MODES``, else raise a ConfigError."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    return amp
+
+
+def training_forward(
+    model: nn.Module, amp: str = "none", channels_last: bool = False, compile: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function ``x -> float32 output of model(x)`` with the chosen speed options (see the module).
+
+    ``channels_last`` converts ``model`` in place; ``compile`` detaches stochastic layers from their
+    dedicated generator (see the module docstring). Call after the model is on its device.
+    """
+    check_amp(amp)
+    param = next(model.parameters(), None)
+    device_type = param.device.type if param is not None else "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(x)
+        return out.float()
+
+    if compile:
+        set_generator(model, None)
+        return torch.compile(forward)
+    return forward

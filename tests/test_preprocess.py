@@ -1,0 +1,209 @@
+"""GCN, ZCA and LCN against NumPy float64 references written from their definitions (pylearn2's
+``global_contrast_normalize`` and ``ZCA``, Jarrett et al.'s LCN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from binaryconnect.data.preprocess import (
+    ZCA,
+    gaussian_window,
+    global_contrast_normalize,
+    local_contrast_normalize,
+    preprocess_splits,
+    preprocessing_params,
+)
+from binaryconnect.errors import ConfigError
+
+
+def np_gcn(x, scale=55.0, sqrt_bias=0.0, use_std=False, min_divisor=1e-8):
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x - x.mean(axis=1)[:, None]
+    if use_std:
+        norms = np.sqrt(sqrt_bias + x.var(axis=1, ddof=1)) / scale
+    else:
+        norms = np.sqrt(sqrt_bias + (x**2).sum(axis=1)) / scale
+    norms[norms < min_divisor] = 1.0
+    return x / norms[:, None]
+
+
+def np_zca_fit(x, bias):
+    x = x.reshape(len(x), -1).astype(np.float64)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    eigs, vecs = np.linalg.eigh(xc.T @ xc / len(x))
+    return mean, vecs @ np.diag(1.0 / np.sqrt(eigs + bias)) @ vecs.T
+
+
+def correlated(n, d, seed):
+    """``n`` examples of ``d`` correlated features with a spread of variances (condition number ~1e3)."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d)) * np.logspace(0, -1.5, d)[None, :]
+    return rng.normal(size=(n, d)) @ mixing.T + rng.normal(size=d) * 3
+
+
+@pytest.fixture
+def images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(64, 3, 8, 8), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kw", [{}, {"scale": 1.0}, {"use_std": True, "sqrt_bias": 10.0}])
+def test_gcn_matches_numpy(images, kw):
+    got = global_contrast_normalize(torch.from_numpy(images), **kw)
+    assert got.dtype == torch.float32 and got.shape == images.shape
+    np.testing.assert_allclose(got.reshape(len(images), -1).numpy(), np_gcn(images, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_gcn_norm_and_constant_image(images):
+    images[3] = 77  # a constant image: zero after mean removal, divisor below min_divisor -> 1
+    out = global_contrast_normalize(torch.from_numpy(images), scale=55.0).reshape(len(images), -1).double()
+    norms = out.norm(dim=1)
+    assert torch.all(out[3] == 0)
+    others = torch.cat([norms[:3], norms[4:]])
+    torch.testing.assert_close(others, torch.full_like(others, 55.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(len(out), dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [3000, 20])  # more examples than features (eigh), fewer (low-rank SVD path)
+def test_zca_matches_numpy(n):
+    train, test = correlated(n, 24, 1), correlated(500, 24, 2)
+    zca = ZCA(filter_bias=0.1).fit(torch.from_numpy(train))
+    mean, P = np_zca_fit(train, 0.1)
+    np.testing.assert_allclose(zca.mean.numpy(), mean, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(zca.matrix.numpy(), P, rtol=1e-8, atol=1e-10)
+    lam = np.clip(np.linalg.eigvalsh(np.cov(train.T, bias=True)), 0, None)
+    np.testing.assert_allclose(zca.eigenvalues.sort().values.numpy(), lam, rtol=1e-8, atol=1e-10)
+    got = zca.apply(torch.from_numpy(test), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(got, (test - mean) @ P, rtol=1e-9, atol=1e-9)
+    got32 = zca.apply(torch.from_numpy(test))  # float32 by default
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.numpy(), (test - mean) @ P, rtol=1e-4, atol=1e-4)
+
+
+def test_zca_whitened_training_data_has_identity_covariance():
+    """With filter bias 0, the whitened training data has covariance I (|C - I| < 1e-8, float64)."""
+    train = torch.from_numpy(correlated(4000, 32, 3))
+    white = ZCA(filter_bias=0.0).fit(train).apply(train, dtype=torch.float64)
+    centered = white - white.mean(dim=0)
+    cov = centered.T @ centered / len(white)
+    torch.testing.assert_close(cov, torch.eye(32, dtype=torch.float64), atol=1e-8, rtol=0)
+    assert white.mean(dim=0).abs().max() < 1e-10
+    # ZCA is the symmetric whitening: the closest whitened data to the input (P symmetric positive definite)
+    zca = ZCA(0.0).fit(train)
+    torch.testing.assert_close(zca.matrix, zca.matrix.T)
+    assert torch.linalg.eigvalsh(zca.matrix).min() > 0
+
+
+def test_zca_with_bias_shrinks_eigenvalues_exactly():
+    """With filter bias b, the whitened covariance has eigenvalues lambda / (lambda + b)."""
+    train = torch.from_numpy(correlated(4000, 16, 4))
+    zca = ZCA(filter_bias=0.5).fit(train)
+    white = zca.apply(train, dtype=torch.float64)
+    centered = white - white.mean(dim=0)
+    got = torch.linalg.eigvalsh(centered.T @ centered / len(white))
+    lam = zca.eigenvalues
+    torch.testing.assert_close(got, (lam / (lam + 0.5)).sort().values, atol=1e-10, rtol=1e-8)
+
+
+def test_zca_is_fitted_on_train_only(images):
+    """The validation images go through the training split's GCN+ZCA statistics, not their own."""
+    train, val = images[:48], (images[48:] // 2)  # val: darker, lower contrast: other statistics
+    _, [got] = preprocess_splits(torch.from_numpy(train), [torch.from_numpy(val)], "gcn-zca", zca_bias=0.1)
+    mean, P = np_zca_fit(np_gcn(train), 0.1)
+    expected = (np_gcn(val) - mean) @ P
+    np.testing.assert_allclose(got.reshape(len(val), -1).numpy(), expected, rtol=1e-4, atol=2e-4)
+    mean_all, P_all = np_zca_fit(np_gcn(images), 0.1)  # fitting on train + val would give another result
+    assert np.abs((np_gcn(val) - mean_all) @ P_all - expected).max() > 0.1
+
+
+def test_zca_without_bias_on_gcn_data_is_refused(images):
+    gcn = global_contrast_normalize(torch.from_numpy(np.concatenate([images] * 4)))  # 192 = d: rank <= d - 1
+    with pytest.raises(ConfigError, match="filter bias"):
+        ZCA(0.0).fit(gcn)
+    with pytest.raises(ConfigError, match="filter bias"):
+        ZCA(0.0).fit(torch.randn(10, 20))  # fewer examples than features
+
+
+def test_gcn_zca_pipeline_matches_numpy(images):
+    train, test = images[:48], images[48:]
+    got_train, [got_test] = preprocess_splits(torch.from_numpy(train), [torch.from_numpy(test)], "gcn-zca",
+                                              gcn_scale=55.0, zca_bias=0.1)
+    g_train, g_test = np_gcn(train), np_gcn(test)
+    mean, P = np_zca_fit(g_train, 0.1)
+    np.testing.assert_allclose(got_train.reshape(48, -1).numpy(), (g_train - mean) @ P, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(got_test.reshape(16, -1).numpy(), (g_test - mean) @ P, rtol=1e-4, atol=2e-4)
+    assert got_train.shape == train.shape and got_train.dtype == torch.float32
+
+
+def test_none_scales_to_unit_range(images):
+    out, [out2] = preprocess_splits(torch.from_numpy(images), [torch.from_numpy(images[:2])], "none")
+    np.testing.assert_allclose(out.numpy(), images / 127.5 - 1.0, rtol=0, atol=1e-6)
+    assert out2.shape == (2, 3, 8, 8)
+
+
+def np_lcn(x, kernel=7, sigma=2.0, threshold=1e-4):
+    """Direct (loop) LCN: zero-padded Gaussian window sums, per image and channel."""
+    r = np.arange(kernel) - kernel // 2
+    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    n, c, h, w = x.shape
+    p = kernel // 2
+
+    def blur(img):
+        padded = np.pad(img, p)
+        return np.array([[(padded[i : i + kernel, j : j + kernel] * g).sum() for j in range(w)] for i in range(h)])
+
+    out = np.empty_like(x, dtype=np.float64)
+    for a in range(n):
+        for b in range(c):
+            v = x[a, b] - blur(x[a, b])
+            s = np.sqrt(blur(v**2))
+            out[a, b] = v / np.maximum(np.maximum(s, s.mean()), threshold)
+    return out
+
+
+def test_lcn_matches_numpy():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 3, 10, 9)) * rng.uniform(0.1, 3, size=(3, 3, 1, 1))
+    got = local_contrast_normalize(torch.from_numpy(x))
+    np.testing.assert_allclose(got.numpy(), np_lcn(x), rtol=1e-5, atol=1e-5)
+    inplace = torch.from_numpy(x).float().clone()
+    local_contrast_normalize(inplace, out=inplace)
+    np.testing.assert_allclose(inplace.numpy(), np_lcn(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lcn_threshold_on_flat_images():
+    out = local_contrast_normalize(torch.zeros(2, 1, 8, 8))  # 0 / max(0, 0, threshold): no 0/0
+    assert torch.equal(out, torch.zeros(2, 1, 8, 8))
+
+
+def test_gaussian_window():
+    g = gaussian_window(7, 2.0)
+    assert g.shape == (7, 7) and abs(g.sum().item() - 1) < 1e-12
+    torch.testing.assert_close(g, g.T)
+    torch.testing.assert_close(g, g.flip(0))
+    assert g[3, 3] == g.max()
+    assert abs(g[3, 5] / g[3, 3] - np.exp(-4 / 8)) < 1e-12
+    with pytest.raises(ConfigError):
+        gaussian_window(6)
+
+
+def test_gcn_lcn_pipeline(images):
+    out, [out2] = preprocess_splits(torch.from_numpy(images), [torch.from_numpy(images[:5])], "gcn-lcn",
+                                    gcn_scale=1.0)
+    ref = np_lcn(np_gcn(images, scale=1.0).reshape(images.shape))
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out2.numpy(), ref[:5], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_preprocessing_and_params():
+    with pytest.raises(ConfigError, match="gcn-zca"):
+        preprocess_splits(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), [], "whiten")
+    assert preprocessing_params("gcn-zca", 55, 0.1) == {"name": "gcn-zca", "gcn_scale": 55.0, "zca_bias": 0.1}
+    assert preprocessing_params("gcn", 55, 0.1) == {"name": "gcn", "gcn_scale": 55.0}
+    assert preprocessing_params("none", 55, 0.1) == {"name": "none"}
+    with pytest.raises(ConfigError):
+        global_contrast_normalize(torch.zeros(2, 4), scale=0.0)
