@@ -190,3 +190,21 @@ def test_file_size_is_one_bit_per_weight_plus_scales_and_header(tmp_path):
     assert summary["total"].binary_params == sum(k * n for k, n in shapes)
     assert summary["total"].macs_replaced == summary["total"].macs
     assert load_packed(path, engine="torch").num_classes == 10
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_input_handling(engine):
+    from binaryconnect.errors import ConfigError
+
+    model = calibrate(create_model("mlp", hidden=16, depth=1), torch.rand(64, 1, 28, 28))
+    packed = PackedModel(export_model(model, (1, 28, 28)), engine=engine)
+    x = torch.rand(8, 1, 28, 28)
+    expected = packed(x)
+    # other batch sizes may sum in another order (another kernel): float32 rounding apart, the same
+    torch.testing.assert_close(packed(x[3]), expected[3:4], rtol=1e-5, atol=1e-5)  # one example, no batch dim
+    assert torch.equal(packed(x.double()), expected)  # converted to float32
+    torch.testing.assert_close(packed(x[::2]), expected[::2], rtol=1e-5, atol=1e-5)  # non-contiguous
+    assert packed(x[:0]).shape == (0, 10)
+    assert torch.equal(packed.predict(x, batch_size=3), expected.argmax(1))
+    with pytest.raises(ConfigError, match="does not match the model's input shape \\[batch, 1, 28, 28\\]"):
+        packed(torch.rand(2, 784))

@@ -138,13 +138,15 @@ class PackedModel:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` (float32) of a batch ``[B, *input_shape]``."""
+        """Logits ``[B, num_classes]`` (float32) of a batch ``[B, *input_shape]`` (or of one example)."""
         x = torch.as_tensor(x)
         if x.dim() == len(self.input_shape):
             x = x.unsqueeze(0)
-        if tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
+        if tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"input of shape {list(x.shape)} does not match the model's input shape "
                               f"[batch, {', '.join(map(str, self.input_shape))}]")
+        if x.shape[0] == 0:
+            return torch.empty(0, self.num_classes)
         x = x.detach().to("cpu", torch.float32).contiguous()
         if self.engine == "native":
             return self._forward_native(x)
