@@ -183,3 +183,28 @@ def test_compiled_forward_and_backward_match_eager():
     F.cross_entropy(first, y).backward()
     for layer in binary_layers(sto):
         assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+def test_fit_with_channels_last_and_bf16(tmp_path):
+    """fit() trains through training_forward: channels-last gives the float32 run's losses (same function,
+    another memory layout), bf16 autocast runs and stays close; both write their options to config.json."""
+    import json
+
+    from binaryconnect.data import Splits
+    from binaryconnect.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 3, 32, 32, generator=g), torch.randint(0, 10, (120,), generator=g)
+    data = Splits(x[:80], y[:80], x[80:100], y[80:100], x[100:], y[100:], num_classes=10)
+    losses = {}
+    for name, options in {"ref": {}, "cl": {"channels_last": True}, "bf16": {"amp": "bf16"}}.items():
+        config = recipe_config("cifar10-deterministic", model_kwargs={"channels": [4, 8, 8], "hidden": 16},
+                               epochs=2, batch_size=20, device="cpu", **options)
+        fit(config, tmp_path / name, progress=False, log=lambda *a, **k: None, data=data)
+        records = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(r)["train_loss"] for r in records]
+        saved = json.loads((tmp_path / name / "config.json").read_text())["config"]
+        assert {k: saved[k] for k in ("amp", "channels_last", "compile")} == {
+            "amp": options.get("amp", "none"), "channels_last": options.get("channels_last", False), "compile": False}
+    assert losses["cl"][0] == pytest.approx(losses["ref"][0], rel=1e-4)
+    assert losses["bf16"][0] == pytest.approx(losses["ref"][0], rel=0.05)

@@ -60,6 +60,7 @@ from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
 from .optim import exponential_lr, make_optimizer, set_lr
+from .speed import training_forward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -266,6 +267,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                   "binarize": torch.Generator(device=device).manual_seed(config.seed + 1),
                   "augment": torch.Generator(device=device).manual_seed(config.seed + 2)}
     set_generator(model, generators["binarize"])
+    forward = training_forward(model, config.amp, config.channels_last, config.compile)  # speed options
     p = _Progress()
     info = {"config": config.to_dict(), "data_fingerprint": fingerprint, "environment": _environment(device),
             "resumes": []}
@@ -319,7 +321,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 xb = data.train_x[idx]
                 if data.train_transform is not None:
                     xb = data.train_transform(xb, generators["augment"])
-                loss = square_hinge_loss(model(xb), data.train_y[idx])
+                loss = square_hinge_loss(forward(xb), data.train_y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
