@@ -74,7 +74,6 @@ def test_nan_loss_stops_before_the_step_and_leaves_the_last_checkpoint_intact(tm
         calls["n"] += 1
         if calls["n"] == 18:
             snapshot["checkpoint"] = (run / CHECKPOINT_NAME).read_bytes()
-            snapshot["model"] = (run / "model.safetensors").exists()
             return x * math.nan
         return x
 

@@ -211,6 +211,7 @@ def test_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path, mnist, monk
 
     monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_ctrl_c)
     run = tmp_path / "run"
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 1, step 7") as info:
         fit(config, run, progress=False, log=_quiet, data=_call_hook(mnist, 7, first_ctrl_c))
     monkeypatch.undo()
@@ -221,7 +222,7 @@ def test_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path, mnist, monk
     assert not list(run.glob(".*.tmp"))
     _, state = load_checkpoint(run / CHECKPOINT_NAME)  # complete and loadable
     assert (state["epoch"], state["step"], state["global_step"]) == (0, 7, 7)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is back
 
     resume(run, progress=False, log=_quiet, data=mnist)
     _assert_same_run(run, reference)
