@@ -182,8 +182,8 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, config: dict, **
 
 def model_metadata(config: dict, **extra: str) -> dict[str, str]:
     """The metadata ``save_model`` writes: format, version, the configuration as JSON, and ``extra``."""
-    return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": json.dumps(config, sort_keys=True),
-            **extra}
+    return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+            "config": json.dumps(config, sort_keys=True), **extra}
 
 
 def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
