@@ -1,0 +1,183 @@
+"""Time one training step of the float, deterministic and stochastic versions of the same network.
+
+One step = forward (through ``speed.training_forward``) + square hinge loss + backward + Adam step with
+the Glorot learning-rate scales and the latent-weight clipping (``optim.make_optimizer``): what
+``train.fit`` runs per mini-batch. The three variants share the initial weights, the batch (random
+normal images, random labels: step time does not depend on the values), the device and the speed
+options, and run in one process; their timings are interleaved over ``--rounds`` rounds so that drift
+in the machine's load or clocks hits all three alike. Printed: the median step time of each variant,
+the ratios deterministic / float and stochastic / float (median, and min..max over the rounds), and the
+hardware and software versions.
+
+    python bench/bench_train_step.py                          # CUDA if present, else CPU
+    python bench/bench_train_step.py --device cpu --batch-size 8 --steps 3 --rounds 3
+    python bench/bench_train_step.py --compile --amp bf16 --channels-last     # the fast GPU path
+
+The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
+1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+from binaryconnect import __version__  # noqa: E402
+from binaryconnect.layers import set_generator  # noqa: E402
+from binaryconnect.losses import square_hinge_loss  # noqa: E402
+from binaryconnect.models import create_model  # noqa: E402
+from binaryconnect.models.convnet import CIFAR10_CHANNELS, SVHN_CHANNELS  # noqa: E402
+from binaryconnect.optim import make_optimizer  # noqa: E402
+from binaryconnect.speed import AMP_MODES, training_forward  # noqa: E402
+
+VARIANTS = ("none", "deterministic", "stochastic")  # float, deterministic, stochastic BinaryConnect
+NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS}
+
+
+def environment(device: torch.device) -> dict:
+    """Hardware and versions, for the record."""
+    env = {"binaryconnect": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        env["cpu"] = platform.processor()
+    env["cpu_count"] = os.cpu_count()
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def make_variant(binarization: str, state: dict, args, device: torch.device):
+    """Model (initial weights ``state``), optimizer and step function of one variant."""
+    model = create_model("convnet", channels=NETWORKS[args.network], hidden=args.hidden,
+                         binarization=binarization).to(device)
+    model.load_state_dict(state)
+    model.train()
+    set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
+    forward = training_forward(model, args.amp, args.channels_last, args.compile)
+    optimizer = make_optimizer(model, lr=1e-3, fused=True if device.type == "cuda" else None)
+
+    def step(x, y):
+        loss = square_hinge_loss(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # also clips the latent weights
+        return loss
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--network", choices=sorted(NETWORKS), default="cifar10")
+    p.add_argument("--hidden", type=int, default=1024, help="units of the dense layers (paper: 1024)")
+    p.add_argument("--batch-size", type=int, help="default: 50 (the paper's) on CUDA, 8 on CPU")
+    p.add_argument("--steps", type=int, help="timed steps per variant and round (default: 50 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 10 CUDA, 1 CPU; "
+                                              "compilation happens here)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward/backward pass")
+    p.add_argument("--amp", choices=AMP_MODES, default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    args = p.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    on_gpu = device.type == "cuda"
+    batch = args.batch_size or (50 if on_gpu else 8)
+    steps = args.steps or (50 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(0)
+    state = create_model("convnet", channels=NETWORKS[args.network], hidden=args.hidden).state_dict()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    load_before = loadavg()
+
+    steppers, compile_seconds = {}, {}
+    for v in VARIANTS:
+        steppers[v] = make_variant(v, state, args, device)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            steppers[v](x, y)
+        sync(device)
+        compile_seconds[v] = time.perf_counter() - t0
+
+    per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v in VARIANTS:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steppers[v](x, y)
+            sync(device)
+            per_step[v].append((time.perf_counter() - t0) / steps)
+
+    median = {v: statistics.median(t) for v, t in per_step.items()}
+    ratios = {v: [a / b for a, b in zip(per_step[v], per_step["none"], strict=True)] for v in VARIANTS[1:]}
+    result = {
+        "environment": environment(device), "loadavg_before": load_before, "loadavg_after": loadavg(),
+        "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
+        "rounds": args.rounds, "compile": args.compile, "amp": args.amp, "channels_last": args.channels_last,
+        "median_step_ms": {v: 1e3 * t for v, t in median.items()},
+        "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
+                           for v, r in ratios.items()},
+        "warmup_seconds": compile_seconds,
+    }
+
+    env = result["environment"]
+    print(f"binaryconnect {env['binaryconnect']}, torch {env['torch']}, python {env['python']}, {env['platform']}")
+    hw = env.get("gpu") or env.get("cpu", "unknown CPU")
+    print(f"device {device}: {hw}" + (f" (CUDA {env['cuda']}, cuDNN {env['cudnn']})" if on_gpu else
+                                      f", {env['threads']} torch threads, {env['cpu_count']} CPUs"))
+    print(f"load average before / after: {load_before} / {result['loadavg_after']}")
+    print(f"network {args.network} convnet (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
+          f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} amp={args.amp} "
+          f"channels_last={args.channels_last}")
+    names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
+    for v in VARIANTS:
+        line = f"  {names[v]:14s} {1e3 * median[v]:10.2f} ms/step"
+        if v != "none":
+            r = result["ratio_to_float"][v]
+            line += f"   {r['median']:.3f}x float (rounds: {r['min']:.3f}..{r['max']:.3f})"
+        print(line)
+    print("goals (one H100): deterministic <= 1.10x, stochastic <= 1.20x the float step")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
