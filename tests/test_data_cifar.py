@@ -365,3 +365,27 @@ def test_short_cifar_run_lowers_the_loss(cifar_subset_splits, tmp_path, binariza
     # measured (seed 0): deterministic 1.84 -> 1.36, stochastic 1.92 -> 1.74 in 4 epochs
     assert len(losses) == 4 and losses[-1] < 0.95 * losses[0]
     assert 0 <= summary["test_error"] <= 1
+
+
+def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
+    """`binaryconnect train` with the data options, then `evaluate` with the run's own preprocessing:
+    the test error it prints is the one the run recorded."""
+    from binaryconnect.cli import main
+
+    tree = _make_tree(tmp_path / "tree", n_train=8, n_test=4)
+    run = tmp_path / "run"
+    argv = ["train", "cifar10-deterministic", "--dataset", "imagefolder", "--dataset-option", f"path={tree}",
+            "--dataset-option", "cache=false", "--preprocess", "gcn", "--augment", "crop-flip", "--val-size", "6",
+            "--hidden", "32", "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--no-progress", "-q",
+            "-o", str(run)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["dataset"] == "imagefolder" and config["model_kwargs"]["hidden"] == 32
+    assert config["dataset_kwargs"] == {"preprocess": "gcn", "path": str(tree), "cache": False, "augment": "crop-flip"}
+    assert main(["evaluate", str(run), "--device", "cpu", "--json", "--split", "both"]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert result["test_error"] == summary["test_error"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "cifar10-float", "--dataset-option", "oops", "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "expected KEY=VALUE, got 'oops'" in capsys.readouterr().err

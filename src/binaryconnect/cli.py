@@ -192,7 +192,7 @@ def _cmd_evaluate(args) -> int:
         set_stochastic_eval(model, args.stochastic_eval)
     set_generator(model, torch.Generator(device=device).manual_seed(args.seed))
     data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size,
-                        download=False).to(device)
+                        download=False, **config.dataset_kwargs).to(device)  # the run's preprocessing
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = args.stochastic_eval or config.stochastic_eval
