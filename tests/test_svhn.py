@@ -155,6 +155,7 @@ def test_validation_size_rules(svhn_root):
         load_dataset("svhn", svhn_root, val_size=70, download=False, verify=False)
 
 
+@pytest.mark.slow
 def test_svhn_recipe_runs_end_to_end(svhn_root, tmp_path):
     """svhn-stochastic with its data options (GCN + LCN, train + extra) on the generated files, a narrow net."""
     from binaryconnect.config import recipe_config
