@@ -38,12 +38,11 @@ def _run(kernels, x, signs, scale, offset, stride=(1, 1), padding=(0, 0), dilati
     c, b, h, w = x.shape
     n, _, kh, kw = signs.shape
     wr = pack_bits(signs.reshape(n, -1))
-    wt = wr.t().contiguous()
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     out = torch.full((n, b, oh, ow), float("nan"))
     geometry = (b, c, h, w, kh, kw, *stride, *padding, *dilation)
-    return kernels.conv2d(x, geometry, wt, wr, scale, offset, relu, out, threads, mode)
+    return kernels.conv2d(x, geometry, wr, scale, offset, relu, out, threads, mode)
 
 
 def _reference(x, signs, scale, offset, stride=(1, 1), padding=(0, 0), dilation=(1, 1), relu=False):

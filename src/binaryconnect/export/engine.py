@@ -66,8 +66,7 @@ class _Step:
     index: int  # position in the file's architecture
     relu: bool = False  # a following ReLU fused into this step
     weight: torch.Tensor | None = None  # torch engine: +-1 or float weights; native: float layers
-    wt: torch.Tensor | None = None  # native: group-major packed bits [Kg][N]
-    wr: torch.Tensor | None = None  # native: row-major packed bits [N][Kg]
+    bits: torch.Tensor | None = None  # native: the packed rows [N][Kg]
     scale: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     desc: object = None  # native: the kernel's layer descriptor (input shape, weights, scale, offset, ReLU)
@@ -107,8 +106,7 @@ class PackedModel:
             if step.kind == "binary":
                 bits = self.net.tensor(i, "weight_bits")
                 if self.engine == "native":
-                    step.wr = bits.contiguous()
-                    step.wt = bits.t().contiguous()
+                    step.bits = bits
                 else:
                     signs = unpack_bits(bits, layer_fan_in(layer)).to(torch.float32) * 2 - 1
                     if kind == "conv2d":
@@ -131,7 +129,7 @@ class PackedModel:
         else:
             (c, h, w), geometry = shape_in, (layer["kernel_size"], layer["stride"], layer["padding"], layer["dilation"])
             step.out_chw = tuple(shape_out)
-        step.desc = self.kernels.layer(c, h, w, *geometry, step.wt, step.wr, step.scale, step.offset, step.relu)
+        step.desc = self.kernels.layer(c, h, w, *geometry, step.bits, step.scale, step.offset, step.relu)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)

@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -109,8 +110,20 @@ class LayerDesc(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int64) for name in ("C", "H", "W", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
                                                     "N")] + [
-        ("wt", ctypes.c_void_p), ("wr", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-        ("relu", ctypes.c_int64)]
+        ("wt", ctypes.c_void_p), ("wr", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+        ("offset", ctypes.c_void_p), ("relu", ctypes.c_int64)]
+
+
+def weight_layouts(wr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' copies of the packed bits ``wr`` [N, Kg] (the file's rows): ``wt`` [Kg, N] uint8
+    (group-major) and ``wq`` [ceil(Kg / 4), N] int32 (each row's bytes 4c..4c+3 as a little-endian word)."""
+    n, kg = wr.shape
+    kq = (kg + 3) // 4
+    padded = torch.zeros(n, 4 * kq, dtype=torch.uint8)
+    padded[:, :kg] = wr
+    if sys.byteorder != "little":  # pragma: no cover - the kernels target x86
+        raise NativeUnavailable("the compiled kernels need a little-endian CPU")
+    return wr.t().contiguous(), padded.view(torch.int32).t().contiguous()
 
 
 class Kernels:
@@ -120,7 +133,7 @@ class Kernels:
         self.path = path
         self.lib = lib = ctypes.CDLL(str(path))
         i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.bcnn_conv2d.argtypes = [vp] + [i64] * 12 + [vp, vp, i64, vp, vp, c_int, vp, c_int, c_int]
+        lib.bcnn_conv2d.argtypes = [vp] + [i64] * 12 + [vp, vp, vp, i64, vp, vp, c_int, vp, c_int, c_int]
         lib.bcnn_conv2d.restype = c_int
         lib.bcnn_isa_name.restype = ctypes.c_char_p
         lib.bcnn_isa_name.argtypes = []
@@ -148,25 +161,32 @@ class Kernels:
             raise NativeUnavailable(f"this CPU lacks {name}; it supports {', '.join(self.supported_isas())}")
         return self.isa
 
-    def conv2d(self, x: torch.Tensor, geometry: tuple[int, ...], wt: torch.Tensor, wr: torch.Tensor,
-               scale: torch.Tensor, offset: torch.Tensor, relu: bool, out: torch.Tensor, threads: int,
-               mode: int = 0) -> torch.Tensor:
-        """Run one binary layer. ``x`` [C, B, H, W] float32 contiguous, ``geometry`` = (B, C, H, W, kh, kw,
-        sh, sw, ph, pw, dh, dw), ``out`` [N, B, OH, OW]; mode 0 chooses the kernel by a cost model, 1 forces
-        256-entry tables (one per byte of weights), 2 one column at a time (linear layers only), 3 two 16-entry
-        tables per byte."""
-        rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), scale.shape[0], scale.data_ptr(),
-                        offset.data_ptr(), int(relu), out.data_ptr(), int(threads), int(mode))
+    def conv2d(self, x: torch.Tensor, geometry: tuple[int, ...], wr: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor, relu: bool, out: torch.Tensor, threads: int, mode: int = 0) -> torch.Tensor:
+        """Run one binary layer (tests; the engine uses ``layer`` and ``forward``). ``x`` [C, B, H, W] float32
+        contiguous, ``geometry`` = (B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw), ``wr`` the packed rows
+        [N, ceil(K / 8)], ``out`` [N, B, OH, OW]; mode 0 chooses the kernel by a cost model, 1 forces 256-entry
+        tables (one per byte of weights), 2 one column at a time (linear layers only), 3 two 16-entry tables
+        per byte."""
+        wr = wr.contiguous()
+        wt, wq = weight_layouts(wr)
+        rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), wq.data_ptr(), scale.shape[0],
+                        scale.data_ptr(), offset.data_ptr(), int(relu), out.data_ptr(), int(threads), int(mode))
         if rc != 0:
             raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
         return out
 
 
-    def layer(self, c: int, h: int, w: int, kernel, stride, padding, dilation, wt: torch.Tensor, wr: torch.Tensor,
+    def layer(self, c: int, h: int, w: int, kernel, stride, padding, dilation, wr: torch.Tensor,
               scale: torch.Tensor, offset: torch.Tensor, relu: bool) -> LayerDesc:
-        """A ``LayerDesc`` for ``forward``; the caller keeps the tensors alive as long as it."""
-        return LayerDesc(c, h, w, *kernel, *stride, *padding, *dilation, scale.shape[0], wt.data_ptr(), wr.data_ptr(),
-                         scale.data_ptr(), offset.data_ptr(), int(relu))
+        """A ``LayerDesc`` for ``forward``; it keeps its tensors alive (``desc.tensors``)."""
+        wr = wr.contiguous()
+        wt, wq = weight_layouts(wr)
+        scale, offset = scale.contiguous(), offset.contiguous()
+        desc = LayerDesc(c, h, w, *kernel, *stride, *padding, *dilation, scale.shape[0], wt.data_ptr(), wr.data_ptr(),
+                         wq.data_ptr(), scale.data_ptr(), offset.data_ptr(), int(relu))
+        desc.tensors = (wr, wt, wq, scale, offset)
+        return desc
 
     def forward(self, desc: LayerDesc, x: torch.Tensor, batch: int, out: torch.Tensor, threads: int,
                 mode: int = 0) -> torch.Tensor:

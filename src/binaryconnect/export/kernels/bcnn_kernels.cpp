@@ -12,15 +12,19 @@
 //
 // Packed weights, two copies of the same bits (bit i of byte g of output j is the sign of weight
 // (j, 8g + i): 1 = +H, 0 = -H; pad bits are 0):
-//   wr: row-major  [N][Kg]  (the file's layout; used by the one-column kernel, `gemv`)
+//   wr: row-major  [N][Kg]  (the file's layout; used by the portable and AVX2 one-column kernels)
 //   wt: group-major [Kg][N] (used by the table-lookup kernels)
+//   wq: [ceil(Kg/4)][N] uint32, wq[c][j] = bytes 4c..4c+3 of row j as a little-endian word (zero
+//       beyond Kg); used by the AVX-512 one-column kernel
 // Each layer computes  y_j = scale_j * (sum_{+1} x - sum_{-1} x) + offset_j  (H and the folded batch
 // norm are inside scale_j and offset_j), then optionally max(y, 0). Three ways to get the sums, all
 // with additions and subtractions only:
 //   lut4_tile  tables of the 16 signed sums of 4 inputs, looked up with each half-byte of weights
 //              (two vector additions per 8 weights and V columns; the tables stay in L1);
 //   lut_tile   tables of the 256 signed sums of 8 inputs, looked up with each weight byte;
-//   gemv       one column: masked additions, y = 2 * (sum of x where the bit is 1) - sum(x).
+//   gemv       one column: AVX-512 looks up 16-entry tables of signed sums of 4 inputs, held in one
+//              register, for 16 outputs at once with a permutation; AVX2 and portable code use
+//              masked additions, y = 2 * (sum of x where the bit is 1) - sum(x).
 // A cost model (per instruction set, measured) picks one per layer call; `mode` can force one.
 
 #include <immintrin.h>
@@ -43,14 +47,16 @@ struct Isa {
     const char* name;
     int V;     // columns per tile
     i64 Gc;    // groups of 8 inputs whose tables are kept at once
-    double gemv_cost;  // relative cost of one weight byte in `gemv` ...
-    double lut_cost;   // ... and of one table entry or lookup in `lut_tile`
+    // Cost model, in vector operations per group of 8 inputs (fitted to timings on the CPUs we had):
+    double gemv_cost;  // `gemv`, per output and column
+    double lut_cost;   // `lut_tile`, per lookup (building its tables costs 264 per tile)
     void (*gather)(const float*, i64, i64, i64, const int32_t*, const int32_t*, const uint32_t*, float*, i64);
     void (*lut)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
-    void (*gemv)(const float*, i64, const uint8_t*, i64, i64, float*);
+    void (*gemv)(const float*, i64, const uint8_t*, const uint32_t*, i64, i64, i64, float*, float*);
     void (*lut4)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
     i64 Gc4;   // groups whose 16-entry tables are kept at once
     double lut4_cost;  // relative cost of a lookup in `lut4_tile`
+    double gemv_build;  // cost of `gemv`'s per-column preparation, per group of 8 inputs
 };
 
 }  // namespace
@@ -84,7 +90,7 @@ static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off,
 }
 
 // One column: y[j] = sum_{+1} x - sum_{-1} x = 2 * (sum over set bits of x) - sum(x), for j0 <= j < j1.
-static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, const uint32_t*, i64, i64 j0, i64 j1, float* y, float*) {
     float S = 0.f;
     for (i64 k = 0; k < Kg * 8; ++k) S += x[k];
     for (i64 j = j0; j < j1; ++j) {
@@ -152,7 +158,7 @@ static inline float hsum(__m256 a) {
 }
 
 // y[j] = 2 * (sum of x where the bit is set) - sum(x): a bitwise AND and an addition per 8 weights.
-static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, const uint32_t*, i64, i64 j0, i64 j1, float* y, float*) {
     __m256 s = vzero();
     for (i64 g = 0; g < Kg; ++g) s = vadd(s, vload(x + g * 8));
     const float S = hsum(s);
@@ -199,12 +205,6 @@ static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 #include "lut_body.inc"
 
-static inline float hsum(__m512 a) {  // through memory: GCC 12 warns on the 512-bit extract intrinsics
-    alignas(64) float t[16];
-    _mm512_store_ps(t, a);
-    return isa_avx2::hsum(_mm256_add_ps(_mm256_load_ps(t), _mm256_load_ps(t + 8)));
-}
-
 static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off, const int32_t* base,
                    const uint32_t* mask, float* Xt, i64 Kp) {
     for (i64 t = 0; t < T; ++t) {
@@ -221,57 +221,52 @@ static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off,
     std::memset(Xt + C * T * V, 0, sizeof(float) * (Kp - C * T) * V);
 }
 
-// y[j] = 2 * (sum of x where the bit is set) - sum(x): one masked addition per 16 weights.
-// x holds 16 * ceil(Kg / 2) floats, zero beyond K.
-static void gemv(const float* x, i64 Kg, const uint8_t* wr, i64 j0, i64 j1, float* y) {
-    const i64 K16 = Kg / 2;
-    const bool odd = Kg & 1;
-    vf s = vzero();
-    for (i64 c = 0; c < K16 + odd; ++c) s = vadd(s, vload(x + 16 * c));
-    const float S = hsum(s);
-    i64 j = j0;
-    for (; j + 4 <= j1; j += 4) {
-        const uint8_t* w0 = wr + j * Kg;
-        const uint8_t* w1 = w0 + Kg;
-        const uint8_t* w2 = w1 + Kg;
-        const uint8_t* w3 = w2 + Kg;
-        vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (i64 c = 0; c < K16; ++c) {
-            const vf xv = vload(x + 16 * c);
-            uint16_t m0, m1, m2, m3;
-            std::memcpy(&m0, w0 + 2 * c, 2);
-            std::memcpy(&m1, w1 + 2 * c, 2);
-            std::memcpy(&m2, w2 + 2 * c, 2);
-            std::memcpy(&m3, w3 + 2 * c, 2);
-            a0 = _mm512_mask_add_ps(a0, m0, a0, xv);
-            a1 = _mm512_mask_add_ps(a1, m1, a1, xv);
-            a2 = _mm512_mask_add_ps(a2, m2, a2, xv);
-            a3 = _mm512_mask_add_ps(a3, m3, a3, xv);
-        }
-        if (odd) {
-            const vf xv = vload(x + 16 * K16);
-            a0 = _mm512_mask_add_ps(a0, w0[Kg - 1], a0, xv);
-            a1 = _mm512_mask_add_ps(a1, w1[Kg - 1], a1, xv);
-            a2 = _mm512_mask_add_ps(a2, w2[Kg - 1], a2, xv);
-            a3 = _mm512_mask_add_ps(a3, w3[Kg - 1], a3, xv);
-        }
-        float p;
-        p = hsum(a0); y[j] = (p + p) - S;
-        p = hsum(a1); y[j + 1] = (p + p) - S;
-        p = hsum(a2); y[j + 2] = (p + p) - S;
-        p = hsum(a3); y[j + 3] = (p + p) - S;
+// One column, 16 outputs per vector: the 16 signed sums of 4 inputs, T_q[n] = sum_{k<4} (bit k of n ?
+// x_{4q+k} : -x_{4q+k}), fill exactly one register, so a permutation (vpermps) looks them up for 16
+// outputs at once, indexed by each output's 4 weight bits: one permutation and one addition per 4
+// weights x 16 outputs, y_j = sum_q T_q[bits 4q..4q+3 of output j].
+// x: 32 * Kq floats, zero beyond K; wq: [Kq][N] uint32, wq[c][j] = bits 32c..32c+31 of output j (the
+// row-major bits read as little-endian words, transposed); tables: scratch of 128 * Kq floats.
+static inline vf perm(__m512i idx, vf table) {  // vpermps (the maskz form: GCC 12 warns on the plain one)
+    return _mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, idx, table);
+}
+
+static inline __m512i shr4(__m512i v) { return _mm512_maskz_srli_epi32((__mmask16)0xFFFF, v, 4); }
+
+static void gemv(const float* x, i64 Kg, const uint8_t*, const uint32_t* wq, i64 N, i64 j0, i64 j1, float* y,
+                 float* tables) {
+    const i64 Kq = (Kg + 3) / 4;
+    for (i64 q = 0; q < 8 * Kq; ++q) {  // T_q: start from -(x0+x1+x2+x3), add 2 x_k where bit k is set
+        const float* xq = x + 4 * q;
+        vf t = _mm512_set1_ps(-(xq[0] + xq[1] + xq[2] + xq[3]));
+        t = _mm512_mask_add_ps(t, 0xAAAA, t, _mm512_set1_ps(xq[0] + xq[0]));
+        t = _mm512_mask_add_ps(t, 0xCCCC, t, _mm512_set1_ps(xq[1] + xq[1]));
+        t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(xq[2] + xq[2]));
+        t = _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(xq[3] + xq[3]));
+        vstore(tables + 16 * q, t);
     }
-    for (; j < j1; ++j) {
-        const uint8_t* w = wr + j * Kg;
-        vf a = vzero();
-        for (i64 c = 0; c < K16; ++c) {
-            uint16_t m;
-            std::memcpy(&m, w + 2 * c, 2);
-            a = _mm512_mask_add_ps(a, m, a, vload(x + 16 * c));
+    for (i64 j = j0; j < j1; j += 32) {  // two blocks of 16 outputs share every table load
+        const i64 n0 = std::min<i64>(16, j1 - j), n1 = std::max<i64>(0, std::min<i64>(16, j1 - j - 16));
+        const __mmask16 m0 = (__mmask16)((1u << n0) - 1), m1 = (__mmask16)((1u << n1) - 1);
+        vf a0 = vzero(), b0 = vzero(), a1 = vzero(), b1 = vzero();
+        const float* t = tables;
+        for (i64 c = 0; c < Kq; ++c, t += 128) {
+            __m512i i0 = _mm512_maskz_loadu_epi32(m0, wq + c * N + j);
+            __m512i i1 = _mm512_maskz_loadu_epi32(m1, wq + c * N + j + 16);
+            for (int q = 0; q < 8; q += 2) {  // vpermps reads the low 4 bits of every lane
+                const vf t0 = vload(t + 16 * q), t1 = vload(t + 16 * q + 16);
+                a0 = vadd(a0, perm(i0, t0));
+                a1 = vadd(a1, perm(i1, t0));
+                i0 = shr4(i0);
+                i1 = shr4(i1);
+                b0 = vadd(b0, perm(i0, t1));
+                b1 = vadd(b1, perm(i1, t1));
+                i0 = shr4(i0);
+                i1 = shr4(i1);
+            }
         }
-        if (odd) a = _mm512_mask_add_ps(a, w[Kg - 1], a, vload(x + 16 * K16));
-        const float p = hsum(a);
-        y[j] = (p + p) - S;
+        _mm512_mask_storeu_ps(y + j, m0, vadd(a0, b0));
+        if (n1 > 0) _mm512_mask_storeu_ps(y + j + 16, m1, vadd(a1, b1));
     }
 }
 }  // namespace isa_avx512
@@ -282,11 +277,11 @@ namespace {
 
 const Isa ISAS[3] = {
     {"scalar", isa_scalar::V, 4, 8.0, 1.0, isa_scalar::gather, isa_scalar::lut_tile, isa_scalar::gemv,
-     isa_scalar::lut4_tile, 8, 0.7},
+     isa_scalar::lut4_tile, 8, 0.7, 1.0},
     {"avx2", isa_avx2::V, 4, 2.0, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv, isa_avx2::lut4_tile,
-     8, 0.82},
-    {"avx512", isa_avx512::V, 8, 0.5, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv,
-     isa_avx512::lut4_tile, 8, 0.52},
+     8, 0.82, 1.0},
+    {"avx512", isa_avx512::V, 8, 0.135, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv,
+     isa_avx512::lut4_tile, 8, 0.52, 12.0},
 };
 
 bool isa_supported(int i) {
@@ -407,7 +402,7 @@ int bcnn_set_isa(int i) {
 // 3 = two 16-entry tables per byte.
 // Returns 0, or a negative code: -1 bad geometry, -2 out of memory, -3 a channel plane over 2^31 floats.
 int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
-                i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, i64 N, const float* scale,
+                i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, const uint32_t* wq, i64 N, const float* scale,
                 const float* offset, int relu, float* Y, int nthreads, int mode) {
     Geom g{B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
     if (B < 1 || C < 1 || H < 1 || W < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 ||
@@ -425,7 +420,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
     const bool is_linear = (H == 1 && W == 1 && T == 1);
     const i64 tiles = (P + V - 1) / V;
     // Kernel: by `mode`, or (mode 0) the cheapest by a cost model in vector operations per group of 8 inputs.
-    const double cost_gemv = is_linear ? double(P) * N * I.gemv_cost : 1e300;
+    const double cost_gemv = is_linear ? double(P) * (I.gemv_build + N * I.gemv_cost) : 1e300;
     const double cost_lut8 = double(tiles) * (264.0 + N * I.lut_cost);
     const double cost_lut4 = double(tiles) * (40.0 + 2.0 * N * I.lut4_cost);
     int kernel = mode;
@@ -439,9 +434,9 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
 
     if (use_gemv) {
         // One column at a time; columns split among threads, or outputs when there are few columns.
-        const i64 xlen = ((Kg + 1) / 2) * 16;
+        const i64 xlen = ((Kg + 3) / 4) * 32;
         const bool split_cols = P >= nt;
-        const i64 NB = ((N + 3) / 4);
+        const i64 NB = ((N + 31) / 32);  // outputs split among threads in blocks of 32
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
 #ifdef _OPENMP
@@ -451,17 +446,18 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
 #endif
             float* x = t_xt.get(xlen);
             float* y = t_yt.get(N);
-            if (!x || !y) {
+            float* gtab = t_tables.get(((Kg + 3) / 4) * 128);
+            if (!x || !y || !gtab) {
 #pragma omp atomic write
                 status = -2;
             } else {
                 const i64 c0 = split_cols ? P * tid / nth : 0, c1 = split_cols ? P * (tid + 1) / nth : P;
-                const i64 j0 = split_cols ? 0 : std::min(N, 4 * (NB * tid / nth));
-                const i64 j1 = split_cols ? N : std::min(N, 4 * (NB * (tid + 1) / nth));
+                const i64 j0 = split_cols ? 0 : std::min(N, 32 * (NB * tid / nth));
+                const i64 j1 = split_cols ? N : std::min(N, 32 * (NB * (tid + 1) / nth));
                 std::memset(x, 0, sizeof(float) * xlen);
                 for (i64 col = c0; col < c1; ++col) {
                     for (i64 k = 0; k < K; ++k) x[k] = X[k * P + col];
-                    I.gemv(x, Kg, wr, j0, j1, y);
+                    I.gemv(x, Kg, wr, wq, N, j0, j1, y, gtab);
                     for (i64 j = j0; j < j1; ++j) {
                         float v = y[j] * scale[j] + offset[j];
                         if (relu) v = std::max(v, 0.f);
@@ -516,6 +512,7 @@ struct bcnn_layer {
     i64 C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, N;
     const uint8_t* wt;
     const uint8_t* wr;
+    const uint32_t* wq;
     const float* scale;
     const float* offset;
     i64 relu;
@@ -523,7 +520,7 @@ struct bcnn_layer {
 
 int bcnn_layer_forward(const bcnn_layer* L, const float* X, i64 B, float* Y, int nthreads, int mode) {
     return bcnn_conv2d(X, B, L->C, L->H, L->W, L->kh, L->kw, L->sh, L->sw, L->ph, L->pw, L->dh, L->dw, L->wt, L->wr,
-                       L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
+                       L->wq, L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
 }
 
 }  // extern "C"
