@@ -189,6 +189,7 @@ def test_file_size_is_one_bit_per_weight_plus_scales_and_header(tmp_path):
     assert sum(r.packed_bytes for r in summary["rows"]) == size
     assert summary["total"].binary_params == sum(k * n for k, n in shapes)
     assert summary["total"].macs_replaced == summary["total"].macs
+    assert summary["scale_multiplications"] == 1024 * 3 + 10  # one per output: the folded batch-norm scale
     assert load_packed(path, engine="torch").num_classes == 10
 
 

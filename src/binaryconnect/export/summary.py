@@ -10,7 +10,8 @@ Definitions (per layer of the packed file, and in total):
   JSON) is its own row, so the total is exactly the file's size on disk;
 - MACs: multiply-accumulates per example of the float32 network (linear: ``out x in``; conv:
   ``out_channels x in_channels x kh x kw x OH x OW``); in a binary layer every one of them becomes an
-  addition or subtraction (``replaced``), leaving one multiplication per output (the folded scale).
+  addition or subtraction (``replaced``), leaving one multiplication per output (the folded scale,
+  counted separately as ``scale_multiplications``).
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def summarize(net: PackedNetwork, data: bytes | None = None) -> dict:
                      sum(r.packed_bytes for r in rows), sum(r.macs for r in rows), sum(r.macs_replaced for r in rows))
     if total.packed_bytes != len(data):  # pragma: no cover - would be a bug in the accounting
         raise AssertionError(f"summary counts {total.packed_bytes} bytes, the file has {len(data)}")
+    scalings = sum(math.prod(out) for layer, (_, out) in zip(net.layers, shapes, strict=True)
+                   if layer["type"] in ("linear", "conv2d", "affine"))
     return {"rows": rows, "total": total, "file_bytes": len(data), "source": net.source,
-            "input_shape": list(net.input_shape)}
+            "input_shape": list(net.input_shape), "scale_multiplications": scalings}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -114,7 +117,8 @@ def format_summary(summary: dict, title: str = "") -> str:
     t = summary["total"]
     lines.append(f"file: {t.packed_bytes:,} bytes; float32 weights: {t.float32_bytes:,} bytes "
                  f"({t.float32_bytes / t.packed_bytes:.1f}x larger); {t.binary_params:,} of {t.params:,} parameters "
-                 f"binary; {100 * t.macs_replaced / max(1, t.macs):.2f}% of {t.macs:,} MACs per example are additions")
+                 f"binary; {100 * t.macs_replaced / max(1, t.macs):.2f}% of {t.macs:,} MACs per example are additions, "
+                 f"plus {summary['scale_multiplications']:,} multiplications by the folded batch-norm scales")
     note = summary["source"].get("stochastic_weights") if isinstance(summary["source"], dict) else None
     if note:
         lines.append(f"note: stochastic layers exported as {note}")
@@ -127,4 +131,5 @@ def summary_json(summary: dict) -> str:
 
     return json.dumps({"rows": [row(r) for r in summary["rows"]], "total": row(summary["total"]),
                        "file_bytes": summary["file_bytes"], "input_shape": summary["input_shape"],
-                       "source": summary["source"]}, indent=2)
+                       "scale_multiplications": summary["scale_multiplications"], "source": summary["source"]},
+                      indent=2)
