@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                 g = torch.Generator().manual_seed(args.seed + batch)
                 x = torch.randn(batch, *MODELS[name][1], generator=g)
                 macs_m = 3 if name == "mlp" else 600  # rough work per example (M MACs), sets the run count
-                runs = args.runs or max(3, min(300, int(3e4 / (macs_m * batch))))
+                runs = args.runs or max(5, min(300, int(3e4 / (macs_m * batch))))
                 fns = {"float32": twin, "packed": packed}
                 if args.training_model:
                     fns["training"] = model
