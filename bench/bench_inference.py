@@ -12,8 +12,9 @@ Both sides run in this process on the same inputs:
 - packed: ``export_model`` of the same network, run by ``PackedModel(engine="native")``.
 
 The networks are random-initialised (seeded) with batch-norm statistics calibrated on random inputs:
-speed does not depend on the values. Runs of the two sides alternate, so background load hits both alike;
-each number is the median of ``--runs`` timed calls after warm-up. The 1-minute load average is printed
+speed does not depend on the values. The two sides take turns in 5 blocks of consecutive calls (each
+after a few untimed warm-up calls), so background load hits both alike while each keeps its own data in
+cache; each number is the median of ``--runs`` timed calls. The 1-minute load average is printed
 before and after: on a shared machine, numbers taken under load are noisy.
 """
 
@@ -101,18 +102,25 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-def timed(fns: dict, x: torch.Tensor, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions alternating run by run."""
+def timed(fns: dict, x: torch.Tensor, runs: int, warmup: int, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each function. The functions take turns in ``rounds`` blocks of
+    consecutive calls (each block after ``warmup`` untimed calls), so background load falls on all of
+    them alike while each runs with its own data in cache, as a deployed model would. ``rounds=runs``
+    alternates call by call instead: each call then finds the caches filled by the other side."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    rounds = max(1, min(rounds, runs))
+    if rounds == runs:
+        warmup = 0
     with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(x)
-        for _ in range(runs):
+        for r in range(rounds):
+            block = runs // rounds + (r < runs % rounds)
             for key, fn in fns.items():
-                start = time.perf_counter()
-                fn(x)
-                times[key].append(time.perf_counter() - start)
+                for _ in range(warmup):
+                    fn(x)
+                for _ in range(block):
+                    start = time.perf_counter()
+                    fn(x)
+                    times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -142,14 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=0, help="timed runs per configuration (default: by size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--training-model", action="store_true", help="also time the training model in eval mode")
+    p.add_argument("--alternate", action="store_true",
+                   help="alternate float32 and packed call by call (cold caches) instead of in 5 blocks")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
 
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "seed": args.seed,
+           "timing": "alternating call by call" if args.alternate else "5 alternating blocks of consecutive calls",
            "loadavg_before": loadavg()}
     print(f"# CPU {env['cpu']} ({env['cores']} cores), torch {env['torch']}, python {env['python']}, "
-          f"seed {args.seed}, load average {env['loadavg_before']}")
+          f"seed {args.seed}, timing: {env['timing']}, load average {env['loadavg_before']}")
     results = []
     for name in args.models.split(","):
         model, origin = build(name, args.seed)
@@ -168,7 +179,10 @@ def main(argv=None) -> int:
                 fns = {"float32": twin, "packed": packed}
                 if args.training_model:
                     fns["training"] = model
-                med = timed(fns, x, runs, warmup=max(1, min(10, runs // 5)))
+                with torch.inference_mode():  # untimed warm-up of both sides
+                    for fn in fns.values():
+                        fn(x)
+                med = timed(fns, x, runs, warmup=max(1, min(10, runs // 10)), rounds=runs if args.alternate else 5)
                 with torch.inference_mode():
                     ref, out = twin(x), packed(x)
                 diff = float((ref - out).abs().max())
