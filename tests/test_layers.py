@@ -26,6 +26,15 @@ def test_latent_init_is_uniform_in_minus_H_H(H):
     assert abs(w.var().item() - H * H / 3) < 0.01 * H * H  # variance of U[-H, H]
 
 
+@pytest.mark.parametrize("layer", [BinaryLinear(300, 100, binarization="none"),
+                                   BinaryConv2d(16, 32, 3, binarization="none")])
+def test_float_layers_start_glorot_uniform(layer):
+    w = layer.weight.detach()
+    receptive = w[0, 0].numel()
+    bound = (6 / (w.shape[1] * receptive + w.shape[0] * receptive)) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.98 * bound
+
+
 def test_invalid_options_raise():
     with pytest.raises(ValueError, match="H must be positive"):
         BinaryLinear(2, 2, H=0)

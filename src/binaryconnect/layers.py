@@ -18,6 +18,8 @@ and stop responding to gradients (a weight at +50 needs 50 units of updates befo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,9 +58,17 @@ class _BinaryMixin:
         return self.binarization != "none"
 
     def reset_latent(self) -> None:
-        """Initialise the latent weight uniformly in [-H, H] (the paper's code)."""
+        """Initialise the weight as the original code does: a binarized layer's latent weight uniformly in
+        [-H, H]; a float layer (``binarization="none"``) Glorot-uniform in [-a, a], a = sqrt(6 / (fan_in +
+        fan_out)) (Lasagne's default, which the original code's float layers keep). Biases start at zero."""
         with torch.no_grad():
-            self.weight.uniform_(-self.H, self.H, generator=None)
+            if self.is_binary:
+                bound = self.H
+            else:
+                receptive = self.weight[0, 0].numel()
+                fan_in, fan_out = self.weight.shape[1] * receptive, self.weight.shape[0] * receptive
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+            self.weight.uniform_(-bound, bound)
             if getattr(self, "bias", None) is not None:
                 self.bias.zero_()
 
