@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BinaryConnectError
+from .pack import unpack_bits
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("bcnn_kernels.cpp", "lut_body.inc")
@@ -110,20 +111,25 @@ class LayerDesc(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int64) for name in ("C", "H", "W", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
                                                     "N")] + [
-        ("wt", ctypes.c_void_p), ("wr", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-        ("offset", ctypes.c_void_p), ("relu", ctypes.c_int64)]
+        ("wt", ctypes.c_void_p), ("wr", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("w3", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p), ("relu", ctypes.c_int64)]
 
 
-def weight_layouts(wr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' copies of the packed bits ``wr`` [N, Kg] (the file's rows): ``wt`` [Kg, N] uint8
-    (group-major) and ``wq`` [ceil(Kg / 4), N] int32 (each row's bytes 4c..4c+3 as a little-endian word)."""
+def weight_layouts(wr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' copies of the packed bits ``wr`` [N, Kg] (the file's rows), all 1 bit per weight:
+    ``wt`` [Kg, N] uint8 (group-major), ``wq`` [ceil(Kg / 4), N] int32 (each row's bytes 4c..4c+3 as a
+    little-endian word) and ``w3`` [ceil(8 Kg / 30), N] int32 (bits 30c..30c+29 of each row in bits 0..29)."""
+    if sys.byteorder != "little":  # pragma: no cover - the kernels target x86
+        raise NativeUnavailable("the compiled kernels need a little-endian CPU")
     n, kg = wr.shape
     kq = (kg + 3) // 4
     padded = torch.zeros(n, 4 * kq, dtype=torch.uint8)
     padded[:, :kg] = wr
-    if sys.byteorder != "little":  # pragma: no cover - the kernels target x86
-        raise NativeUnavailable("the compiled kernels need a little-endian CPU")
-    return wr.t().contiguous(), padded.view(torch.int32).t().contiguous()
+    kc = (8 * kg + 29) // 30
+    bits = torch.zeros(n, 30 * kc, dtype=torch.int32)
+    bits[:, :8 * kg] = unpack_bits(wr, 8 * kg)
+    words = (bits.view(n, kc, 30) << torch.arange(30, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    return wr.t().contiguous(), padded.view(torch.int32).t().contiguous(), words.t().contiguous()
 
 
 class Kernels:
@@ -133,7 +139,7 @@ class Kernels:
         self.path = path
         self.lib = lib = ctypes.CDLL(str(path))
         i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.bcnn_conv2d.argtypes = [vp] + [i64] * 12 + [vp, vp, vp, i64, vp, vp, c_int, vp, c_int, c_int]
+        lib.bcnn_conv2d.argtypes = [vp] + [i64] * 12 + [vp, vp, vp, vp, i64, vp, vp, c_int, vp, c_int, c_int]
         lib.bcnn_conv2d.restype = c_int
         lib.bcnn_isa_name.restype = ctypes.c_char_p
         lib.bcnn_isa_name.argtypes = []
@@ -169,9 +175,10 @@ class Kernels:
         tables (one per byte of weights), 2 one column at a time (linear layers only), 3 two 16-entry tables
         per byte."""
         wr = wr.contiguous()
-        wt, wq = weight_layouts(wr)
-        rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), wq.data_ptr(), scale.shape[0],
-                        scale.data_ptr(), offset.data_ptr(), int(relu), out.data_ptr(), int(threads), int(mode))
+        wt, wq, w3 = weight_layouts(wr)
+        rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), wq.data_ptr(), w3.data_ptr(),
+                        scale.shape[0], scale.data_ptr(), offset.data_ptr(), int(relu), out.data_ptr(), int(threads),
+                        int(mode))
         if rc != 0:
             raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
         return out
@@ -181,11 +188,11 @@ class Kernels:
               scale: torch.Tensor, offset: torch.Tensor, relu: bool) -> LayerDesc:
         """A ``LayerDesc`` for ``forward``; it keeps its tensors alive (``desc.tensors``)."""
         wr = wr.contiguous()
-        wt, wq = weight_layouts(wr)
+        wt, wq, w3 = weight_layouts(wr)
         scale, offset = scale.contiguous(), offset.contiguous()
         desc = LayerDesc(c, h, w, *kernel, *stride, *padding, *dilation, scale.shape[0], wt.data_ptr(), wr.data_ptr(),
-                         wq.data_ptr(), scale.data_ptr(), offset.data_ptr(), int(relu))
-        desc.tensors = (wr, wt, wq, scale, offset)
+                         wq.data_ptr(), w3.data_ptr(), scale.data_ptr(), offset.data_ptr(), int(relu))
+        desc.tensors = (wr, wt, wq, w3, scale, offset)
         return desc
 
     def forward(self, desc: LayerDesc, x: torch.Tensor, batch: int, out: torch.Tensor, threads: int,

@@ -16,15 +16,17 @@
 //   wt: group-major [Kg][N] (used by the table-lookup kernels)
 //   wq: [ceil(Kg/4)][N] uint32, wq[c][j] = bytes 4c..4c+3 of row j as a little-endian word (zero
 //       beyond Kg); used by the AVX-512 one-column kernel
+//   w3: [ceil(8Kg/30)][N] uint32, w3[c][j] = bits 30c..30c+29 of row j in bits 0..29; used by the
+//       AVX2 one-column kernel
 // Each layer computes  y_j = scale_j * (sum_{+1} x - sum_{-1} x) + offset_j  (H and the folded batch
 // norm are inside scale_j and offset_j), then optionally max(y, 0). Three ways to get the sums, all
 // with additions and subtractions only:
 //   lut4_tile  tables of the 16 signed sums of 4 inputs, looked up with each half-byte of weights
 //              (two vector additions per 8 weights and V columns; the tables stay in L1);
 //   lut_tile   tables of the 256 signed sums of 8 inputs, looked up with each weight byte;
-//   gemv       one column: AVX-512 looks up 16-entry tables of signed sums of 4 inputs, held in one
-//              register, for 16 outputs at once with a permutation; AVX2 and portable code use
-//              masked additions, y = 2 * (sum of x where the bit is 1) - sum(x).
+//   gemv       one column: AVX-512 (AVX2) holds the 16 (8) signed sums of 4 (3) inputs in one
+//              register and looks them up for 16 (8) outputs at once with a permutation (vpermps);
+//              portable code adds the inputs whose bit is 1: y = 2 * (that sum) - sum(x).
 // A cost model (per instruction set, measured) picks one per layer call; `mode` can force one.
 
 #include <immintrin.h>
@@ -52,7 +54,7 @@ struct Isa {
     double lut_cost;   // `lut_tile`, per lookup (building its tables costs 264 per tile)
     void (*gather)(const float*, i64, i64, i64, const int32_t*, const int32_t*, const uint32_t*, float*, i64);
     void (*lut)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
-    void (*gemv)(const float*, i64, const uint8_t*, const uint32_t*, i64, i64, i64, float*, float*);
+    void (*gemv)(const float*, i64, const uint8_t*, const uint32_t*, const uint32_t*, i64, i64, i64, float*, float*);
     void (*lut4)(const float*, i64, const uint8_t*, i64, i64, i64, float*, float*, i64);
     i64 Gc4;   // groups whose 16-entry tables are kept at once
     double lut4_cost;  // relative cost of a lookup in `lut4_tile`
@@ -90,7 +92,8 @@ static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off,
 }
 
 // One column: y[j] = sum_{+1} x - sum_{-1} x = 2 * (sum over set bits of x) - sum(x), for j0 <= j < j1.
-static void gemv(const float* x, i64 Kg, const uint8_t* wr, const uint32_t*, i64, i64 j0, i64 j1, float* y, float*) {
+static void gemv(const float* x, i64 Kg, const uint8_t* wr, const uint32_t*, const uint32_t*, i64, i64 j0, i64 j1,
+                 float* y, float*) {
     float S = 0.f;
     for (i64 k = 0; k < Kg * 8; ++k) S += x[k];
     for (i64 j = j0; j < j1; ++j) {
@@ -142,50 +145,54 @@ static void gather(const float* in, i64 plane, i64 C, i64 T, const int32_t* off,
     std::memset(Xt + C * T * V, 0, sizeof(float) * (Kp - C * T) * V);
 }
 
-// Byte -> 8 lane masks (all ones where the bit is set), for the one-column kernel.
-static uint32_t byte_masks[256][8] __attribute__((aligned(32)));
-static bool byte_masks_ready = [] {
-    for (int b = 0; b < 256; ++b)
-        for (int i = 0; i < 8; ++i) byte_masks[b][i] = ((b >> i) & 1) ? 0xFFFFFFFFu : 0u;
-    return true;
-}();
-
-static inline float hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-// y[j] = 2 * (sum of x where the bit is set) - sum(x): a bitwise AND and an addition per 8 weights.
-static void gemv(const float* x, i64 Kg, const uint8_t* wr, const uint32_t*, i64, i64 j0, i64 j1, float* y, float*) {
-    __m256 s = vzero();
-    for (i64 g = 0; g < Kg; ++g) s = vadd(s, vload(x + g * 8));
-    const float S = hsum(s);
-    i64 j = j0;
-    for (; j + 4 <= j1; j += 4) {
-        const uint8_t* w = wr + j * Kg;
-        __m256 a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (i64 g = 0; g < Kg; ++g) {
-            const __m256 xv = vload(x + g * 8);
-            a0 = vadd(a0, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[g]])));
-            a1 = vadd(a1, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[Kg + g]])));
-            a2 = vadd(a2, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[2 * Kg + g]])));
-            a3 = vadd(a3, _mm256_and_ps(xv, _mm256_load_ps((const float*)byte_masks[w[3 * Kg + g]])));
-        }
-        float p;
-        p = hsum(a0); y[j] = (p + p) - S;
-        p = hsum(a1); y[j + 1] = (p + p) - S;
-        p = hsum(a2); y[j + 2] = (p + p) - S;
-        p = hsum(a3); y[j + 3] = (p + p) - S;
+// One column, 8 outputs per vector: the 8 signed sums of 3 inputs, T_q[n] = sum_{k<3} (bit k of n ?
+// x_{3q+k} : -x_{3q+k}), fill one register, and a permutation (vpermps) looks them up for 8 outputs at
+// once, indexed by each output's 3 weight bits: one permutation and one addition per 3 weights x 8
+// outputs, y_j = sum_q T_q[bits 3q..3q+2 of output j].
+// x: 30 * Kc floats, zero beyond K; w3: [Kc][N] uint32, w3[c][j] = bits 30c..30c+29 of output j in
+// bits 0..29 (a re-grouping of the row, zero beyond K); tables: scratch of 80 * Kc floats.
+static void gemv(const float* x, i64 Kg, const uint8_t*, const uint32_t*, const uint32_t* w3, i64 N, i64 j0, i64 j1,
+                 float* y, float* tables) {
+    const i64 Kc = (Kg * 8 + 29) / 30;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(lane, _mm256_set1_epi32(1)),
+                                                             _mm256_set1_epi32(1)));
+    const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(lane, _mm256_set1_epi32(2)),
+                                                             _mm256_set1_epi32(2)));
+    const __m256 m2 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(lane, _mm256_set1_epi32(4)),
+                                                             _mm256_set1_epi32(4)));
+    for (i64 q = 0; q < 10 * Kc; ++q) {  // T_q: -(x0+x1+x2), plus 2 x_k in the lanes whose bit k is set
+        const float* xq = x + 3 * q;
+        vf t = _mm256_set1_ps(-(xq[0] + xq[1] + xq[2]));
+        t = vadd(t, _mm256_and_ps(_mm256_set1_ps(xq[0] + xq[0]), m0));
+        t = vadd(t, _mm256_and_ps(_mm256_set1_ps(xq[1] + xq[1]), m1));
+        t = vadd(t, _mm256_and_ps(_mm256_set1_ps(xq[2] + xq[2]), m2));
+        vstore(tables + 8 * q, t);
     }
-    for (; j < j1; ++j) {
-        const uint8_t* w = wr + j * Kg;
-        __m256 a = vzero();
-        for (i64 g = 0; g < Kg; ++g)
-            a = vadd(a, _mm256_and_ps(vload(x + g * 8), _mm256_load_ps((const float*)byte_masks[w[g]])));
-        const float p = hsum(a);
-        y[j] = (p + p) - S;
+    for (i64 j = j0; j < j1; j += 16) {  // two blocks of 8 outputs share every table load
+        const i64 n0 = std::min<i64>(8, j1 - j), n1 = std::max<i64>(0, std::min<i64>(8, j1 - j - 8));
+        const __m256i k0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n0), lane);
+        const __m256i k1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n1), lane);
+        vf a0 = vzero(), b0 = vzero(), a1 = vzero(), b1 = vzero();
+        const float* t = tables;
+        for (i64 c = 0; c < Kc; ++c, t += 80) {
+            __m256i i0 = _mm256_maskload_epi32(reinterpret_cast<const int*>(w3 + c * N + j), k0);
+            __m256i i1 = n1 > 0 ? _mm256_maskload_epi32(reinterpret_cast<const int*>(w3 + c * N + j + 8), k1)
+                                : _mm256_setzero_si256();
+            for (int q = 0; q < 10; q += 2) {  // vpermps reads the low 3 bits of every lane
+                const vf t0 = vload(t + 8 * q), t1 = vload(t + 8 * q + 8);
+                a0 = vadd(a0, _mm256_permutevar8x32_ps(t0, i0));
+                a1 = vadd(a1, _mm256_permutevar8x32_ps(t0, i1));
+                i0 = _mm256_srli_epi32(i0, 3);
+                i1 = _mm256_srli_epi32(i1, 3);
+                b0 = vadd(b0, _mm256_permutevar8x32_ps(t1, i0));
+                b1 = vadd(b1, _mm256_permutevar8x32_ps(t1, i1));
+                i0 = _mm256_srli_epi32(i0, 3);
+                i1 = _mm256_srli_epi32(i1, 3);
+            }
+        }
+        _mm256_maskstore_ps(y + j, k0, vadd(a0, b0));
+        if (n1 > 0) _mm256_maskstore_ps(y + j + 8, k1, vadd(a1, b1));
     }
 }
 }  // namespace isa_avx2
@@ -233,8 +240,8 @@ static inline vf perm(__m512i idx, vf table) {  // vpermps (the maskz form: GCC 
 
 static inline __m512i shr4(__m512i v) { return _mm512_maskz_srli_epi32((__mmask16)0xFFFF, v, 4); }
 
-static void gemv(const float* x, i64 Kg, const uint8_t*, const uint32_t* wq, i64 N, i64 j0, i64 j1, float* y,
-                 float* tables) {
+static void gemv(const float* x, i64 Kg, const uint8_t*, const uint32_t* wq, const uint32_t*, i64 N, i64 j0, i64 j1,
+                 float* y, float* tables) {
     const i64 Kq = (Kg + 3) / 4;
     for (i64 q = 0; q < 8 * Kq; ++q) {  // T_q: start from -(x0+x1+x2+x3), add 2 x_k where bit k is set
         const float* xq = x + 4 * q;
@@ -278,8 +285,8 @@ namespace {
 const Isa ISAS[3] = {
     {"scalar", isa_scalar::V, 4, 8.0, 1.0, isa_scalar::gather, isa_scalar::lut_tile, isa_scalar::gemv,
      isa_scalar::lut4_tile, 8, 0.7, 1.0},
-    {"avx2", isa_avx2::V, 4, 2.0, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv, isa_avx2::lut4_tile,
-     8, 0.82, 1.0},
+    {"avx2", isa_avx2::V, 4, 0.38, 1.0, isa_avx2::gather, isa_avx2::lut_tile, isa_avx2::gemv, isa_avx2::lut4_tile,
+     8, 0.82, 19.0},
     {"avx512", isa_avx512::V, 8, 0.135, 1.0, isa_avx512::gather, isa_avx512::lut_tile, isa_avx512::gemv,
      isa_avx512::lut4_tile, 8, 0.52, 12.0},
 };
@@ -402,7 +409,8 @@ int bcnn_set_isa(int i) {
 // 3 = two 16-entry tables per byte.
 // Returns 0, or a negative code: -1 bad geometry, -2 out of memory, -3 a channel plane over 2^31 floats.
 int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
-                i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, const uint32_t* wq, i64 N, const float* scale,
+                i64 dh, i64 dw, const uint8_t* wt, const uint8_t* wr, const uint32_t* wq, const uint32_t* w3, i64 N,
+                const float* scale,
                 const float* offset, int relu, float* Y, int nthreads, int mode) {
     Geom g{B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
     if (B < 1 || C < 1 || H < 1 || W < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 ||
@@ -434,7 +442,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
 
     if (use_gemv) {
         // One column at a time; columns split among threads, or outputs when there are few columns.
-        const i64 xlen = ((Kg + 3) / 4) * 32;
+        const i64 xlen = std::max(((Kg + 3) / 4) * 32, ((Kg * 8 + 29) / 30) * 30);
         const bool split_cols = P >= nt;
         const i64 NB = ((N + 31) / 32);  // outputs split among threads in blocks of 32
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -446,7 +454,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
 #endif
             float* x = t_xt.get(xlen);
             float* y = t_yt.get(N);
-            float* gtab = t_tables.get(((Kg + 3) / 4) * 128);
+            float* gtab = t_tables.get(std::max(((Kg + 3) / 4) * 128, ((Kg * 8 + 29) / 30) * 80));
             if (!x || !y || !gtab) {
 #pragma omp atomic write
                 status = -2;
@@ -457,7 +465,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
                 std::memset(x, 0, sizeof(float) * xlen);
                 for (i64 col = c0; col < c1; ++col) {
                     for (i64 k = 0; k < K; ++k) x[k] = X[k * P + col];
-                    I.gemv(x, Kg, wr, wq, N, j0, j1, y, gtab);
+                    I.gemv(x, Kg, wr, wq, w3, N, j0, j1, y, gtab);
                     for (i64 j = j0; j < j1; ++j) {
                         float v = y[j] * scale[j] + offset[j];
                         if (relu) v = std::max(v, 0.f);
@@ -513,6 +521,7 @@ struct bcnn_layer {
     const uint8_t* wt;
     const uint8_t* wr;
     const uint32_t* wq;
+    const uint32_t* w3;
     const float* scale;
     const float* offset;
     i64 relu;
@@ -520,7 +529,7 @@ struct bcnn_layer {
 
 int bcnn_layer_forward(const bcnn_layer* L, const float* X, i64 B, float* Y, int nthreads, int mode) {
     return bcnn_conv2d(X, B, L->C, L->H, L->W, L->kh, L->kw, L->sh, L->sw, L->ph, L->pw, L->dh, L->dw, L->wt, L->wr,
-                       L->wq, L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
+                       L->wq, L->w3, L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
 }
 
 }  // extern "C"
