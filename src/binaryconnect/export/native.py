@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BinaryConnectError
+from ..errors import BinaryConnectError, ConfigError
 from .pack import unpack_bits
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -162,7 +162,7 @@ class Kernels:
     def set_isa(self, name: str | None) -> str:
         """Force an instruction set (``None``: the best this CPU has); return the one in use."""
         if name is not None and name not in ISAS:
-            raise ValueError(f"unknown instruction set {name!r}; choose one of {', '.join(ISAS)}")
+            raise ConfigError(f"unknown instruction set {name!r} (${ENV_ISA}?); choose one of {', '.join(ISAS)}")
         if self.lib.bcnn_set_isa(-1 if name is None else ISAS.index(name)) < 0:
             raise NativeUnavailable(f"this CPU lacks {name}; it supports {', '.join(self.supported_isas())}")
         return self.isa
