@@ -50,7 +50,7 @@ struct Isa {
     int V;     // columns per tile
     i64 Gc;    // groups of 8 inputs whose tables are kept at once
     // Cost model, in vector operations per group of 8 inputs (fitted to timings on a Sapphire-Rapids-
-    // class Xeon, see BENCHMARKS.md; the choice only affects speed, every kernel gives the same sums):
+    // class Xeon, see BENCHMARKS.md; the choice only affects speed: all give the sums to float32 rounding):
     double gemv_cost;  // `gemv`, per output and column
     double lut_cost;   // `lut_tile`, per lookup (building its tables costs 264 per tile)
     void (*gather)(const float*, i64, i64, i64, const int32_t*, const int32_t*, const uint32_t*, float*, i64);
