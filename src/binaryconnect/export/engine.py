@@ -73,6 +73,20 @@ class _Step:
     out_chw: tuple[int, int, int] = (0, 0, 0)  # native: output channels, height, width
 
 
+def _conv2d_scaled(x: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``scale_o * conv2d(x, weight)_o + offset_o`` of a ``[B, C, H, W]`` batch (the weights float or +-1)."""
+    layer = step.layer
+    x = F.conv2d(x, step.weight, stride=layer["stride"], padding=layer["padding"], dilation=layer["dilation"])
+    return x * step.scale[:, None, None] + step.offset[:, None, None]
+
+
+def _affine(x: torch.Tensor, step: _Step, dim: int) -> torch.Tensor:
+    """``scale_c * x + offset_c`` with the channel (feature) ``c`` along dimension ``dim`` of ``x``."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return x * step.scale.view(shape) + step.offset.view(shape)
+
+
 class PackedModel:
     """A packed network ready to run. ``engine``: ``auto``, ``native`` or ``torch``."""
 
@@ -164,12 +178,9 @@ class PackedModel:
                 if layer["type"] == "linear":
                     x = F.linear(x, step.weight) * step.scale + step.offset
                 else:
-                    x = F.conv2d(x, step.weight, stride=layer["stride"], padding=layer["padding"],
-                                 dilation=layer["dilation"])
-                    x = x * step.scale[:, None, None] + step.offset[:, None, None]
+                    x = _conv2d_scaled(x, step)
             elif step.kind == "affine":
-                shape = (-1,) + (1,) * (x.dim() - 2)
-                x = x * step.scale.view(shape) + step.offset.view(shape)
+                x = _affine(x, step, 1)
             elif step.kind == "relu":
                 x = x.clamp_min(0)
             elif step.kind == "maxpool2d":
@@ -208,15 +219,9 @@ class PackedModel:
                 else:
                     if layout == "cb":
                         x, layout = x.transpose(0, 1).contiguous(), "batch"
-                    x = F.conv2d(x, step.weight, stride=layer["stride"], padding=layer["padding"],
-                                 dilation=layer["dilation"])
-                    x = x * step.scale[:, None, None] + step.offset[:, None, None]
+                    x = _conv2d_scaled(x, step)
             elif step.kind == "affine":
-                if layout == "batch":
-                    shape = (1, -1) + (1,) * (x.dim() - 2)
-                else:
-                    shape = (-1,) + (1,) * (x.dim() - 1)
-                x = x * step.scale.view(shape) + step.offset.view(shape)
+                x = _affine(x, step, 1 if layout == "batch" else 0)
             elif step.kind == "relu":
                 x = x.clamp_min(0)
             elif step.kind == "maxpool2d":

@@ -43,6 +43,13 @@ _ERRORS = {-1: "invalid layer geometry", -2: "out of memory", -3: "a channel pla
            "over 2^31 values: use a smaller batch"}
 
 
+def _checked(rc: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` if the kernel returned 0, else a RuntimeError naming the failure (``_ERRORS``)."""
+    if rc != 0:
+        raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
+    return out
+
+
 class NativeUnavailable(BinaryConnectError):
     """The compiled kernels cannot be built or loaded here (no compiler, failed build, non-x86 CPU...)."""
 
@@ -179,10 +186,7 @@ class Kernels:
         rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), wq.data_ptr(), w3.data_ptr(),
                         scale.shape[0], scale.data_ptr(), offset.data_ptr(), int(relu), out.data_ptr(), int(threads),
                         int(mode))
-        if rc != 0:
-            raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
-        return out
-
+        return _checked(rc, out)
 
     def layer(self, c: int, h: int, w: int, kernel, stride, padding, dilation, wr: torch.Tensor,
               scale: torch.Tensor, offset: torch.Tensor, relu: bool) -> LayerDesc:
@@ -199,9 +203,7 @@ class Kernels:
                 mode: int = 0) -> torch.Tensor:
         """Run the layer ``desc`` on ``x`` [C, batch, H, W] (float32, contiguous) into ``out``."""
         rc = self._layer(desc, x.data_ptr(), batch, out.data_ptr(), threads, mode)
-        if rc != 0:
-            raise RuntimeError(f"binaryconnect kernel failed: {_ERRORS.get(rc, rc)}")
-        return out
+        return _checked(rc, out)
 
 
 _lock = threading.Lock()
