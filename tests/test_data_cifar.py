@@ -19,7 +19,7 @@ from PIL import Image
 
 from binaryconnect.config import recipe_config
 from binaryconnect.data import cache as cache_mod
-from binaryconnect.data import cifar, load_dataset
+from binaryconnect.data import cifar, download_file, load_dataset
 from binaryconnect.data.augment import RandomCropFlip, crop_flip, make_augmentation
 from binaryconnect.errors import ConfigError, DataError
 
@@ -121,6 +121,31 @@ def test_missing_cifar_names_what_to_do(tmp_path):
         load_dataset("cifar10", tmp_path, download=False, source="official")
     with pytest.raises(ConfigError, match="source"):
         load_dataset("cifar10", tmp_path, download=False, source="png")
+
+
+def test_failed_download_leaves_no_partial_archive(tmp_path, monkeypatch):
+    """A download that writes part of the archive and then fails (network error, wrong MD5) must leave
+    nothing under the archive's name, where the next run would take it for the real one."""
+    import torchvision.datasets.utils as tv_utils
+
+    def partial_then_fail(url, root, filename=None, md5=None):
+        (Path(root) / filename).write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(tv_utils, "download_url", partial_then_fail)
+    with pytest.raises(DataError, match="could not be downloaded.*connection reset"):
+        load_dataset("cifar10", tmp_path, download=True, source="official")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == []
+
+    payload = b"the archive"
+
+    def complete(url, root, filename=None, md5=None):
+        (Path(root) / filename).write_bytes(payload)
+
+    monkeypatch.setattr(tv_utils, "download_url", complete)
+    path = download_file(cifar.OFFICIAL_URL, tmp_path / "d", cifar.OFFICIAL_ARCHIVE, cifar.OFFICIAL_ARCHIVE_MD5)
+    assert path == tmp_path / "d" / cifar.OFFICIAL_ARCHIVE and path.read_bytes() == payload
+    assert [p.name for p in (tmp_path / "d").iterdir()] == [cifar.OFFICIAL_ARCHIVE]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,10 +32,14 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "binaryconnect"
 
 
+def _canonical(parts: dict) -> str:
+    """``parts`` with ``CACHE_FORMAT`` added, as canonical JSON (what the key hashes and the entry stores)."""
+    return json.dumps({**parts, "cache_format": CACHE_FORMAT}, sort_keys=True, separators=(",", ":"))
+
+
 def cache_key(parts: dict) -> str:
     """Hex SHA-256 (first 32 digits) of ``parts`` as canonical JSON, with ``CACHE_FORMAT`` added."""
-    text = json.dumps({**parts, "cache_format": CACHE_FORMAT}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(_canonical(parts).encode()).hexdigest()[:32]
 
 
 def source_fingerprint(path: Path) -> str:
@@ -111,7 +115,7 @@ def cached_tensors(
     """
     if not enabled:
         return build(), False
-    parts_json = json.dumps({**parts, "cache_format": CACHE_FORMAT}, sort_keys=True, separators=(",", ":"))
+    parts_json = _canonical(parts)
     path = _entry_path(kind, cache_key(parts))
     if path.is_file():
         tensors = _read(path, parts_json)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import Splits, file_digest, register_dataset
+from . import Splits, download_file, file_digest, register_dataset
 from .augment import make_augmentation
 from .cache import cached_tensors, source_fingerprint
 from .preprocess import preprocess_splits, preprocessing_params
@@ -117,10 +117,8 @@ def _official_files(root: Path, download: bool) -> Callable[[str], bytes] | None
         return lambda n: (folder / n).read_bytes()
     archive = root / OFFICIAL_ARCHIVE
     if not archive.is_file() and download:
-        from torchvision.datasets.utils import download_url
-
         try:
-            download_url(OFFICIAL_URL, str(root), filename=OFFICIAL_ARCHIVE, md5=OFFICIAL_ARCHIVE_MD5)
+            download_file(OFFICIAL_URL, root, OFFICIAL_ARCHIVE, OFFICIAL_ARCHIVE_MD5)
         except Exception as exc:  # network errors come in many types
             raise DataError(
                 f"CIFAR-10 is missing from {root} and could not be downloaded from {OFFICIAL_URL} ({exc}). "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import Splits, register_dataset, verify_checksum
+from . import Splits, download_file, register_dataset, verify_checksum
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 FILES = {
@@ -32,12 +32,10 @@ FILES = {
 
 
 def _download(raw: Path, filename: str, md5: str) -> None:
-    from torchvision.datasets.utils import download_url
-
     errors = []
     for mirror in MIRRORS:
         try:
-            download_url(mirror + filename, str(raw), filename=filename, md5=md5)
+            download_file(mirror + filename, raw, filename, md5)
             return
         except Exception as exc:  # network errors come in many types
             errors.append(f"{mirror}: {exc}")

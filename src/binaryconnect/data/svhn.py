@@ -19,14 +19,13 @@ is offered; horizontal flips change digits, so ``crop-flip`` is a poor choice he
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import Splits, register_dataset
+from . import Splits, download_file, file_digest, register_dataset
 from .cifar import build_splits
 
 #: split -> (file name, official MD5, URL), as in torchvision.datasets.SVHN.
@@ -73,11 +72,8 @@ def _locate(root: Path, splits: list[str], download: bool) -> dict[str, Path]:
         else:
             if not download:
                 continue
-            from torchvision.datasets.utils import download_url
-
             try:
-                download_url(url, str(folder), filename=name, md5=md5)
-                found[split] = folder / name
+                found[split] = download_file(url, folder, name, md5)
             except Exception as exc:  # network errors come in many types
                 raise DataError(f"SVHN {name} is missing from {folder} and could not be downloaded ({exc}). Put "
                                 "the official .mat files there, or point --data-dir at the folder holding SVHN/."
@@ -157,11 +153,7 @@ def load_svhn(
     digests = {}
     for split in splits:
         name, md5, _ = FILES[split]
-        h = hashlib.md5()
-        with open(paths[split], "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[split] = h.hexdigest()
+        digests[split] = file_digest(paths[split], "md5")
         if verify and digests[split] != md5:
             raise DataError(f"checksum mismatch for {paths[split]}: expected md5 {md5}, got {digests[split]}. The "
                             "file is corrupt or not the official release: delete it and download it again.")
