@@ -206,5 +206,6 @@ def test_engine_input_handling(engine):
     torch.testing.assert_close(packed(x[::2]), expected[::2], rtol=1e-5, atol=1e-5)  # non-contiguous
     assert packed(x[:0]).shape == (0, 10)
     assert torch.equal(packed.predict(x, batch_size=3), expected.argmax(1))
+    assert packed.predict(x[:0]).dtype == torch.int64 and packed.predict(x[:0]).shape == (0,)
     with pytest.raises(ConfigError, match="does not match the model's input shape \\[batch, 1, 28, 28\\]"):
         packed(torch.rand(2, 784))

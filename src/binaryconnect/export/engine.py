@@ -166,6 +166,8 @@ class PackedModel:
 
     def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Predicted classes (int64) of ``x``, in batches."""
+        if len(x) == 0:
+            return torch.empty(0, dtype=torch.int64)
         return torch.cat([self.forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
     # ---- pure PyTorch: batch-major, weights unpacked at load ----
