@@ -20,35 +20,19 @@ from torch import nn
 
 from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_state
 from binaryconnect.cli import main
-from binaryconnect.config import recipe_config
 from binaryconnect.errors import TrainingDiverged
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binary_layers, set_generator
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.optim import make_optimizer
 from binaryconnect.train import fit, resume
+from helpers import quiet as _quiet
+from helpers import small_config as _small
 
 # torchvision's MNIST resources: the official MD5 of each file
 OFFICIAL_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
                 "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
                 "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
                 "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _small(**kw):
-    base = dict(train_subset=2000, epochs=2, batch_size=100, device="cpu", model_kwargs={"hidden": 64, "depth": 2})
-    return recipe_config("mnist-deterministic", **{**base, **kw})
-
-
-def _quiet(*args, **kwargs):
-    pass
 
 
 def _cli(args: list[str], data_root, **env) -> subprocess.CompletedProcess:

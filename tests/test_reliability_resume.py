@@ -28,6 +28,8 @@ from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 from binaryconnect.errors import CheckpointError, ConfigError, TrainingInterrupted
 from binaryconnect.train import fit, resume
+from helpers import quiet as _quiet
+from helpers import small_config as _small
 
 SMALL = ["--train-subset", "2000", "--hidden", "64", "--epochs", "3", "--batch-size", "100", "--device", "cpu",
          "--no-progress", "--checkpoint-every", "4"]
@@ -155,23 +157,6 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume_exactly(tmp_path, data_root,
 
 
 # --- in-process tests (one thread, like the subprocesses) ---
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _small(**kw):
-    base = dict(train_subset=2000, epochs=2, batch_size=100, device="cpu", model_kwargs={"hidden": 64, "depth": 2})
-    return recipe_config("mnist-deterministic", **{**base, **kw})
-
-
-def _quiet(*args, **kwargs):
-    pass
 
 
 def _call_hook(data, at: int, action):
