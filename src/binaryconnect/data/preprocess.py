@@ -102,9 +102,13 @@ class ZCA:
         cov /= n
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         eigenvalues = eigenvalues.clamp_min(0.0)  # round-off can make the smallest slightly negative
+        # numerical rank as in numpy.linalg.matrix_rank: eigenvalues below d * eps * max are round-off zeros
+        tolerance = eigenvalues.max() * d * torch.finfo(torch.float64).eps
+        if self.filter_bias == 0 and eigenvalues.min() <= tolerance:
+            raise ConfigError(f"ZCA with filter_bias 0 on a rank-deficient covariance (smallest eigenvalue "
+                              f"{eigenvalues.min().item():.3g} of {eigenvalues.max().item():.3g}; GCN removes one "
+                              "direction exactly): use a positive filter bias")
         scale = (eigenvalues + self.filter_bias).rsqrt()
-        if not torch.isfinite(scale).all():
-            raise ConfigError("ZCA with filter_bias 0 on a rank-deficient covariance: use a positive filter bias")
         self.mean = mean
         self.matrix = (eigenvectors * scale) @ eigenvectors.T
         self.eigenvalues = eigenvalues
