@@ -57,6 +57,9 @@ def test_malformed_archive_is_reported_without_checksum(data_root, tmp_path):
 def test_bad_validation_size(data_root):
     with pytest.raises(ConfigError, match="val_size"):
         load_dataset("mnist", data_root, download=False, val_size=60_000)
+    for bad in (True, 1.5, "100"):  # True is an int to Python, not a size
+        with pytest.raises(ConfigError, match="val_size"):
+            load_dataset("mnist", data_root, download=False, val_size=bad)
 
 
 def test_unknown_dataset():

@@ -151,6 +151,8 @@ def test_missing_and_malformed_files(svhn_root, tmp_path):
 def test_validation_size_rules(svhn_root):
     with pytest.raises(ConfigError, match="multiple of 10"):
         load_dataset("svhn", svhn_root, val_size=25, download=False, verify=False)
+    with pytest.raises(ConfigError, match="got True"):
+        load_dataset("svhn", svhn_root, val_size=True, download=False, verify=False)
     with pytest.raises(ConfigError, match="fewer than the 7"):
         load_dataset("svhn", svhn_root, val_size=70, download=False, verify=False)
 

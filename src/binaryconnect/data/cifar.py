@@ -316,7 +316,7 @@ def build_splits(
     """
     transform = make_augmentation(augment)  # validate options before any work
     params = preprocessing_params(preprocess, gcn_scale, zca_bias, **lcn)
-    if not isinstance(val_size, int) or val_size < 1:
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 1:
         raise ConfigError(f"val_size must be a positive integer, got {val_size!r}")
     source = {"dataset": dataset, "source": fingerprint}
 

@@ -101,6 +101,8 @@ def _labels(path: Path) -> torch.Tensor:
 @register_dataset("mnist")
 def load_mnist(root: Path, val_size: int = 10_000, download: bool = True, verify: bool = True) -> Splits:
     """MNIST as ``Splits``: train = the first ``60000 - val_size`` images, validation = the rest."""
+    if not isinstance(val_size, int) or isinstance(val_size, bool):  # before any reading
+        raise ConfigError(f"val_size must be a positive integer, got {val_size!r}")
     paths = _locate(Path(root), download)
     if verify:
         for key, (_, md5) in FILES.items():

@@ -146,7 +146,7 @@ def load_svhn(
     """SVHN as ``Splits``: train (+ extra when ``extra=True``) minus a class-balanced validation set of
     ``val_size`` examples; the 26,032 test images. Preprocessing ``gcn-lcn`` (the paper) by default."""
     root = Path(root)
-    if not isinstance(val_size, int) or val_size < 10:
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 10:
         raise ConfigError(f"SVHN val_size must be a positive multiple of 10, got {val_size!r}")
     splits = ["train", "test"] + (["extra"] if extra else [])
     paths = _locate(root, splits, download)
