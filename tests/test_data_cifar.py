@@ -257,6 +257,18 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
             load_dataset("imagefolder", tmp_path, path=str(evil), cache=False)
     assert not (tmp_path.parent / "evil").exists()
 
+    twice = tmp_path / "twice.tar"  # a member listed twice (tar -r), or two trees: refused, not both kept
+    with tarfile.open(twice, "w") as tar:
+        tar.add(tree, arcname="top")
+        tar.add(tree / "train" / "cat", arcname="top/train/cat")
+    with pytest.raises(DataError, match=r"holds train/cat/\S+ more than once \(6 repeated images\)"):
+        load_dataset("imagefolder", tmp_path, path=str(twice), cache=False)
+    with tarfile.open(twice, "w") as tar:
+        tar.add(tree, arcname="a")
+        tar.add(tree, arcname="b")
+    with pytest.raises(DataError, match="more than once"):
+        load_dataset("imagefolder", tmp_path, path=str(twice), cache=False)
+
 
 def test_imagefolder_errors(tmp_path):
     tree = _make_tree(tmp_path / "tree")

@@ -29,6 +29,7 @@ cached (``cache.cached_tensors``), keyed by the source's digest and every option
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import tarfile
 import warnings
@@ -262,6 +263,13 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     path = Path(path)
     items = _collect_folder(path) if path.is_dir() else _collect_archive(path)
     items.sort(key=lambda it: (it[0], it[1], it[2]))
+    keys = [it[:3] for it in items]
+    repeated = [k for k, nxt in itertools.pairwise(keys) if k == nxt]
+    if repeated:  # an archive can list a member twice, or hold two trees: neither is one dataset
+        s, c, f = repeated[0]
+        raise DataError(f"{path} holds {s}/{c}/{f} more than once ({len(repeated)} repeated images): an "
+                        "ImageFolder dataset needs one tree with unique file names (a tar archive appended to, "
+                        "or two copies of the tree?)")
     classes = sorted({c for s, c, _, _ in items if s == "train"})
     if len(classes) < 2:
         raise DataError(f"{path} is not an ImageFolder tree: it needs train/<class>/<image> files for at least "
