@@ -117,7 +117,7 @@ def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>", si
     return header
 
 
-def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes with the metadata in sorted key order (the library writes it in hash order,
     which differs between processes), so that equal contents give byte-identical files."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
@@ -132,7 +132,7 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> by
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Save ``tensors`` with string ``metadata`` as safetensors, atomically. Returns the file size."""
-    data = _serialize(tensors, metadata)
+    data = serialize_tensors(tensors, metadata)
     atomic_write_bytes(path, data)
     return len(data)
 

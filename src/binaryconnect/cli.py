@@ -231,22 +231,23 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .export import PackedModel, export_run, summarize
+    from .export import PackedModel, summarize
+    from .export.convert import export_loaded_run
     from .export.tools import dataset_of, evaluate_packed, model_predictions
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    net = export_run(args.run)
+    from .train import load_run_with_metadata
+
+    model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
+    net = export_loaded_run(args.run, model, config, meta)
     size = net.save(out)
     total = summarize(net)["total"]
     result = {"out": str(out), "bytes": size, "float32_bytes": total.float32_bytes,
               "compression": total.float32_bytes / size, "binary_params": total.binary_params,
               "params": total.params}
     if args.evaluate:
-        from .train import load_run
-
-        model, _ = load_run(args.run)
         data = dataset_of(net, args.data_dir)
         reference = model_predictions(model, data.test_x)
         packed = PackedModel(net, engine=args.engine)

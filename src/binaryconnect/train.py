@@ -445,6 +445,12 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
 
 def load_run(path: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """The best model of a run directory (or a model file) in eval mode, and its configuration."""
+    model, config, _ = load_run_with_metadata(path, device)
+    return model, config
+
+
+def load_run_with_metadata(path: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig, dict[str, str]]:
+    """``load_run`` and the model file's metadata (input shape, number of classes, epoch ...), from one read."""
     path = Path(path)
     model_path = path / "model.safetensors" if path.is_dir() else path
     if path.is_dir() and not model_path.is_file():
@@ -461,4 +467,4 @@ def load_run(path: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainCon
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{model_path} does not match its configuration: {exc}") from None
-    return model.to(resolve_device(device)).eval(), config
+    return model.to(resolve_device(device)).eval(), config, metadata

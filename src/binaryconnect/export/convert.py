@@ -218,13 +218,14 @@ def export_model(model: nn.Module, input_shape, num_classes: int | None = None, 
 
 def export_run(path: str | Path) -> PackedNetwork:
     """Export the best model of a run directory (or its model.safetensors)."""
-    from ..checkpoint import load_model_file
-    from ..train import load_run
+    from ..train import load_run_with_metadata
 
+    return export_loaded_run(path, *load_run_with_metadata(path))
+
+
+def export_loaded_run(path: str | Path, model: nn.Module, config, meta: dict[str, str]) -> PackedNetwork:
+    """``export_run`` of a run already loaded by ``train.load_run_with_metadata(path)``."""
     path = Path(path)
-    model, config = load_run(path)
-    model_path = path / "model.safetensors" if path.is_dir() else path
-    _, _, meta = load_model_file(model_path)
     input_shape = json.loads(meta["input_shape"])
     num_classes = int(meta["num_classes"])
     source = {"run": str(path), "model": config.model, "model_kwargs": config.model_kwargs,

@@ -39,8 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from ..checkpoint import _serialize as serialize_safetensors
-from ..checkpoint import atomic_write_bytes, read_safetensors_header
+from ..checkpoint import atomic_write_bytes, read_safetensors_header, serialize_tensors
 from ..errors import CheckpointError
 from .pack import packed_size, padding_bits_are_zero
 
@@ -260,7 +259,7 @@ class PackedNetwork:
 
     def to_bytes(self) -> bytes:
         """The file's bytes (safetensors; metadata keys sorted, so equal networks give identical bytes)."""
-        return serialize_safetensors(self.tensors, self.metadata())
+        return serialize_tensors(self.tensors, self.metadata())
 
     def save(self, path: str | os.PathLike) -> int:
         """Validate, then write ``path`` atomically; return its size in bytes."""
