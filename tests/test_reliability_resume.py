@@ -258,6 +258,20 @@ def test_allowed_changes_are_applied_and_recorded(tmp_path, mnist, one_thread, c
         resume(run, progress=False, log=_quiet, data=mnist, epochs=2)
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path, mnist, one_thread, capsys):
+    run = tmp_path / "run"
+    done = fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in run.iterdir()}
+    assert resume(run, progress=False, log=print, data=mnist) == done
+    out = capsys.readouterr().out
+    assert f"{run} already finished its 1 epochs" in out and "nothing to do; pass a larger --epochs" in out
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in run.iterdir()} == before
+    # without its summary (a crash after the last checkpoint) the run is completed again, as before
+    (run / "summary.json").unlink()
+    again = resume(run, progress=False, log=_quiet, data=mnist)
+    assert again["test_error"] == done["test_error"] and (run / "summary.json").is_file()
+
+
 def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_thread):
     run = tmp_path / "run"
     fit(_small(epochs=1, data_dir=None), run, progress=False, log=_quiet, data=mnist)

@@ -235,8 +235,23 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
         config, changes = resume_config(saved, **overrides)
     except ConfigError as exc:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    finished = _finished_summary(run_dir)
+    if finished is not None and state.get("epoch") == config.epochs and state.get("step") == 0:
+        log(f"{run_dir} already finished its {config.epochs} epochs (test error {100 * finished['test_error']:.2f}% "
+            f"at best validation epoch {finished['best_epoch']}): nothing to do; pass a larger --epochs to train "
+            "it further")
+        return finished
     remove_stale_temp_files(run_dir)
     return _run(config, run_dir, progress, log, data, checkpoint=(tensors, state), changes=changes)
+
+
+def _finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a finished run (its summary.json), None if there is none or it is unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return summary if {"test_error", "best_epoch"} <= summary.keys() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
