@@ -231,10 +231,11 @@ def test_resume_refuses_a_different_architecture_binarization_dataset_or_seed(tm
                                               rf"{message}.*only epochs, device"):
             resume(run, progress=False, log=_quiet, data=mnist, **overrides)
 
-    # the same options but other training data (labels shifted): refused by the data fingerprint
+    # the same options but other training data (labels shifted) for one more epoch: refused by the data
+    # fingerprint (without more epochs the finished run has nothing to train: "nothing to do", data unused)
     shifted = dataclasses.replace(mnist, train_y=(mnist.train_y + 1) % 10)
     with pytest.raises(CheckpointError, match="training data differ from those the run was started with"):
-        resume(run, progress=False, log=_quiet, data=shifted)
+        resume(run, progress=False, log=_quiet, data=shifted, epochs=2)
     assert (run / CHECKPOINT_NAME).read_bytes() == before  # a refused resume changes nothing
 
 
