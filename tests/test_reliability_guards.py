@@ -79,6 +79,38 @@ def test_nan_loss_stops_before_the_step_and_leaves_the_last_checkpoint_intact(tm
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("bad_step, detected", [(18, "before the optimizer step of step 19"),
+                                                 (20, "after step 20")])
+def test_nan_found_by_a_checking_interval_is_named_exactly_and_nothing_is_saved(
+        tmp_path, mnist, one_thread, monkeypatch, bad_step, detected):
+    """On a GPU the loss is checked every few steps (not to stall the device), and before any write. With an
+    interval of 4 forced on the CPU and a checkpoint every 5 steps: checks at steps 4, 5, 9, 10, 14, 15, 19 and
+    the epoch's end (20). A NaN at step 18 is found before the optimizer step of step 19; one at step 20 after
+    its optimizer step, before the epoch's evaluation. Either way the step is named, the checkpoint of step 15
+    is untouched and resuming it on clean data ends exactly as a run that never saw the NaN."""
+    monkeypatch.setattr("binaryconnect.train.finite_check_interval", lambda device: 4)
+    config = _small(binarization="stochastic", checkpoint_every=5, epochs=1)
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    fit(config, reference, progress=False, log=_quiet, data=mnist)
+    calls, snapshot = {"n": 0}, {}
+
+    def poison(x, generator):
+        calls["n"] += 1
+        if calls["n"] == bad_step:
+            snapshot["checkpoint"] = (run / CHECKPOINT_NAME).read_bytes()
+            return x * math.nan
+        return x
+
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at epoch 1, step {bad_step}: detected {detected} "
+                                               r"\(on cpu the loss is checked every 4 steps.*nothing was saved "
+                                               r"since; the last good checkpoint \(epoch 1, step 15\)"):
+        fit(config, run, progress=False, log=_quiet, data=dataclasses.replace(mnist, train_transform=poison))
+    assert (run / CHECKPOINT_NAME).read_bytes() == snapshot["checkpoint"]
+    assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
+    resume(run, progress=False, log=_quiet, data=mnist)
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 def test_diverging_run_exits_with_code_3_and_one_line(tmp_path, data_root):
     """A learning rate of 1e30 blows the batch-norm parameters up: the loss is inf at the second step."""
     run = tmp_path / "run"

@@ -16,7 +16,10 @@ Guarantees (each tested in tests/test_reliability_*.py): on the CPU a run killed
 ends bit-identical to an uninterrupted run of the same seed (model, optimizer, learning-rate position,
 epoch permutation, running loss and every random generator are restored); SIGINT/SIGTERM finish the
 step, write a checkpoint and raise ``TrainingInterrupted`` (exit code 130/143); a non-finite loss raises
-``TrainingDiverged`` before the optimizer step, leaving the last checkpoint as it was.
+``TrainingDiverged``, leaving the last checkpoint as it was. On the CPU the loss is checked before every
+optimizer step; on a GPU, where reading it back every step would stall the device, the losses of the last
+``finite_check_interval`` steps are checked together, and always before anything is written: the first
+bad step is still named exactly, and no weight it touched is ever saved.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ from .losses import square_hinge_loss
 from .models import create_model
 from .optim import exponential_lr, make_optimizer, set_lr
 from .speed import training_forward
+
+
+def finite_check_interval(device: torch.device) -> int:
+    """Steps between two checks of the loss for NaN/Inf: every step on the CPU (free there); on an
+    accelerator, every 64 steps, so that the host does not wait for the device at every step."""
+    return 1 if device.type == "cpu" else 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -300,13 +309,39 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     start = time.perf_counter()
     last_saved = f"epoch {p.epoch + 1}, step {p.step}"
 
-    def write_checkpoint() -> None:
+    # --- the NaN/Inf guard: losses since the last check, checked every `check_every` steps, before any write ---
+    check_every = finite_check_interval(device)
+    window = torch.zeros(check_every, device=device)
+    pending = {"n": 0, "first": 0}  # losses in the window; the epoch step of the first (0-based)
+
+    def check_finite(epoch: int, before_step: bool) -> None:
+        """Raise TrainingDiverged if a loss of the window is NaN/Inf: ``before_step``, before the optimizer
+        step of the window's last step; else after it (before a checkpoint or the epoch's evaluation)."""
+        n, first = pending["n"], pending["first"]
+        pending["n"] = 0
+        if n == 0 or torch.isfinite(window[:n]).all():
+            return
+        bad = int((~torch.isfinite(window[:n])).nonzero()[0])
+        value, where = window[bad].item(), f"epoch {epoch + 1}, step {first + bad + 1}"
+        if before_step and bad == n - 1:
+            when = "training stopped before the optimizer step"
+        else:
+            when = (f"detected {'before the optimizer step of' if before_step else 'after'} step {first + n} (on "
+                    f"{device.type} the loss is checked every {check_every} steps, not to stall the device, and "
+                    "before anything is written); nothing was saved since")
+        raise TrainingDiverged(
+            f"loss became {value} at {where}: {when}; the last good checkpoint ({last_saved}) is untouched in "
+            f"{checkpoint_path}. Lower the learning rate (--lr-start) or check the data."
+        )
+
+    def write_checkpoint(epoch: int) -> None:
         nonlocal last_saved
+        check_finite(epoch, before_step=False)
         _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
 
     if checkpoint is None:
-        write_checkpoint()  # at step 0: a run can be resumed from its very start
+        write_checkpoint(p.epoch)  # at step 0: a run can be resumed from its very start
     atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
     metrics_path = run_dir / "metrics.jsonl"
     atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
@@ -339,22 +374,23 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 loss = square_hinge_loss(forward(xb), data.train_y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped "
-                        f"before the optimizer step; the last good checkpoint ({last_saved}) is untouched in "
-                        f"{checkpoint_path}. Lower the learning rate (--lr-start) or check the data."
-                    )
+                if pending["n"] == 0:
+                    pending["first"] = step
+                window[pending["n"]] = loss.detach()
+                pending["n"] += 1
+                if pending["n"] == check_every:  # before the step: with an interval of 1, a bad loss changes nothing
+                    check_finite(epoch, before_step=True)
                 optimizer.step()  # also clips the latent weights to [-H, H]
                 loss_sum += loss.detach()
                 p.step, p.global_step = step + 1, p.global_step + 1
                 every = config.checkpoint_every
                 if stop.signum or (every and p.global_step % every == 0 and p.step < steps):
                     p.loss_sum = loss_sum
-                    write_checkpoint()
+                    write_checkpoint(epoch)
                     if stop.signum:
                         raise _interrupted(stop.signum, f"at epoch {epoch + 1}, step {p.step}", checkpoint_path)
             p.loss_sum = loss_sum
+            check_finite(epoch, before_step=False)  # the epoch's last losses, before evaluating and saving
 
             # --- evaluate; keep the best-validation model ---
             val_error, _ = evaluate(model, data.val_x, data.val_y, config.eval_batch_size, config.eval_samples)
@@ -375,7 +411,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
-            write_checkpoint()
+            write_checkpoint(epoch)
             if stop.signum:
                 raise _interrupted(stop.signum, f"after epoch {epoch + 1}", checkpoint_path)
 
