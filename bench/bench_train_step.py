@@ -12,6 +12,7 @@ hardware and software versions.
     python bench/bench_train_step.py                          # CUDA if present, else CPU
     python bench/bench_train_step.py --device cpu --batch-size 8 --steps 3 --rounds 3
     python bench/bench_train_step.py --compile --amp bf16 --channels-last     # the fast GPU path
+    python bench/bench_train_step.py --network mnist                          # the MNIST MLP, batch 100
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -41,7 +42,15 @@ from binaryconnect.optim import make_optimizer  # noqa: E402
 from binaryconnect.speed import AMP_MODES, training_forward  # noqa: E402
 
 VARIANTS = ("none", "deterministic", "stochastic")  # float, deterministic, stochastic BinaryConnect
-NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS}
+NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS, "mnist": None}  # mnist: the paper's MLP
+
+
+def build(network: str, hidden: int, binarization: str = "none") -> torch.nn.Module:
+    """The paper's network for ``network``: a convnet, or for mnist the 784-input MLP (3 hidden layers)."""
+    if network == "mnist":
+        return create_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=hidden, depth=3,
+                            bn_momentum=0.15, binarization=binarization)
+    return create_model("convnet", channels=NETWORKS[network], hidden=hidden, binarization=binarization)
 
 
 def environment(device: torch.device) -> dict:
@@ -72,8 +81,7 @@ def loadavg() -> str:
 
 def make_variant(binarization: str, state: dict, args, device: torch.device):
     """Model (initial weights ``state``), optimizer and step function of one variant."""
-    model = create_model("convnet", channels=NETWORKS[args.network], hidden=args.hidden,
-                         binarization=binarization).to(device)
+    model = build(args.network, args.hidden, binarization).to(device)
     model.load_state_dict(state)
     model.train()
     set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--network", choices=sorted(NETWORKS), default="cifar10")
     p.add_argument("--hidden", type=int, default=1024, help="units of the dense layers (paper: 1024)")
-    p.add_argument("--batch-size", type=int, help="default: 50 (the paper's) on CUDA, 8 on CPU")
+    p.add_argument("--batch-size", type=int, help="default: the paper's (50; mnist 100) on CUDA, 8 on CPU "
+                                                  "(mnist: 100)")
     p.add_argument("--steps", type=int, help="timed steps per variant and round (default: 50 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 10 CUDA, 1 CPU; "
                                               "compilation happens here)")
@@ -113,15 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     on_gpu = device.type == "cuda"
-    batch = args.batch_size or (50 if on_gpu else 8)
+    batch = args.batch_size or (100 if args.network == "mnist" else 50 if on_gpu else 8)
     steps = args.steps or (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     if on_gpu:
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(0)
-    state = create_model("convnet", channels=NETWORKS[args.network], hidden=args.hidden).state_dict()
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    state = build(args.network, args.hidden).state_dict()
+    x = torch.randn(batch, *((1, 28, 28) if args.network == "mnist" else (3, 32, 32)), device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     load_before = loadavg()
 
@@ -163,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device {device}: {hw}" + (f" (CUDA {env['cuda']}, cuDNN {env['cudnn']})" if on_gpu else
                                       f", {env['threads']} torch threads, {env['cpu_count']} CPUs"))
     print(f"load average before / after: {load_before} / {result['loadavg_after']}")
-    print(f"network {args.network} convnet (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
+    kind = "MLP, 3 hidden layers" if args.network == "mnist" else "convnet"
+    print(f"network {args.network} {kind} (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
           f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} amp={args.amp} "
           f"channels_last={args.channels_last}")
     names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}

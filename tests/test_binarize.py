@@ -50,6 +50,25 @@ def test_stochastic_frequency_matches_hard_sigmoid(H):
     assert freq[0] == 0 and freq[1] == 0 and freq[-2] == 1 and freq[-1] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("H", [1.0, 0.7, 2.0])
+def test_stochastic_is_eq2_on_the_same_uniforms_and_keeps_the_dtype(H, dtype):
+    """Oracle: Wb = +H where u < hard_sigmoid(W / H) (the clip included), u the generator's torch.rand stream."""
+    w = torch.empty(200_000, dtype=torch.float64).uniform_(-3 * H, 3 * H).to(dtype)
+    w[:4] = torch.tensor([-H, 0.0, H, -0.0])
+    u = torch.rand(w.shape, generator=torch.Generator().manual_seed(5))
+    h = torch.tensor(H, dtype=dtype)  # H as the dtype represents it
+    expected = torch.where(u < hard_sigmoid(w / H), h, -h)
+    got = binarize_stochastic(w, H, torch.Generator().manual_seed(5))
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_deterministic_keeps_the_dtype_exactly(dtype):
+    w = torch.tensor([-2.0, -0.0, 0.0, 1e-3, -1e-3], dtype=dtype)
+    assert torch.equal(binarize_deterministic(w, 0.5), torch.tensor([-0.5, 0.5, 0.5, 0.5, -0.5], dtype=dtype))
+
+
 def test_stochastic_is_reproducible_from_the_generator():
     w = torch.empty(5000).uniform_(-1, 1)
     a = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(7))
