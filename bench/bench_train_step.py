@@ -86,7 +86,7 @@ def make_variant(binarization: str, state: dict, args, device: torch.device):
     model.train()
     set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
     forward = training_forward(model, args.amp, args.channels_last, args.compile)
-    optimizer = make_optimizer(model, lr=1e-3, fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, lr=1e-3)  # as train.fit builds it
 
     def step(x, y):
         loss = square_hinge_loss(forward(x), y)
