@@ -323,6 +323,32 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="results table over seeds: test error per seed, mean ± sd",
+                       description="Group run directories that differ only in their seed (and in options that do "
+                                   "not change the experiment, like the device), and print for each group the "
+                                   "test error at best validation of every seed, mean and sample standard "
+                                   "deviation, best epochs and wall times. Unfinished runs are listed apart.")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories written by `binaryconnect train`")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    form.add_argument("--json", action="store_true", help="print the groups as JSON")
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from .report import format_report, group_runs, read_run
+
+    runs = [read_run(path) for path in args.runs]
+    if args.json:
+        print(json.dumps({"groups": [g.to_dict() for g in group_runs(runs)],
+                          "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done,
+                                          "epochs": r.config.get("epochs")} for r in runs if r.summary is None]}))
+    else:
+        print(format_report(runs, markdown=args.markdown))
+    return 0
+
+
 def _add_summary(sub) -> None:
     p = sub.add_parser("summary", help="per-layer parameters, bytes and additions of a packed model or run",
                        description="Per layer and in total: parameters, binary parameters, bytes as float32 and "
@@ -358,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"binaryconnect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_train, _add_evaluate, _add_recipes, _add_export, _add_predict, _add_summary):
+    for add in (_add_train, _add_evaluate, _add_recipes, _add_report, _add_export, _add_predict, _add_summary):
         add(sub)
     return parser
 

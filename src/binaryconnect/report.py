@@ -1,0 +1,170 @@
+"""Tables of results over seeds: ``binaryconnect report RUN_DIR ...``.
+
+Reads the run directories ``train`` writes (``config.json``, ``summary.json``, ``metrics.jsonl``), groups
+the runs that differ only in their seed (and in options that do not change the experiment: device, data
+directory, checkpointing, evaluation batch size, torch.compile, channels-last), and gives for each group
+the test error at best validation of every seed, their mean and sample standard deviation, the best
+epochs and the wall times: the numbers a results table needs, computed from the files, not copied by hand.
+Runs without ``summary.json`` (still training, or stopped) are listed apart with their progress and never
+enter a mean.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+#: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
+NOT_THE_EXPERIMENT = ("seed", "device", "data_dir", "download", "checkpoint_every", "eval_batch_size",
+                      "deterministic", "compile", "channels_last")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    environment: dict
+    summary: dict | None  # None: not finished
+    epochs_done: int = 0
+    best_so_far: dict | None = None  # unfinished runs: the best-validation record so far
+
+
+@dataclass
+class Group:
+    label: str
+    config: dict
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[float]:
+        """Test errors (%) at best validation of the finished runs, in seed order."""
+        return [100 * r.summary["test_error"] for r in self.runs]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors)
+
+    @property
+    def sd(self) -> float | None:
+        """Sample standard deviation (n - 1); None for a single run."""
+        return statistics.stdev(self.errors) if len(self.errors) > 1 else None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "config": self.config, "n": len(self.runs), "mean_test_error": self.mean,
+                "sd_test_error": self.sd,
+                "runs": [{"run": str(r.path), "seed": r.config["seed"], "test_error": 100 * r.summary["test_error"],
+                          "best_epoch": r.summary["best_epoch"], "best_val_error": 100 * r.summary["best_val_error"],
+                          "wall_seconds": r.summary.get("wall_seconds"), "device": r.environment.get("device"),
+                          "threads": r.environment.get("threads"), "torch": r.environment.get("torch")}
+                         for r in self.runs]}
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): is this {what}?") from None
+
+
+def read_run(path: str | Path) -> Run:
+    """One run directory; a clear ConfigError if it is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a binaryconnect run directory (no config.json): give the folders "
+                          "`binaryconnect train -o` wrote")
+    info = _read_json(path / "config.json", "a run's config.json")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "seed" not in info["config"]:
+        raise ConfigError(f"{path / 'config.json'} holds no training configuration")
+    summary = None
+    if (path / "summary.json").is_file():
+        summary = _read_json(path / "summary.json", "a run's summary.json")
+        if not isinstance(summary, dict) or not {"test_error", "best_epoch", "best_val_error"} <= summary.keys():
+            raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error")
+    run = Run(path, info["config"], info.get("environment") or {}, summary)
+    if summary is None and (path / "metrics.jsonl").is_file():
+        records = []
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # a line cut by a crash ends what can be read
+        run.epochs_done = len(records)
+        if records:
+            run.best_so_far = min(reversed(records), key=lambda r: r["val_error"])  # ties: the later epoch
+    return run
+
+
+def _key(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Finished runs grouped by experiment, in order of first appearance; seeds sorted within a group.
+
+    Each group is labelled by its recipe (else model and binarization), followed by the options in which
+    it differs from other groups of the same label (``epochs=30``)."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        if run.summary is None:
+            continue
+        key = _key(run.config)
+        if key not in groups:
+            c = run.config
+            groups[key] = Group(c.get("recipe") or f"{c.get('model')} {c.get('binarization')}",
+                                {k: v for k, v in c.items() if k not in NOT_THE_EXPERIMENT})
+        groups[key].runs.append(run)
+    result = list(groups.values())
+    base = [g.label for g in result]
+    for g, label in zip(result, base, strict=True):
+        g.runs.sort(key=lambda r: (r.config["seed"], str(r.path)))
+        same_label = [o for o, other in zip(result, base, strict=True) if other == label and o is not g]
+        differs = sorted({k for o in same_label for k in g.config.keys() | o.config.keys()
+                          if g.config.get(k) != o.config.get(k)})
+        if differs:
+            g.label += " " + " ".join(f"{k}={json.dumps(g.config.get(k), sort_keys=True)}" for k in differs)
+    return result
+
+
+def _seconds(runs: list[Run]) -> str:
+    s = [r.summary.get("wall_seconds") for r in runs if r.summary.get("wall_seconds") is not None]
+    if not s:
+        return "?"
+    return f"{min(s):.0f} s" if len(s) == 1 or round(min(s)) == round(max(s)) else f"{min(s):.0f}-{max(s):.0f} s"
+
+
+def format_report(runs: list[Run], markdown: bool = False) -> str:
+    """The table of ``group_runs(runs)``, then the unfinished runs."""
+    groups = group_runs(runs)
+    header = ["experiment", "n", "test error % by seed", "mean ± sd (%)", "best epochs", "wall time per run"]
+    rows = []
+    for g in groups:
+        per_seed = ", ".join(f"s{r.config['seed']} {e:.2f}" for r, e in zip(g.runs, g.errors, strict=True))
+        spread = f"{g.mean:.2f} ± {g.sd:.2f}" if g.sd is not None else f"{g.mean:.2f} (one run)"
+        epochs = ", ".join(str(r.summary["best_epoch"]) for r in g.runs)
+        rows.append([g.label, str(len(g.runs)), per_seed, spread, epochs, _seconds(g.runs)])
+    lines = []
+    if not rows:
+        lines.append("no finished runs")
+    elif markdown:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+        for r in [header, *rows]:
+            lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    unfinished = [r for r in runs if r.summary is None]
+    if unfinished:
+        lines.append("")
+        lines.append("unfinished (not in any mean):")
+        for r in unfinished:
+            total = r.config.get("epochs", "?")
+            best = r.best_so_far
+            note = (f", best so far {100 * best['test_error']:.2f}% at epoch {best['epoch']}" if best else "")
+            lines.append(f"  {r.path}: {r.epochs_done}/{total} epochs{note}")
+    return "\n".join(lines)
