@@ -65,3 +65,24 @@ def test_bad_validation_size(data_root):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="known datasets: .*mnist"):
         load_dataset("imagenet", "/nonexistent")
+
+
+def test_center_preprocessing_subtracts_the_training_pixel_means(mnist, data_root):
+    """`preprocess="center"` (the original mnist.py's pylearn2 MNIST(center=True)): pixels in [0, 1] minus the
+    per-pixel mean of the training split, the same means for every split."""
+    c = load_dataset("mnist", data_root, download=False, preprocess="center")
+    raw = [(s + 1) / 2 for s in (mnist.train_x, mnist.val_x, mnist.test_x)]  # [-1, 1] back to [0, 1]
+    mean = raw[0].double().mean(dim=0)
+    for got, r in zip((c.train_x, c.val_x, c.test_x), raw, strict=True):
+        torch.testing.assert_close(got.double(), r.double() - mean, atol=1e-6, rtol=0)
+    assert c.train_x.double().mean(dim=0).abs().max() < 1e-6  # centred on the training split
+    assert c.val_x.double().mean(dim=0).abs().max() > 1e-3  # not on its own
+    assert torch.equal(c.train_y, mnist.train_y) and torch.equal(c.test_y, mnist.test_y)
+    with pytest.raises(ConfigError, match="MNIST preprocess must be one of symmetric, center, got 'gcn'"):
+        load_dataset("mnist", data_root, download=False, preprocess="gcn")
+
+
+def test_unknown_dataset_option_is_named_with_the_known_ones(data_root):
+    with pytest.raises(ConfigError, match="dataset 'mnist' has no option 'foo'; its options: val_size, download, "
+                                          "verify, preprocess"):
+        load_dataset("mnist", data_root, foo=1)

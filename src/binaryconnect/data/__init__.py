@@ -9,6 +9,7 @@ The data root comes from ``--data-dir``, else the environment variable ``BINARYC
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 ENV_DATA_ROOT = "BINARYCONNECT_DATA"
 
@@ -118,6 +119,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
         loader = _LOADERS[name]
     except KeyError:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+    options = [p for p in inspect.signature(loader).parameters if p != "root"]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                          f"{', '.join(options)}")
     return loader(resolve_data_root(root), **kwargs)
 
 

@@ -5,8 +5,12 @@ Reads the four official gzip files from ``<root>/MNIST/raw/`` (the layout of
 directly from the archives, so a read-only data folder works. Missing files are downloaded through
 ``torchvision.datasets.utils.download_url`` (checksum-verified) when ``download=True`` and online.
 
-Preprocessing as in the original code: pixels scaled to [-1, 1]; the last ``val_size`` (10,000)
-training images are held out for validation.
+Preprocessing: ``preprocess="symmetric"`` (default, as the project's specification and the authors'
+later BinaryNet code): pixels scaled to [-1, 1]. ``preprocess="center"``: what BinaryConnect's own
+``mnist.py`` does through pylearn2's ``MNIST(center=True)``: pixels scaled to [0, 1], then the per-pixel
+mean subtracted (here the mean of the training split, applied to every split; pylearn2 took the 60,000
+training images' mean for train and validation and the test set's own mean for the test set). The last
+``val_size`` (10,000) training images are held out for validation.
 """
 
 from __future__ import annotations
@@ -89,9 +93,13 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
+#: Names accepted for MNIST's ``preprocess`` option (see the module docstring).
+PREPROCESS = ("symmetric", "center")
+
+
 def _images(path: Path) -> torch.Tensor:
     x = torch.from_numpy(_read_idx(path, 2051, 3).copy())
-    return (x.float().div_(255.0).mul_(2.0).sub_(1.0)).unsqueeze(1)  # [-1, 1], shape (N, 1, 28, 28)
+    return x.float().div_(255.0).unsqueeze(1)  # [0, 1], shape (N, 1, 28, 28)
 
 
 def _labels(path: Path) -> torch.Tensor:
@@ -99,10 +107,13 @@ def _labels(path: Path) -> torch.Tensor:
 
 
 @register_dataset("mnist")
-def load_mnist(root: Path, val_size: int = 10_000, download: bool = True, verify: bool = True) -> Splits:
+def load_mnist(root: Path, val_size: int = 10_000, download: bool = True, verify: bool = True,
+               preprocess: str = "symmetric") -> Splits:
     """MNIST as ``Splits``: train = the first ``60000 - val_size`` images, validation = the rest."""
     if not isinstance(val_size, int) or isinstance(val_size, bool):  # before any reading
         raise ConfigError(f"val_size must be a positive integer, got {val_size!r}")
+    if preprocess not in PREPROCESS:
+        raise ConfigError(f"MNIST preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
     paths = _locate(Path(root), download)
     if verify:
         for key, (_, md5) in FILES.items():
@@ -114,4 +125,9 @@ def load_mnist(root: Path, val_size: int = 10_000, download: bool = True, verify
     if not 0 < val_size < len(x):
         raise ConfigError(f"val_size must be between 1 and {len(x) - 1}, got {val_size}")
     n = len(x) - val_size
+    if preprocess == "symmetric":
+        x, tx = x.mul_(2.0).sub_(1.0), tx.mul_(2.0).sub_(1.0)
+    else:
+        mean = x[:n].double().mean(dim=0).float()  # per pixel, training split only
+        x, tx = x.sub_(mean), tx.sub_(mean)
     return Splits(x[:n], y[:n], x[n:], y[n:], tx, ty, num_classes=10)
