@@ -235,12 +235,11 @@ def _cmd_export(args) -> int:
     from .export import PackedModel, summarize
     from .export.convert import export_loaded_run
     from .export.tools import dataset_of, evaluate_packed, model_predictions
+    from .train import load_run_with_metadata
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    from .train import load_run_with_metadata
-
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
     net = export_loaded_run(args.run, model, config, meta)
     size = net.save(out)
@@ -338,13 +337,11 @@ def _add_report(sub) -> None:
 
 
 def _cmd_report(args) -> int:
-    from .report import format_report, group_runs, read_run
+    from .report import format_report, read_run, report_dict
 
     runs = [read_run(path) for path in args.runs]
     if args.json:
-        print(json.dumps({"groups": [g.to_dict() for g in group_runs(runs)],
-                          "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done,
-                                          "epochs": r.config.get("epochs")} for r in runs if r.summary is None]}))
+        print(json.dumps(report_dict(runs)))
     else:
         print(format_report(runs, markdown=args.markdown))
     return 0

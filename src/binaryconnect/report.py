@@ -131,6 +131,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return result
 
 
+def report_dict(runs: list[Run]) -> dict:
+    """``group_runs(runs)`` and the unfinished runs, as JSON-ready data (``report --json``)."""
+    return {"groups": [g.to_dict() for g in group_runs(runs)],
+            "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done, "epochs": r.config.get("epochs")}
+                           for r in runs if r.summary is None]}
+
+
 def _seconds(runs: list[Run]) -> str:
     s = [r.summary.get("wall_seconds") for r in runs if r.summary.get("wall_seconds") is not None]
     if not s:
