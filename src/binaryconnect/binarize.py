@@ -74,14 +74,34 @@ def binarize_ste(
         raise ValueError(f"unknown binarization {mode!r}; choose one of {', '.join(BINARIZATIONS)}")
     if ste not in STE_VARIANTS:
         raise ValueError(f"unknown straight-through estimator {ste!r}; choose one of {', '.join(STE_VARIANTS)}")
+    if _is_compiling():
+        return _straight_through_traced(w, mode, float(H), ste, generator)
     return _StraightThrough.apply(w, mode, float(H), ste, generator)
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+def _straight_through_traced(w, mode, H, ste, generator):
+    """The straight-through estimator for torch.compile, as ``Wb + (W' - W'.detach())`` with ``W' = W``
+    (identity) or ``W * 1[|W| <= H]`` (clipped): forward value ``Wb + 0 = Wb`` exactly (``x - x = 0`` for
+    finite x), gradient to W the incoming one, unchanged or zeroed where ``|W| > H``. Under Inductor the
+    extra operations fuse into the binarization kernel. Used instead of ``_StraightThrough`` when
+    compiling because torch 2.11's Dynamo traces that Function into a zero gradient for W (measured with
+    torch 2.11.0, CPU and CUDA; 2.13 and 2.14 are right), which trains only the biases and batch norms."""
+    with torch.no_grad():
+        wb = binarize_deterministic(w, H) if mode == "deterministic" else binarize_stochastic(w, H, generator)
+    through = w if ste == "identity" else w * (w.detach().abs() <= H).to(w.dtype)
+    return wb + (through - through.detach())
 
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: the binary weights, exactly +-H. Backward: the incoming gradient, unchanged (identity) or
     zeroed where ``|W| > H`` (clipped). A Function rather than the ``wb + (w - w.detach())`` idiom: that
     costs two more full passes over the weights in every forward (about 15% of a CPU training step of the
-    MNIST MLP); Dynamo traces the Function's forward and backward, so torch.compile still fuses it."""
+    MNIST MLP). Under torch.compile, ``binarize_ste`` uses ``_straight_through_traced`` instead."""
 
     @staticmethod
     def forward(ctx, w, mode, H, ste, generator):  # runs without autograd: w is not tracked here
