@@ -13,6 +13,7 @@ hardware and software versions.
     python bench/bench_train_step.py --device cpu --batch-size 8 --steps 3 --rounds 3
     python bench/bench_train_step.py --compile --amp bf16 --channels-last     # the fast GPU path
     python bench/bench_train_step.py --network mnist                          # the MNIST MLP, batch 100
+    python bench/bench_train_step.py --network mnist --compile-mode reduce-overhead   # + CUDA graphs
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -39,7 +40,7 @@ from binaryconnect.losses import square_hinge_loss  # noqa: E402
 from binaryconnect.models import create_model  # noqa: E402
 from binaryconnect.models.convnet import CIFAR10_CHANNELS, SVHN_CHANNELS  # noqa: E402
 from binaryconnect.optim import make_optimizer  # noqa: E402
-from binaryconnect.speed import AMP_MODES, training_forward  # noqa: E402
+from binaryconnect.speed import AMP_MODES, COMPILE_MODES, training_forward  # noqa: E402
 
 VARIANTS = ("none", "deterministic", "stochastic")  # float, deterministic, stochastic BinaryConnect
 NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS, "mnist": None}  # mnist: the paper's MLP
@@ -85,7 +86,8 @@ def make_variant(binarization: str, state: dict, args, device: torch.device):
     model.load_state_dict(state)
     model.train()
     set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
-    forward = training_forward(model, args.amp, args.channels_last, args.compile)
+    forward = training_forward(model, args.amp, args.channels_last, args.compile or args.compile_mode != "default",
+                               args.compile_mode)
     optimizer = make_optimizer(model, lr=1e-3)  # as train.fit builds it
 
     def step(x, y):
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               "compilation happens here)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward/backward pass")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--amp", choices=AMP_MODES, default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "environment": environment(device), "loadavg_before": load_before, "loadavg_after": loadavg(),
         "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
-        "rounds": args.rounds, "compile": args.compile, "amp": args.amp, "channels_last": args.channels_last,
+        "rounds": args.rounds, "compile": args.compile or args.compile_mode != "default",
+        "compile_mode": args.compile_mode, "amp": args.amp, "channels_last": args.channels_last,
         "median_step_ms": {v: 1e3 * t for v, t in median.items()},
         "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                            for v, r in ratios.items()},
@@ -174,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"load average before / after: {load_before} / {result['loadavg_after']}")
     kind = "MLP, 3 hidden layers" if args.network == "mnist" else "convnet"
     print(f"network {args.network} {kind} (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
-          f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} amp={args.amp} "
-          f"channels_last={args.channels_last}")
+          f"interleaved rounds after {warmup} warm-up steps; compile={result['compile']} ({args.compile_mode}) "
+          f"amp={args.amp} channels_last={args.channels_last}")
     names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
     for v in VARIANTS:
         line = f"  {names[v]:14s} {1e3 * median[v]:10.2f} ms/step"

@@ -47,6 +47,7 @@ def test_recipes_lists_the_paper_recipes(capsys):
         (["train", "mnist-float", "--lr-start", "-1"], "argument --lr-start: expected a positive number, got '-1'"),
         (["train", "mnist-float", "--epochs", "0"], "argument --epochs: expected a positive integer"),
         (["train", "mnist-float", "--binarization", "sign"], "argument --binarization: invalid choice"),
+        (["train", "mnist-float", "--compile-mode", "fast"], "argument --compile-mode: invalid choice"),
         (["train", "mnist-float", "--device", "tpu"], "device must be one of auto, cpu, cuda"),
         (["train", "mnist-float", "--data-dir", "/nonexistent/dir", "--no-download"], "MNIST not found"),
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),

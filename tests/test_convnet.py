@@ -111,6 +111,43 @@ def test_recipes_match_the_paper():
         recipe_config("cifar10-float", amp="fp8")
 
 
+def test_compile_mode_is_validated_and_implied_by_the_command_line():
+    from binaryconnect.cli import _data_and_speed_options, build_parser
+
+    assert recipe_config("mnist-float", compile=True, compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+    assert recipe_config("mnist-float").compile_mode == "default"
+    with pytest.raises(ConfigError, match="compile_mode must be one of default, reduce-overhead"):
+        recipe_config("mnist-float", compile=True, compile_mode="fast")
+    with pytest.raises(ConfigError, match="needs compile=true"):
+        recipe_config("mnist-float", compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="compile_mode must be one of"):
+        training_forward(nn.Linear(2, 2), compile=True, compile_mode="fast")
+    parse = build_parser().parse_args
+    options = _data_and_speed_options(parse(["train", "mnist-float", "--compile-mode", "reduce-overhead"]))
+    assert (options["compile"], options["compile_mode"]) == (True, "reduce-overhead")
+    options = _data_and_speed_options(parse(["train", "mnist-float"]))
+    assert (options["compile"], options["compile_mode"]) == (None, None)  # the recipe's values stay
+
+
+@pytest.mark.slow
+def test_compile_mode_reduce_overhead_matches_eager():
+    """``reduce-overhead`` (CUDA graphs on a GPU; on the CPU, Inductor's default code) gives the eager
+    outputs and latent-weight gradients, over several steps (each call marks a new graph step)."""
+    torch.manual_seed(0)
+    ref = create_model("mlp", input_shape=(1, 4, 4), num_classes=10, hidden=16, depth=1)
+    fast = create_model("mlp", input_shape=(1, 4, 4), num_classes=10, hidden=16, depth=1)
+    fast.load_state_dict(ref.state_dict())
+    forward = training_forward(fast, compile=True, compile_mode="reduce-overhead")
+    for step in range(3):
+        x = torch.randn(8, 1, 4, 4)
+        out, expected = forward(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for (name, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=f"step {step}: {name}")
+
+
 def _small(binarization="deterministic", seed=0):
     torch.manual_seed(seed)
     return BinaryConvNet(channels=(4, 8, 8), hidden=16, binarization=binarization)

@@ -22,7 +22,7 @@ from .config import RECIPES, list_recipes, recipe_config
 from .errors import BinaryConnectError, ConfigError, TrainingInterrupted
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
-from .speed import AMP_MODES
+from .speed import AMP_MODES, COMPILE_MODES
 
 
 def _number(parse, valid, what: str):
@@ -82,6 +82,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="any option of the dataset loader, e.g. source=jpeg, extra=false, path=DIR (repeatable)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast the training forward pass (bf16) or not (none)")
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format for convolutions")
     p.add_argument("--seed", type=_non_negative_int)
@@ -150,8 +152,9 @@ def _data_and_speed_options(args) -> dict:
     for name in ("preprocess", "augment"):
         if getattr(args, name) is not None:
             dataset_kwargs[name] = getattr(args, name)
-    return {"dataset": args.dataset, "dataset_kwargs": dataset_kwargs, "compile": args.compile, "amp": args.amp,
-            "channels_last": args.channels_last}
+    compile_ = True if args.compile_mode is not None and args.compile is None else args.compile
+    return {"dataset": args.dataset, "dataset_kwargs": dataset_kwargs, "compile": compile_,
+            "compile_mode": args.compile_mode, "amp": args.amp, "channels_last": args.channels_last}
 
 
 def _add_evaluate(sub) -> None:

@@ -15,7 +15,7 @@ from .binarize import BINARIZATIONS, STE_VARIANTS
 from .errors import ConfigError
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
-from .speed import AMP_MODES
+from .speed import AMP_MODES, COMPILE_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -44,6 +44,7 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms
     compile: bool = False  # torch.compile the training forward and backward pass (speed.py)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | ...
     amp: str = "none"  # none | bf16: autocast of the training forward pass (speed.py)
     channels_last: bool = False  # NHWC memory format for the convolutions (speed.py)
     eval_batch_size: int = 1000
@@ -59,9 +60,12 @@ class TrainConfig:
         _choice("stochastic_eval", self.stochastic_eval, STOCHASTIC_EVAL)
         _choice("lr_scale", self.lr_scale, LR_SCALES)
         _choice("amp", self.amp, AMP_MODES)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         for name in ("compile", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode {self.compile_mode!r} needs compile=true (--compile)")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         _positive_int("epochs", self.epochs)
@@ -165,7 +169,7 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
 #: the new last epoch); changing the device or the speed options gives a valid continuation that is not
 #: bit-identical to an uninterrupted run.
 RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "eval_batch_size", "data_dir", "download",
-                     "deterministic", "compile", "amp", "channels_last")
+                     "deterministic", "compile", "compile_mode", "amp", "channels_last")
 
 
 def resume_config(saved: TrainConfig, **overrides) -> tuple[TrainConfig, dict[str, list]]:

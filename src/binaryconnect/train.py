@@ -291,7 +291,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                   "binarize": torch.Generator(device=device).manual_seed(config.seed + 1),
                   "augment": torch.Generator(device=device).manual_seed(config.seed + 2)}
     set_generator(model, generators["binarize"])
-    forward = training_forward(model, config.amp, config.channels_last, config.compile)  # speed options
+    forward = training_forward(model, config.amp, config.channels_last, config.compile,  # speed options
+                               config.compile_mode)
     p = _Progress()
     info = {"config": config.to_dict(), "data_fingerprint": fingerprint, "environment": _environment(device),
             "resumes": []}
