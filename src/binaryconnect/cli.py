@@ -106,19 +106,14 @@ def _cmd_train(args) -> int:
 
     log = (lambda *a, **k: None) if args.quiet else print
     progress = False if args.no_progress else None
-    model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
-    overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
-    overrides.update(_data_and_speed_options(args))
+    model_kwargs, overrides = _train_overrides(args)
     if args.resume is not None:  # the options given must agree with the run's, or be allowed to change
         if args.out is not None:
             raise ConfigError("--resume continues RUN_DIR in place: drop --out")
         summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
                          **overrides)
     else:
-        if args.recipe is None:
-            raise ConfigError(f"name a recipe, e.g. `binaryconnect train mnist-deterministic`; "
-                              f"known recipes: {', '.join(list_recipes())}")
-        config = recipe_config(args.recipe, model_kwargs=model_kwargs, **overrides)
+        config = _new_run_config(args)
         run_dir = args.out or Path("runs") / f"{args.recipe}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out, "
@@ -127,6 +122,23 @@ def _cmd_train(args) -> int:
     if args.quiet:
         print(json.dumps(summary))
     return 0
+
+
+def _train_overrides(args) -> tuple[dict, dict]:
+    """The ``train`` options given on the command line: model options and TrainConfig overrides."""
+    model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
+    overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+    overrides.update(_data_and_speed_options(args))
+    return model_kwargs, overrides
+
+
+def _new_run_config(args):
+    """The validated configuration of a new ``train`` run (recipe and options)."""
+    if args.recipe is None:
+        raise ConfigError(f"name a recipe, e.g. `binaryconnect train mnist-deterministic`; "
+                          f"known recipes: {', '.join(list_recipes())}")
+    model_kwargs, overrides = _train_overrides(args)
+    return recipe_config(args.recipe, model_kwargs=model_kwargs, **overrides)
 
 
 #: ``train`` options that map one to one onto TrainConfig fields.
@@ -378,6 +390,55 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="several training runs side by side (recipes x seeds), then the report",
+                       usage="binaryconnect sweep RECIPE [RECIPE ...] --seeds S[,S...] [options] [-- TRAIN OPTIONS]",
+                       description="Run `binaryconnect train` for every recipe and seed, at most --jobs at a time, "
+                                   "each in OUT/<recipe>-s<seed> with its log beside it, then print the report "
+                                   "table. Options after `--` go to every train command (e.g. -- --device cuda "
+                                   "--compile). Repeating a sweep skips finished runs and resumes stopped ones. "
+                                   "Small networks leave a GPU mostly idle: several runs share one well.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help=f"recipe names: {', '.join(list_recipes())}")
+    p.add_argument("--seeds", required=True, type=_seed_list, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("-o", "--out", type=Path, default=Path("runs") / "sweep", help="folder of the run directories "
+                   "(default: runs/sweep)")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="runs at the same time (default 1)")
+    p.add_argument("--deadline", type=_positive_float, metavar="SECONDS",
+                   help="after this long, stop the runs still going (they checkpoint) and start no more")
+    p.add_argument("--markdown", action="store_true", help="print the report as a Markdown table")
+    p.set_defaults(handler=_cmd_sweep, train_args=[])
+
+
+def _seed_list(text: str) -> list[int]:
+    seeds = [_non_negative_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated seeds, got {text!r}")
+    return seeds
+
+
+def _cmd_sweep(args) -> int:
+    from .report import format_report, read_run
+    from .sweep import plan, run_jobs
+
+    for name in ("--seed", "-o", "--out", "--resume"):
+        if any(a == name or a.startswith(name + "=") for a in args.train_args):
+            raise ConfigError(f"{name} after `--`: the sweep sets each run's seed and directory itself")
+    train_parser = build_parser()
+    for recipe in args.recipes:  # every run's options checked before any process starts
+        _new_run_config(train_parser.parse_args(["train", recipe, *args.train_args]))  # argparse: exit 2
+    jobs = run_jobs(plan(args.recipes, args.seeds, args.out), args.train_args, args.jobs, args.deadline)
+    runs = [read_run(job.run_dir) for job in jobs if (job.run_dir / "config.json").is_file()]
+    print()
+    print(format_report(runs, markdown=args.markdown) if runs else "no run directories were written")
+    left = [job for job in jobs if job.state not in ("finished", "skipped")]
+    if left:
+        print(f"\n{len(left)} of {len(jobs)} runs did not finish: "
+              + ", ".join(f"{job.run_dir.name} ({job.state})" for job in left)
+              + "; repeat the same sweep command to resume or start them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binaryconnect", description=__doc__.split("\n\n")[0])
     from . import __version__
@@ -385,14 +446,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"binaryconnect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_train, _add_evaluate, _add_recipes, _add_report, _add_export, _add_predict, _add_summary):
+    for add in (_add_train, _add_sweep, _add_evaluate, _add_recipes, _add_report, _add_export, _add_predict,
+                _add_summary):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = []
+    if argv[:1] == ["sweep"] and "--" in argv:  # sweep: what follows `--` is for every train command
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        args.train_args = train_args
     try:
         return args.handler(args)
     except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)

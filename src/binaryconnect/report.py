@@ -2,7 +2,7 @@
 
 Reads the run directories ``train`` writes (``config.json``, ``summary.json``, ``metrics.jsonl``), groups
 the runs that differ only in their seed (and in options that do not change the experiment: device, data
-directory, checkpointing, evaluation batch size, torch.compile, channels-last), and gives for each group
+directory, checkpointing, evaluation batch size, torch.compile and its mode, channels-last), and gives for each group
 the test error at best validation of every seed, their mean and sample standard deviation, the best
 epochs and the wall times: the numbers a results table needs, computed from the files, not copied by hand.
 Runs without ``summary.json`` (still training, or stopped) are listed apart with their progress and never
@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 #: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
 NOT_THE_EXPERIMENT = ("seed", "device", "data_dir", "download", "checkpoint_every", "eval_batch_size",
-                      "deterministic", "compile", "channels_last")
+                      "deterministic", "compile", "compile_mode", "channels_last")
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""Several training runs side by side: ``binaryconnect sweep RECIPE... --seeds 0,1,2 [-- TRAIN OPTIONS]``.
+
+One ``binaryconnect train`` process per (recipe, seed), at most ``jobs`` at a time, each in its own run
+directory ``OUT/<recipe>-s<seed>`` with its log beside it (``OUT/<recipe>-s<seed>.log``); then the
+``report`` table over all of them. Why processes side by side: a small network (the paper's MNIST MLP)
+leaves a GPU idle between its kernel launches, so several runs share one GPU at little cost to each
+(RESULTS.md: on one H200, nine MNIST runs side by side each trained an epoch in 1.1-1.5 s, two side by
+side in 1.0-1.4 s).
+
+A sweep can be repeated: a finished run (``summary.json``) is skipped, a stopped one (a checkpoint, no
+summary) is resumed with ``train --resume``, a missing one is started. ``deadline`` seconds after the
+start, runs still going are stopped as Ctrl-C stops them (after a step, with a checkpoint), and no new
+one starts, so a time-limited machine loses at most one step per run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT_NAME
+
+
+@dataclass(eq=False)
+class Job:
+    recipe: str
+    seed: int
+    run_dir: Path
+    log: Path
+    state: str = "pending"  # pending | finished | failed | stopped | not started | skipped
+    returncode: int | None = None
+    resumed: bool = False
+
+
+def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
+    """The (recipe, seed) jobs in order, recipes outer: with fewer slots than jobs, every recipe's first
+    seed runs before any second seed."""
+    return [Job(r, s, out / f"{r}-s{s}", out / f"{r}-s{s}.log") for s in seeds for r in recipes]
+
+
+def train_command(job: Job, train_args: list[str]) -> list[str]:
+    """The ``train`` command of ``job``: resume its run directory if it holds a checkpoint, else start it."""
+    base = [sys.executable, "-m", "binaryconnect.cli", "train"]
+    if (job.run_dir / CHECKPOINT_NAME).is_file():
+        job.resumed = True
+        return [*base, "--resume", str(job.run_dir), *train_args, "--no-progress"]
+    return [*base, job.recipe, "--seed", str(job.seed), "-o", str(job.run_dir), *train_args, "--no-progress"]
+
+
+def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float | None = None,
+             log=print, poll: float = 0.5) -> list[Job]:
+    """Run ``jobs`` (``slots`` at a time) to completion, or until ``deadline`` seconds have passed or the
+    sweep gets SIGINT/SIGTERM: then the running ones get SIGINT (they checkpoint and stop) and are
+    waited for. Each job ends ``finished``, ``failed``, ``stopped`` (checkpointed: a repeat resumes it),
+    ``not started`` or ``skipped`` (finished before)."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # CPU threads shared out between the processes side by side
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(slots, max(1, len(jobs)))))
+    start = time.monotonic()
+    pending = []
+    for job in jobs:
+        if (job.run_dir / "summary.json").is_file():
+            job.state = "skipped"
+            log(f"{job.run_dir.name}: already finished, skipped")
+        else:
+            pending.append(job)
+    running: dict[Job, subprocess.Popen] = {}
+    stop = {"why": None, "signalled": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop["why"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while pending or running:
+            if stop["why"] is None and deadline is not None and time.monotonic() - start >= deadline:
+                stop["why"] = f"the deadline ({deadline:g} s)"
+            if stop["why"] is not None and not stop["signalled"]:
+                stop["signalled"] = True
+                log(f"stopping on {stop['why']}: {len(running)} running get SIGINT (they checkpoint and stop), "
+                    f"{len(pending)} not started")
+                for job in pending:
+                    job.state = "not started"
+                pending = []
+                for process in running.values():
+                    process.send_signal(signal.SIGINT)
+            while pending and len(running) < slots and stop["why"] is None:
+                job = pending.pop(0)
+                job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                command = train_command(job, train_args)
+                with open(job.log, "ab") as out:
+                    running[job] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+                log(f"{job.run_dir.name}: {'resumed' if job.resumed else 'started'} (log {job.log})")
+            time.sleep(poll)
+            for job, process in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[job]
+                job.returncode = code
+                stopped = stop["signalled"] or code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+                job.state = "finished" if code == 0 else "stopped" if stopped else "failed"
+                log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})"))
+    finally:
+        for process in running.values():  # only after an error in this loop: no run is left behind
+            process.send_signal(signal.SIGINT)
+            process.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return jobs
