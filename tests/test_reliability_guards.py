@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -112,15 +113,16 @@ def test_nan_found_by_a_checking_interval_is_named_exactly_and_nothing_is_saved(
 
 
 def test_diverging_run_exits_with_code_3_and_one_line(tmp_path, data_root):
-    """A learning rate of 1e30 blows the batch-norm parameters up: the loss is inf at the second step."""
+    """A learning rate of 1e30 blows the batch-norm parameters up: the loss is inf at the second step (nan
+    with torch 2.11's kernels: both are caught, at the same step)."""
     run = tmp_path / "run"
     proc = _cli(["train", "mnist-deterministic", "--train-subset", "2000", "--hidden", "64", "--epochs", "2",
                  "--device", "cpu", "--no-progress", "--lr-start", "1e30", "--lr-end", "1e30", "-o", str(run)],
                 data_root)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("binaryconnect: error: loss became inf at epoch 1, step 2: training stopped "
-                                  "before the optimizer step")
+    assert re.match(r"binaryconnect: error: loss became (inf|nan) at epoch 1, step 2: training stopped before the "
+                    r"optimizer step", proc.stderr), proc.stderr
     tensors, state = load_checkpoint(run / CHECKPOINT_NAME)  # the checkpoint written at the start
     assert state["global_step"] == 0
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
