@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from binaryconnect.cli import main
+from helpers import assert_one_line_error
 
 SMALL = ["--train-subset", "1000", "--hidden", "32", "--depth", "1", "--epochs", "2", "--device", "cpu",
          "--no-progress"]
@@ -56,14 +57,7 @@ def test_recipes_lists_the_paper_recipes(capsys):
 def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
     if argv[0] == "train":
         argv = [*argv, "-o", str(tmp_path / "r")]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors exit through SystemExit
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert_one_line_error(argv, message, capsys)
     assert not (tmp_path / "r").exists()  # nothing was written
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from binaryconnect import sweep
 from binaryconnect.cli import main
+from helpers import assert_one_line_error
 
 TINY = ["--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu"]
 
@@ -103,12 +104,5 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_bad_sweep_input_gives_one_clear_line_and_writes_nothing(argv, message, tmp_path, capsys):
-    argv = [*argv[:2], "-o", str(tmp_path / "s"), *argv[2:]]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors exit through SystemExit
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert_one_line_error([*argv[:2], "-o", str(tmp_path / "s"), *argv[2:]], message, capsys)
     assert not (tmp_path / "s").exists()
