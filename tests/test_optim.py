@@ -82,6 +82,17 @@ def test_clip_respects_H_and_skips_float_layers():
     assert torch.all(a.weight == 0.5)
     assert torch.all(b.weight == 3.0)
 
+    layers = [BinaryLinear(6, 5, H=h) for h in (0.5, 2.0, 0.5, 1.0)]  # H shared by some layers, not all
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.normal_(0.0, 3.0)
+            layer.weight[0, :3] = torch.tensor([float("inf"), -float("inf"), -0.0])
+    expected = [layer.weight.detach().clamp(-layer.H, layer.H) for layer in layers]
+    clip_latent_(nn.Sequential(*layers))
+    for layer, want in zip(layers, expected, strict=True):
+        assert torch.equal(layer.weight, want)
+        assert torch.equal(torch.signbit(layer.weight), torch.signbit(want))  # -0.0 stays -0.0, as clamp_ leaves it
+
 
 def test_exponential_schedule():
     lrs = [exponential_lr(e, 11, 1e-3, 1e-5) for e in range(11)]

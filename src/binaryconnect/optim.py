@@ -59,12 +59,27 @@ def param_groups(model: nn.Module, lr: float, lr_scale: str = "glorot") -> list[
     return groups
 
 
-@torch.no_grad()
-def clip_latent_(model: nn.Module) -> None:
-    """Clip the latent weight of every binarized layer to [-H, H], in place."""
+def _latent_weights_by_H(model: nn.Module) -> list[tuple[float, list[torch.Tensor]]]:
+    """The latent weights of the binarized layers, grouped by their H."""
+    groups: dict[float, list[torch.Tensor]] = {}
     for layer in binary_layers(model):
         if layer.is_binary:
-            layer.weight.clamp_(-layer.H, layer.H)
+            groups.setdefault(layer.H, []).append(layer.weight)
+    return list(groups.items())
+
+
+@torch.no_grad()
+def _clip_(groups: list[tuple[float, list[torch.Tensor]]]) -> None:
+    # min(max(w, -H), H) as clamp_(-H, H) computes it, for all weights of one H at once: on a GPU two
+    # multi-tensor launches instead of one clamp per layer (the step of a small network is launch-bound)
+    for H, weights in groups:
+        torch._foreach_clamp_min_(weights, -H)
+        torch._foreach_clamp_max_(weights, H)
+
+
+def clip_latent_(model: nn.Module) -> None:
+    """Clip the latent weight of every binarized layer to [-H, H], in place."""
+    _clip_(_latent_weights_by_H(model))
 
 
 def make_optimizer(
@@ -89,8 +104,10 @@ def make_optimizer(
     optimizer = torch.optim.Adam(param_groups(model, lr, lr_scale), lr=lr, betas=betas, eps=eps,
                                  fused=fused or None)
 
+    latent = _latent_weights_by_H(model)  # the layers are fixed once their parameters are in the optimizer
+
     def _clip_after_step(opt, args, kwargs):
-        clip_latent_(model)
+        _clip_(latent)
 
     optimizer.register_step_post_hook(_clip_after_step)
     return optimizer
