@@ -420,12 +420,13 @@ def _cmd_sweep(args) -> int:
     from .report import format_report, read_run
     from .sweep import plan, run_jobs
 
-    for name in ("--seed", "-o", "--out", "--resume"):
-        if any(a == name or a.startswith(name + "=") for a in args.train_args):
-            raise ConfigError(f"{name} after `--`: the sweep sets each run's seed and directory itself")
     train_parser = build_parser()
     for recipe in args.recipes:  # every run's options checked before any process starts
-        _new_run_config(train_parser.parse_args(["train", recipe, *args.train_args]))  # argparse: exit 2
+        train_args = train_parser.parse_args(["train", recipe, *args.train_args])  # argparse: exit 2
+        for name, flag in (("seed", "--seed"), ("out", "--out"), ("resume", "--resume")):
+            if getattr(train_args, name) is not None:
+                raise ConfigError(f"{flag} after `--`: the sweep sets each run's seed and directory itself")
+        _new_run_config(train_args)
     jobs = run_jobs(plan(args.recipes, args.seeds, args.out), args.train_args, args.jobs, args.deadline)
     runs = [read_run(job.run_dir) for job in jobs if (job.run_dir / "config.json").is_file()]
     print()
