@@ -427,7 +427,8 @@ def _cmd_sweep(args) -> int:
             if getattr(train_args, name) is not None:
                 raise ConfigError(f"{flag} after `--`: the sweep sets each run's seed and directory itself")
         _new_run_config(train_args)
-    jobs = run_jobs(plan(args.recipes, args.seeds, args.out), args.train_args, args.jobs, args.deadline)
+    jobs = run_jobs(plan(args.recipes, args.seeds, args.out), args.train_args, args.jobs, args.deadline,
+                    log=lambda line: print(line, flush=True))  # as it happens, also into a file
     runs = [read_run(job.run_dir) for job in jobs if (job.run_dir / "config.json").is_file()]
     print()
     print(format_report(runs, markdown=args.markdown) if runs else "no run directories were written")
