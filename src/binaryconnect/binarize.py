@@ -74,14 +74,9 @@ def binarize_ste(
         raise ValueError(f"unknown binarization {mode!r}; choose one of {', '.join(BINARIZATIONS)}")
     if ste not in STE_VARIANTS:
         raise ValueError(f"unknown straight-through estimator {ste!r}; choose one of {', '.join(STE_VARIANTS)}")
-    if _is_compiling():
+    if torch.compiler.is_compiling():  # True while Dynamo traces (torch >= 2.3, this project's floor)
         return _straight_through_traced(w, mode, float(H), ste, generator)
     return _StraightThrough.apply(w, mode, float(H), ste, generator)
-
-
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
 
 
 def _straight_through_traced(w, mode, H, ste, generator):
