@@ -86,8 +86,7 @@ def make_variant(binarization: str, state: dict, args, device: torch.device):
     model.load_state_dict(state)
     model.train()
     set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
-    forward = training_forward(model, args.amp, args.channels_last, args.compile or args.compile_mode != "default",
-                               args.compile_mode)
+    forward = training_forward(model, args.amp, args.channels_last, args.compile, args.compile_mode)
     optimizer = make_optimizer(model, lr=1e-3)  # as train.fit builds it
 
     def step(x, y):
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode != "default"  # a compile mode implies --compile
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     on_gpu = device.type == "cuda"
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "environment": environment(device), "loadavg_before": load_before, "loadavg_after": loadavg(),
         "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
-        "rounds": args.rounds, "compile": args.compile or args.compile_mode != "default",
-        "compile_mode": args.compile_mode, "amp": args.amp, "channels_last": args.channels_last,
+        "rounds": args.rounds, "compile": args.compile, "compile_mode": args.compile_mode, "amp": args.amp,
+        "channels_last": args.channels_last,
         "median_step_ms": {v: 1e3 * t for v, t in median.items()},
         "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                            for v, r in ratios.items()},
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"load average before / after: {load_before} / {result['loadavg_after']}")
     kind = "MLP, 3 hidden layers" if args.network == "mnist" else "convnet"
     print(f"network {args.network} {kind} (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
-          f"interleaved rounds after {warmup} warm-up steps; compile={result['compile']} ({args.compile_mode}) "
+          f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} ({args.compile_mode}) "
           f"amp={args.amp} channels_last={args.channels_last}")
     names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
     for v in VARIANTS:
