@@ -25,7 +25,7 @@ from binaryconnect.errors import TrainingDiverged
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binary_layers, set_generator
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.optim import make_optimizer
-from binaryconnect.train import fit, resume
+from binaryconnect.train import _algorithms, fit, resume
 from helpers import quiet as _quiet
 from helpers import small_config as _small
 
@@ -195,6 +195,15 @@ def test_a_flipped_byte_in_the_dataset_stops_training_before_it_starts(tmp_path,
 
 
 # --- determinism ---
+
+
+def test_cudnn_autotuning_only_on_a_gpu_without_deterministic_and_restored():
+    cases = ((False, "cuda", True), (True, "cuda", False), (False, "cpu", False))
+    for deterministic, device, autotuned in cases:  # setting the flags needs no GPU
+        with _algorithms(deterministic, torch.device(device)):
+            assert torch.backends.cudnn.benchmark is autotuned
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.benchmark is False and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_same_seed_is_bit_identical_and_another_seed_is_not(tmp_path, mnist, one_thread):

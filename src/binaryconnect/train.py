@@ -187,15 +187,20 @@ def _note(text: str) -> None:
 
 
 @contextlib.contextmanager
-def _deterministic_algorithms(enabled: bool):
-    """``torch.use_deterministic_algorithms(True)`` while training, when asked; restored afterwards."""
-    before = torch.are_deterministic_algorithms_enabled()
-    if enabled:
+def _algorithms(deterministic: bool, device: torch.device):
+    """While training: ``torch.use_deterministic_algorithms(True)`` when asked; otherwise, on a GPU, cuDNN
+    autotuning (``cudnn.benchmark``: each convolution shape timed once, the fastest algorithm kept, as
+    ``bench/bench_train_step.py`` times it). Both settings are restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if deterministic:
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def _data_fingerprint(data: Splits) -> str:
@@ -354,7 +359,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
         f"{config.epochs} epochs, device {device}, run dir {run_dir}")
 
-    with _deterministic_algorithms(config.deterministic), _StopSignals() as stop:
+    with _algorithms(config.deterministic, device), _StopSignals() as stop:
         for epoch in range(p.epoch, config.epochs):
             t0 = time.perf_counter()
             if p.step == 0:  # a new epoch: its learning rate, its permutation of the training set
