@@ -31,7 +31,7 @@ from binaryconnect.checkpoint import (
 )
 from binaryconnect.cli import main
 from binaryconnect.errors import CheckpointError
-from binaryconnect.layers import BinaryLinear
+from binaryconnect.layers import BinaryConv2d, BinaryLinear
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.optim import make_optimizer
 from binaryconnect.train import load_run, resume
@@ -180,6 +180,34 @@ def test_optimizer_round_trip_through_a_file_is_exact(tmp_path):
         assert torch.equal(a, b), name
     got, want = restored_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
     assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
+
+
+def test_restored_optimizer_state_takes_the_strides_of_channels_last_parameters(tmp_path):
+    # a resumed --channels-last run failed on CUDA (fused Adam: "params, grads, exp_avgs, and exp_avg_sqs
+    # must have same dtype, device, and layout"): the file gives contiguous states, the parameters are NHWC
+    def net():
+        model = nn.Sequential(BinaryConv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), BinaryLinear(8 * 4 * 4, 4))
+        return model.to(memory_format=torch.channels_last)
+
+    model = net()
+    optimizer = make_optimizer(model, 1e-2)
+    x = torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    _steps(model, optimizer, [(x, torch.randint(0, 4, (5,)))])
+    opt_tensors, opt_plain = optimizer_to_tensors(optimizer)
+    save_checkpoint(tmp_path / "c", checkpoint.with_prefix("optimizer.", opt_tensors), {"optimizer": opt_plain})
+    tensors, state = load_checkpoint(tmp_path / "c")
+    restored = net()
+    restored_optimizer = make_optimizer(restored, 1e-2)
+    optimizer_from_tensors(restored_optimizer, checkpoint.strip_prefix("optimizer.", tensors), state["optimizer"])
+
+    conv = restored[0].weight
+    assert conv.stride() != torch.empty(conv.shape).stride()  # the case at hand: an NHWC parameter
+    for param, values in restored_optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert values[key].stride() == param.stride(), key
+    want = optimizer.state_dict()["state"]
+    got = restored_optimizer.state_dict()["state"]
     assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
 
 

@@ -274,3 +274,12 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"the checkpoint's optimizer state cannot be loaded ({exc})") from None
+    # A file holds contiguous tensors; a parameter may not be (channels-last convolutions): give each
+    # per-parameter state its parameter's strides, as the optimizer creates them (fused Adam on CUDA
+    # refuses params and states of different layouts)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            values = optimizer.state.get(param, {})
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    values[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
