@@ -273,6 +273,18 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, mnist, one_thread, ca
     assert again["test_error"] == done["test_error"] and (run / "summary.json").is_file()
 
 
+def test_cli_resume_can_turn_speed_options_off(tmp_path, mnist, one_thread, data_root, monkeypatch):
+    # an option left out keeps the run's value; --no-OPTION turns a speed option of the run off
+    monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
+    run = tmp_path / "run"
+    fit(_small(epochs=1, data_dir=None, channels_last=True, deterministic=True), run, progress=False, log=_quiet,
+        data=mnist)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-channels-last", "--no-progress", "-q"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["resumes"][-1]["changed"] == {"epochs": [1, 2], "channels_last": [True, False]}
+    assert saved["config"]["deterministic"] is True
+
+
 def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_thread):
     run = tmp_path / "run"
     fit(_small(epochs=1, data_dir=None), run, progress=False, log=_quiet, data=mnist)

@@ -81,14 +81,16 @@ def _add_train(sub) -> None:
     p.add_argument("--augment", help="training-batch augmentation: none (paper), crop, crop-flip")
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="any option of the dataset loader, e.g. source=jpeg, extra=false, path=DIR (repeatable)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (--no-compile: not, e.g. when resuming a compiled run)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast the training forward pass (bf16) or not (none)")
-    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format for convolutions")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for convolutions")
     p.add_argument("--seed", type=_non_negative_int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--deterministic", action="store_true", default=None,
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="use deterministic algorithms (bit-reproducible on CPU)")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="also checkpoint every N steps (always after every epoch and on Ctrl-C/SIGTERM)")
