@@ -250,7 +250,9 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
                 tensors[f"{index}.{key}"] = value
             else:
                 plain.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+    # a learning rate held as a tensor (CUDA graphs, cudagraph.py) is stored as the number it holds
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "state": plain}
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
@@ -267,9 +269,13 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         len(s["params"]) != len(f["params"]) for s, f in zip(saved, fresh, strict=True)
     ):
         raise CheckpointError("the checkpoint's optimizer state does not match the model's parameters")
-    # JSON turned tuples (Adam's betas) into lists: give them back their type
+    # JSON turned tuples (Adam's betas) into lists: give them back their type. ``capturable`` is how this
+    # process runs the optimizer (CUDA graphs or not), not part of the run's state: keep the fresh one's
     groups = [{k: tuple(v) if isinstance(f.get(k), tuple) else v for k, v in s.items()}
               for s, f in zip(saved, fresh, strict=True)]
+    for s, f in zip(groups, fresh, strict=True):
+        if "capturable" in f:
+            s["capturable"] = f["capturable"]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as exc:

@@ -121,6 +121,11 @@ def exponential_lr(epoch: int, epochs: int, lr_start: float, lr_end: float) -> f
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate to ``lr`` times the group's ``lr_scale``."""
+    """Set every group's learning rate to ``lr`` times the group's ``lr_scale``; a learning rate held as a
+    tensor (recorded CUDA graphs read it, ``cudagraph.py``) is updated in place."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
