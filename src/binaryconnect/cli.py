@@ -88,6 +88,9 @@ def _add_train(sub) -> None:
     p.add_argument("--amp", choices=AMP_MODES, help="autocast the training forward pass (bf16) or not (none)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for convolutions")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the whole training step (forward, loss, backward, Adam, clipping) as CUDA "
+                        "graphs: one launch per step instead of one per kernel (CUDA only)")
     p.add_argument("--seed", type=_non_negative_int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
@@ -168,7 +171,8 @@ def _data_and_speed_options(args) -> dict:
             dataset_kwargs[name] = getattr(args, name)
     compile_ = True if args.compile_mode is not None and args.compile is None else args.compile
     return {"dataset": args.dataset, "dataset_kwargs": dataset_kwargs, "compile": compile_,
-            "compile_mode": args.compile_mode, "amp": args.amp, "channels_last": args.channels_last}
+            "compile_mode": args.compile_mode, "amp": args.amp, "channels_last": args.channels_last,
+            "cuda_graph": args.cuda_graph}
 
 
 def _add_evaluate(sub) -> None:

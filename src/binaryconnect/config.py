@@ -47,6 +47,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | ...
     amp: str = "none"  # none | bf16: autocast of the training forward pass (speed.py)
     channels_last: bool = False  # NHWC memory format for the convolutions (speed.py)
+    cuda_graph: bool = False  # record the whole training step as CUDA graphs (cudagraph.py; CUDA only)
     eval_batch_size: int = 1000
     recipe: str | None = None
     data_dir: str | None = None
@@ -61,11 +62,15 @@ class TrainConfig:
         _choice("lr_scale", self.lr_scale, LR_SCALES)
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        for name in ("compile", "channels_last"):
+        for name in ("compile", "channels_last", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode {self.compile_mode!r} needs compile=true (--compile)")
+        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"cuda_graph (--cuda-graph) records the whole step as CUDA graphs itself; compile_mode "
+                              f"{self.compile_mode!r} records its own inside it, which cannot be nested: drop one "
+                              "(--compile-mode default or max-autotune-no-cudagraphs go with --cuda-graph)")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         _positive_int("epochs", self.epochs)
@@ -169,7 +174,7 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
 #: the new last epoch); changing the device or the speed options gives a valid continuation that is not
 #: bit-identical to an uninterrupted run.
 RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "eval_batch_size", "data_dir", "download",
-                     "deterministic", "compile", "compile_mode", "amp", "channels_last")
+                     "deterministic", "compile", "compile_mode", "amp", "channels_last", "cuda_graph")
 
 
 def resume_config(saved: TrainConfig, **overrides) -> tuple[TrainConfig, dict[str, list]]:

@@ -59,7 +59,7 @@ def check_compile_mode(mode: str) -> str:
 
 def training_forward(
     model: nn.Module, amp: str = "none", channels_last: bool = False, compile: bool = False,
-    compile_mode: str = "default",
+    compile_mode: str = "default", autocast_cache: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function ``x -> float32 output of model(x)`` with the chosen speed options (see the module).
 
@@ -67,7 +67,9 @@ def training_forward(
     dedicated generator (see the module docstring). ``compile_mode`` is ``torch.compile``'s ``mode``;
     with CUDA graphs (``reduce-overhead``, ``max-autotune``) each call starts a new step of the graph
     trees (``torch.compiler.cudagraph_mark_step_begin``): the previous step's output must be used before
-    the next call, as a training step does. Call after the model is on its device.
+    the next call, as a training step does. ``autocast_cache=False`` turns off autocast's weight-cast
+    cache, as recording the step as a CUDA graph requires (``cudagraph.py``). Call after the model is on
+    its device.
     """
     check_amp(amp)
     check_compile_mode(compile_mode)
@@ -79,7 +81,7 @@ def training_forward(
     def forward(x: torch.Tensor) -> torch.Tensor:
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16", cache_enabled=autocast_cache):
             out = model(x)
         return out.float()
 

@@ -57,6 +57,7 @@ from .checkpoint import (
     with_prefix,
 )
 from .config import TrainConfig, resume_config
+from .cudagraph import GraphedStep
 from .data import Splits, load_dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from .layers import set_generator
@@ -268,10 +269,18 @@ def _finished_summary(run_dir: Path) -> dict | None:
         return None
 
 
+def _check_cuda_graph(config: TrainConfig, device: torch.device) -> None:
+    """Refuse ``cuda_graph`` off a GPU before anything is loaded."""
+    if config.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"--cuda-graph records the training step as CUDA graphs and needs a CUDA device; this "
+                          f"run's device is {device}: drop --cuda-graph (or --no-cuda-graph when resuming)")
+
+
 def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
          checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None) -> dict:
     """The training run behind ``fit`` (``checkpoint`` None) and ``resume`` (a loaded checkpoint)."""
     device = resolve_device(config.device)
+    _check_cuda_graph(config, device)
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -297,7 +306,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                   "augment": torch.Generator(device=device).manual_seed(config.seed + 2)}
     set_generator(model, generators["binarize"])
     forward = training_forward(model, config.amp, config.channels_last, config.compile,  # speed options
-                               config.compile_mode)
+                               config.compile_mode, autocast_cache=not config.cuda_graph)
     p = _Progress()
     info = {"config": config.to_dict(), "data_fingerprint": fingerprint, "environment": _environment(device),
             "resumes": []}
@@ -308,6 +317,13 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         if config.epochs < p.epoch or (config.epochs == p.epoch and p.step > 0):
             raise ConfigError(f"the run has already trained {p.epoch + (p.step > 0)} epochs; "
                               f"ask for at least that many (--epochs), got {config.epochs}")
+
+    # --- CUDA graphs: recorded once the model, optimizer and generators are as training starts from ---
+    graph = None
+    if config.cuda_graph:
+        sample = slice(0, config.batch_size)
+        graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
+                            data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
 
     # --- run directory: the checkpoint first, so that any run directory with files in it can be resumed ---
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -374,19 +390,23 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             for step in _progress(range(p.step, steps), steps - p.step, f"epoch {epoch + 1}/{config.epochs}",
                                   progress):
                 idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-                xb = data.train_x[idx]
-                if data.train_transform is not None:
-                    xb = data.train_transform(xb, generators["augment"])
-                loss = square_hinge_loss(forward(xb), data.train_y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if graph is not None:  # the batch into the graph's inputs, one replay for the passes
+                    graph.gather(data.train_x, data.train_y, idx, data.train_transform, generators["augment"])
+                    loss = graph.forward_backward()
+                else:
+                    xb = data.train_x[idx]
+                    if data.train_transform is not None:
+                        xb = data.train_transform(xb, generators["augment"])
+                    loss = square_hinge_loss(forward(xb), data.train_y[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 if pending["n"] == 0:
                     pending["first"] = step
                 window[pending["n"]] = loss.detach()
                 pending["n"] += 1
                 if pending["n"] == check_every:  # before the step: with an interval of 1, a bad loss changes nothing
                     check_finite(epoch, before_step=True)
-                optimizer.step()  # also clips the latent weights to [-H, H]
+                graph.step() if graph is not None else optimizer.step()  # also clips the latent weights to [-H, H]
                 loss_sum += loss.detach()
                 p.step, p.global_step = step + 1, p.global_step + 1
                 every = config.checkpoint_every

@@ -1,0 +1,280 @@
+"""cudagraph.py (``--cuda-graph``): the training step as two recorded CUDA graphs.
+
+On the CPU: the step machinery without recording (static inputs, warm-up taken back, learning rates as
+tensors) trains bit-identically to the plain loop; checkpoints store those learning rates as numbers; the
+option is refused with a clear message where it cannot work. On a GPU (skipped without one): the recorded
+step trains as the eager one does, and stochastic layers draw fresh binary weights at every replay.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+
+from binaryconnect.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from binaryconnect.config import recipe_config
+from binaryconnect.cudagraph import GraphedStep, tensor_learning_rates
+from binaryconnect.errors import ConfigError
+from binaryconnect.layers import set_generator
+from binaryconnect.losses import square_hinge_loss
+from binaryconnect.models import create_model
+from binaryconnect.optim import make_optimizer, set_lr
+from binaryconnect.train import fit, resume
+from helpers import assert_one_line_error, quiet, small_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _mlp(binarization: str, device: str = "cpu", features: int = 20) -> torch.nn.Module:
+    torch.manual_seed(3)
+    return create_model("mlp", input_shape=(features,), num_classes=10, hidden=32, depth=2,
+                        binarization=binarization).to(device)
+
+
+def _batches(n: int, device: str = "cpu", features: int = 20, batch: int = 16):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(batch, features, generator=g).to(device),
+             torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(n)]
+
+
+def _train_eager(model, batches, lrs, seed, device="cpu"):
+    """The plain loop of train.py: zero_grad, loss, backward, step (with the clipping hook)."""
+    optimizer = make_optimizer(model, 1e-3)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    set_generator(model, generator)
+    model.train()
+    losses = []
+    for (x, y), lr in zip(batches, lrs, strict=True):
+        set_lr(optimizer, lr)
+        loss = square_hinge_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return optimizer, generator, losses
+
+
+def _train_graphed(model, batches, lrs, seed, capture, device="cpu"):
+    optimizer = make_optimizer(model, 1e-3)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    set_generator(model, generator)
+    model.train()
+    step = GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, optimizer, *batches[0],
+                       generators=[generator], capture=capture)
+    losses = []
+    for (x, y), lr in zip(batches, lrs, strict=True):
+        set_lr(optimizer, lr)
+        step.load(x, y)
+        losses.append(step.forward_backward().item())
+        step.step()
+    return optimizer, generator, losses
+
+
+def _assert_same_state(a, b, opt_a, opt_b, exact=True, atol=0.0):
+    check = (lambda u, v: torch.equal(u, v)) if exact else (lambda u, v: torch.allclose(u, v, atol=atol, rtol=0))
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert check(u.float(), v.float()), name
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for key, value in opt_a.state[pa].items():
+            assert check(value.float().cpu(), opt_b.state[pb][key].float().cpu()), key
+
+
+@pytest.mark.parametrize("binarization", ["deterministic", "stochastic", "none"])
+def test_step_machinery_without_recording_trains_exactly_as_the_plain_loop(binarization, one_thread):
+    # the warm-up steps (3) are taken back: parameters, batch-norm statistics, Adam's state (created by
+    # the warm-up, zeroed) and the binarization generator are as before, so the 6 steps are the same
+    # 6 steps, bit for bit, learning-rate schedule included
+    batches = _batches(6)
+    lrs = [1e-2, 1e-2, 5e-3, 5e-3, 1e-3, 1e-3]
+    eager, graphed = _mlp(binarization), _mlp(binarization)
+    opt_e, gen_e, losses_e = _train_eager(eager, batches, lrs, seed=7)
+    opt_g, gen_g, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=False)
+    assert losses_g == losses_e
+    _assert_same_state(eager, graphed, opt_e, opt_g)
+    assert torch.equal(gen_e.get_state(), gen_g.get_state())
+    assert all(torch.is_tensor(g["lr"]) for g in opt_g.param_groups)
+    assert [g["lr"].item() for g in opt_g.param_groups] == pytest.approx([g["lr"] for g in opt_e.param_groups])
+
+
+def test_warm_up_is_taken_back_even_from_a_trained_optimizer_state(one_thread):
+    # resuming: Adam already has moments and a step count; the warm-up must restore them, not zero them
+    batches = _batches(4)
+    a = _mlp("deterministic")
+    opt_a, _, _ = _train_eager(a, batches[:2], [1e-2, 1e-2], seed=1)
+    b = copy.deepcopy(a)
+    opt_b = make_optimizer(b, 1e-2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt_b.state[next(b.parameters())].items()}
+    GraphedStep(lambda x, y: square_hinge_loss(b(x), y), b, opt_b, *batches[2], capture=False)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in opt_b.state[next(b.parameters())].items():
+        assert torch.equal(v, moments[k]), k
+    assert moments["step"].item() == 2
+
+
+def test_batches_of_another_shape_are_refused():
+    model = _mlp("deterministic")
+    x, y = _batches(1)[0]
+    step = GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, make_optimizer(model, 1e-3), x, y,
+                       capture=False)
+    with pytest.raises(ValueError, match=r"batches of shape \(16, 20\)"):
+        step.load(x[:8], y[:8])
+
+
+def test_recording_needs_a_cuda_device():
+    model = _mlp("deterministic")
+    x, y = _batches(1)[0]
+    with pytest.raises(ConfigError, match="need a CUDA device; the training device is cpu"):
+        GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, make_optimizer(model, 1e-3), x, y)
+
+
+def test_set_lr_updates_a_tensor_learning_rate_in_place():
+    model = _mlp("deterministic")
+    optimizer = make_optimizer(model, 1e-3)
+    tensor_learning_rates(optimizer, torch.device("cpu"))
+    held = [g["lr"] for g in optimizer.param_groups]
+    set_lr(optimizer, 2e-3)
+    for group, tensor in zip(optimizer.param_groups, held, strict=True):
+        assert group["lr"] is tensor  # the object a recorded graph reads
+        assert tensor.item() == pytest.approx(2e-3 * group["lr_scale"], rel=1e-6)
+
+
+def test_checkpoint_stores_tensor_learning_rates_as_numbers_and_keeps_the_loaders_capturable():
+    model = _mlp("stochastic")
+    optimizer = make_optimizer(model, 1e-3)
+    _train_eager(model, _batches(1), [1e-3], seed=0)  # (its own optimizer; this one gets state below)
+    loss = square_hinge_loss(model(_batches(1)[0][0]), _batches(1)[0][1])
+    loss.backward()
+    optimizer.step()
+    tensor_learning_rates(optimizer, torch.device("cpu"))
+    for group in optimizer.param_groups:
+        group["capturable"] = True  # as GraphedStep leaves it on a GPU
+    tensors, plain = optimizer_to_tensors(optimizer)
+    json.dumps(plain)  # the checkpoint's JSON part: no tensors in it
+    assert all(isinstance(g["lr"], float) for g in plain["param_groups"])
+    fresh = make_optimizer(_mlp("stochastic"), 1e-3)
+    optimizer_from_tensors(fresh, tensors, json.loads(json.dumps(plain)))
+    assert [g["capturable"] for g in fresh.param_groups] == [False] * len(fresh.param_groups)
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx([g["lr"].item() for g in optimizer.param_groups])
+
+
+def test_option_is_validated(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="cannot be nested"):
+        recipe_config("mnist-float", cuda_graph=True, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="cuda_graph must be true or false"):
+        recipe_config("mnist-float", cuda_graph="yes")
+    assert recipe_config("mnist-float", cuda_graph=True, compile=True).cuda_graph is True
+    # on the CPU: refused before any data is read (the data folder does not exist)
+    with pytest.raises(ConfigError, match="needs a CUDA device; this run's device is cpu"):
+        fit(small_config(cuda_graph=True, data_dir=str(tmp_path / "nowhere")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(["train", "mnist-float", "--cuda-graph", "--device", "cpu", "--data-dir",
+                           str(tmp_path / "nowhere"), "-o", str(tmp_path / "run")],
+                          "--cuda-graph records the training step as CUDA graphs and needs a CUDA device", capsys)
+
+
+# --- on a GPU ---
+
+@cuda
+@pytest.mark.parametrize("binarization", ["deterministic", "stochastic"])
+def test_recorded_step_trains_as_the_eager_step_on_a_gpu(binarization):
+    # The registered generator makes replay i draw what eager call i draws, so the stochastic runs see
+    # the same binary weights; cuBLAS may differ in the last bits between the two, hence a tolerance.
+    batches = _batches(20, "cuda", features=64, batch=32)
+    lrs = [1e-2] * 10 + [1e-3] * 10
+    eager, graphed = _mlp(binarization, "cuda", 64), _mlp(binarization, "cuda", 64)
+    opt_e, _, losses_e = _train_eager(eager, batches, lrs, seed=7, device="cuda")
+    opt_g, _, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=True, device="cuda")
+    assert losses_g == pytest.approx(losses_e, rel=1e-4, abs=1e-6)
+    _assert_same_state(eager, graphed, opt_e, opt_g, exact=False, atol=1e-4)
+
+
+@cuda
+def test_each_replay_draws_fresh_stochastic_weights():
+    # same batch, a learning rate too small to move the weights: the loss changes between replays only
+    # because the binary weights are resampled (a graph that froze its random numbers repeats its loss)
+    x, y = _batches(1, "cuda", features=64, batch=32)[0]
+    losses = {}
+    for binarization in ("stochastic", "deterministic"):
+        model = _mlp(binarization, "cuda", 64)
+        optimizer = make_optimizer(model, 1e-30)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        set_generator(model, generator)
+        model.train()
+        step = GraphedStep(lambda a, b, m=model: square_hinge_loss(m(a), b), model, optimizer, x, y,
+                           generators=[generator])
+        states = []
+        losses[binarization] = []
+        for _ in range(8):
+            states.append(generator.get_state())
+            losses[binarization].append(step.forward_backward().item())
+            step.step()
+        if binarization == "stochastic":
+            assert all(not torch.equal(a, b) for a, b in zip(states[:-1], states[1:], strict=True))  # it advances
+    assert len(set(losses["stochastic"])) == 8
+    assert max(losses["deterministic"]) - min(losses["deterministic"]) < 1e-4
+
+
+@cuda
+def test_fit_with_cuda_graphs_matches_fit_without(tmp_path, mnist):
+    base = dict(device="cuda", epochs=2, train_subset=2000)
+    plain = fit(small_config(**base), tmp_path / "plain", data=mnist, log=lambda *a: None)
+    graphed = fit(small_config(**base, cuda_graph=True), tmp_path / "graph", data=mnist, log=lambda *a: None)
+    assert graphed["test_error"] == pytest.approx(plain["test_error"], abs=0.01)
+    resumed_config = json.loads((tmp_path / "graph" / "config.json").read_text())["config"]
+    assert resumed_config["cuda_graph"] is True
+
+
+def test_training_loop_with_the_step_machinery_trains_and_resumes_as_the_plain_loop(tmp_path, mnist, one_thread,
+                                                                                     monkeypatch):
+    # train.py's --cuda-graph path (batch gathered into the static inputs, the two steps, checkpoints of
+    # tensor learning rates, a resume that rebuilds the step after restoring) run without recording on the
+    # CPU: the same metrics and the same model, bit for bit, as the plain loop
+    from binaryconnect import train
+    from binaryconnect.checkpoint import load_tensors
+
+    monkeypatch.setattr(train, "GraphedStep", functools.partial(GraphedStep, capture=False))
+    monkeypatch.setattr(train, "_check_cuda_graph", lambda config, device: None)
+
+    def results(run):
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        model = load_tensors(run / "model.safetensors")[0]
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics], model
+
+    options = dict(binarization="stochastic", epochs=2, checkpoint_every=7)
+    fit(small_config(**options), tmp_path / "plain", data=mnist, log=quiet)
+    fit(small_config(**options, cuda_graph=True), tmp_path / "graph", data=mnist, log=quiet)
+
+    def stop_after_epoch_1(line):  # raised after the epoch's log line: the last checkpoint is mid-epoch 1
+        if line.startswith("epoch    1/"):
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(small_config(**options, cuda_graph=True), tmp_path / "resumed", data=mnist, log=stop_after_epoch_1)
+    resume(tmp_path / "resumed", data=mnist, log=quiet)
+
+    plain_metrics, plain_model = results(tmp_path / "plain")
+    for run in ("graph", "resumed"):
+        metrics, model = results(tmp_path / run)
+        assert metrics == plain_metrics, run
+        assert model.keys() == plain_model.keys()
+        assert all(torch.equal(model[k], plain_model[k]) for k in model), run
+
+
+def test_gather_runs_an_augmentation_eagerly_into_the_static_inputs():
+    model = _mlp("deterministic")
+    x, y = _batches(1)[0]
+    step = GraphedStep(lambda a, b: square_hinge_loss(model(a), b), model, make_optimizer(model, 1e-3), x, y,
+                       capture=False)
+    data_x, data_y = torch.randn(40, 20), torch.randint(0, 10, (40,))
+    index = torch.arange(16) * 2
+    step.gather(data_x, data_y, index, lambda a, g: -a, None)
+    assert torch.equal(step.x, -data_x[index]) and torch.equal(step.y, data_y[index])
+    step.gather(data_x, data_y, index + 1)
+    assert torch.equal(step.x, data_x[index + 1]) and torch.equal(step.y, data_y[index + 1])
