@@ -14,6 +14,7 @@ hardware and software versions.
     python bench/bench_train_step.py --compile --amp bf16 --channels-last     # the fast GPU path
     python bench/bench_train_step.py --network mnist                          # the MNIST MLP, batch 100
     python bench/bench_train_step.py --network mnist --compile-mode reduce-overhead   # + CUDA graphs
+    python bench/bench_train_step.py --network mnist --cuda-graph      # the whole step as CUDA graphs
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from binaryconnect import __version__  # noqa: E402
+from binaryconnect.cudagraph import GraphedStep  # noqa: E402
 from binaryconnect.layers import set_generator  # noqa: E402
 from binaryconnect.losses import square_hinge_loss  # noqa: E402
 from binaryconnect.models import create_model  # noqa: E402
@@ -80,14 +82,28 @@ def loadavg() -> str:
         return "n/a"
 
 
-def make_variant(binarization: str, state: dict, args, device: torch.device):
+def make_variant(binarization: str, state: dict, args, device: torch.device, x: torch.Tensor, y: torch.Tensor):
     """Model (initial weights ``state``), optimizer and step function of one variant."""
     model = build(args.network, args.hidden, binarization).to(device)
     model.load_state_dict(state)
     model.train()
-    set_generator(model, torch.Generator(device=device).manual_seed(1))  # as train.fit does
-    forward = training_forward(model, args.amp, args.channels_last, args.compile, args.compile_mode)
+    generator = torch.Generator(device=device).manual_seed(1)
+    set_generator(model, generator)  # as train.fit does
+    forward = training_forward(model, args.amp, args.channels_last, args.compile, args.compile_mode,
+                               autocast_cache=not args.cuda_graph)
     optimizer = make_optimizer(model, lr=1e-3)  # as train.fit builds it
+
+    if args.cuda_graph:  # as train.fit runs it with --cuda-graph: batch into the static inputs, two replays
+        graph = GraphedStep(lambda a, b: square_hinge_loss(forward(a), b), model, optimizer, x, y,
+                            generators=[generator])
+
+        def graphed_step(x, y):
+            graph.load(x, y)
+            loss = graph.forward_backward()
+            graph.step()
+            return loss
+
+        return graphed_step
 
     def step(x, y):
         loss = square_hinge_loss(forward(x), y)
@@ -120,12 +136,20 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--amp", choices=AMP_MODES, default="none")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="record each variant's whole step (passes, Adam, clipping) as CUDA graphs, as train "
+                        "--cuda-graph does (CUDA only; not with --compile-mode reduce-overhead/max-autotune)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode != "default"  # a compile mode implies --compile
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     on_gpu = device.type == "cuda"
+    if args.cuda_graph and not on_gpu:
+        p.error(f"--cuda-graph needs a CUDA device; the device is {device}")
+    if args.cuda_graph and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        p.error(f"--cuda-graph records the whole step itself; --compile-mode {args.compile_mode} cannot be "
+                "nested in it")
     batch = args.batch_size or (100 if args.network == "mnist" else 50 if on_gpu else 8)
     steps = args.steps or (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
@@ -140,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     steppers, compile_seconds = {}, {}
     for v in VARIANTS:
-        steppers[v] = make_variant(v, state, args, device)
+        steppers[v] = make_variant(v, state, args, device, x, y)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(device), "loadavg_before": load_before, "loadavg_after": loadavg(),
         "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
         "rounds": args.rounds, "compile": args.compile, "compile_mode": args.compile_mode, "amp": args.amp,
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
         "median_step_ms": {v: 1e3 * t for v, t in median.items()},
         "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                            for v, r in ratios.items()},
@@ -180,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     kind = "MLP, 3 hidden layers" if args.network == "mnist" else "convnet"
     print(f"network {args.network} {kind} (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
           f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} ({args.compile_mode}) "
-          f"amp={args.amp} channels_last={args.channels_last}")
+          f"amp={args.amp} channels_last={args.channels_last} cuda_graph={args.cuda_graph}")
     names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
     for v in VARIANTS:
         line = f"  {names[v]:14s} {1e3 * median[v]:10.2f} ms/step"
