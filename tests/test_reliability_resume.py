@@ -28,6 +28,7 @@ from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 from binaryconnect.errors import CheckpointError, ConfigError, TrainingInterrupted
 from binaryconnect.train import fit, resume
+from helpers import assert_one_line_error
 from helpers import quiet as _quiet
 from helpers import small_config as _small
 
@@ -294,3 +295,39 @@ def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_
     assert "binarization (run: 'deterministic', asked: 'stochastic')" in err and "'hidden': 32" in err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "holds no checkpoint.safetensors: nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds, checkpointed_epoch", [(0, 2), (1e9, 0)])
+def test_checkpoint_seconds_skips_epoch_end_checkpoints_and_resume_stays_exact(tmp_path, mnist, one_thread,
+                                                                                seconds, checkpointed_epoch):
+    # --checkpoint-seconds S: an epoch's end writes the checkpoint only S seconds after the last one. A run
+    # that crashes after epoch 3 is logged (before its checkpoint) left, with S = 0 (the default), the
+    # checkpoint of epoch 2; with a huge S, only the one of its start. Either way resuming ends exactly
+    # where an uninterrupted run ends, and the last epoch always checkpoints.
+    whole = fit(_small(epochs=3), tmp_path / "whole", progress=False, log=_quiet, data=mnist)
+    run = tmp_path / "run"
+
+    def crash_after_epoch_3(line):
+        if line.startswith("epoch    3/"):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(_small(epochs=3, checkpoint_seconds=seconds), run, progress=False, log=crash_after_epoch_3, data=mnist)
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == checkpointed_epoch
+    summary = resume(run, progress=False, log=_quiet, data=mnist)
+    assert (summary["best_epoch"], summary["test_error"]) == (whole["best_epoch"], whole["test_error"])
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == 3
+    final = load_checkpoint(run / CHECKPOINT_NAME)[0]
+    expected = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)[0]
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_checkpoint_seconds_is_validated(capsys):
+    with pytest.raises(ConfigError, match="checkpoint_seconds must be a non-negative number"):
+        recipe_config("mnist-float", checkpoint_seconds=-1)
+    with pytest.raises(ConfigError, match="checkpoint_seconds must be a non-negative number"):
+        recipe_config("mnist-float", checkpoint_seconds=float("nan"))
+    assert recipe_config("mnist-float", checkpoint_seconds=30).checkpoint_seconds == 30
+    assert_one_line_error(["train", "mnist-float", "--checkpoint-seconds", "-5"],
+                          "argument --checkpoint-seconds: expected a non-negative number, got '-5'", capsys)

@@ -43,6 +43,7 @@ def _number(parse, valid, what: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negative number")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,8 +98,13 @@ def _add_train(sub) -> None:
                    help="use deterministic algorithms (bit-reproducible on CPU)")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="also checkpoint every N steps (always after every epoch and on Ctrl-C/SIGTERM)")
+    p.add_argument("--checkpoint-seconds", type=_non_negative_float, metavar="S",
+                   help="at an epoch's end, checkpoint only if S seconds passed since the last checkpoint "
+                        "(default 0: after every epoch; the last epoch and Ctrl-C/SIGTERM always checkpoint); "
+                        "for short epochs, where writing the checkpoint costs more than the epoch")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint; only --epochs, --device, --checkpoint-every, "
+                        "--checkpoint-seconds, "
                         "--data-dir, --no-download, --deterministic and the speed options may differ from the "
                         "run's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,7 +155,7 @@ def _new_run_config(args):
 #: ``train`` options that map one to one onto TrainConfig fields.
 _TRAIN_OPTIONS = ("data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
                   "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
-                  "deterministic", "checkpoint_every")
+                  "deterministic", "checkpoint_every", "checkpoint_seconds")
 
 
 def _key_value(text: str) -> tuple[str, object]:

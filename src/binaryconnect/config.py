@@ -53,6 +53,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = True
     checkpoint_every: int | None = None  # also checkpoint every N optimizer steps (always at epoch ends)
+    checkpoint_seconds: float = 0.0  # at epoch ends, checkpoint only if this long since the last (0: always)
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first invalid option and what is allowed; return self."""
@@ -82,6 +83,9 @@ class TrainConfig:
             _positive_int("train_subset", self.train_subset)
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
+        if not (isinstance(self.checkpoint_seconds, (int, float)) and not isinstance(self.checkpoint_seconds, bool)
+                and math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+            raise ConfigError(f"checkpoint_seconds must be a non-negative number, got {self.checkpoint_seconds!r}")
         for name in ("H", "lr_start", "lr_end"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -173,8 +177,8 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
 #: ``epochs`` changes the learning-rate schedule of the epochs still to come (it decays to ``lr_end`` at
 #: the new last epoch); changing the device or the speed options gives a valid continuation that is not
 #: bit-identical to an uninterrupted run.
-RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "eval_batch_size", "data_dir", "download",
-                     "deterministic", "compile", "compile_mode", "amp", "channels_last", "cuda_graph")
+RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "checkpoint_seconds", "eval_batch_size", "data_dir",
+                     "download", "deterministic", "compile", "compile_mode", "amp", "channels_last", "cuda_graph")
 
 
 def resume_config(saved: TrainConfig, **overrides) -> tuple[TrainConfig, dict[str, list]]:

@@ -9,7 +9,8 @@ Run directory:
     metrics.jsonl    one JSON object per epoch: train loss, validation and test error, learning rate, seconds
     model.safetensors  the best-validation model (state_dict; the configuration in its metadata)
     checkpoint.safetensors  everything needed to continue exactly (see checkpoint.py): written at the
-                     start, after every epoch, every ``checkpoint_every`` steps, and on SIGINT/SIGTERM
+                     start, after every epoch (or the first epoch ``checkpoint_seconds`` after the
+                     last checkpoint), every ``checkpoint_every`` steps, and on SIGINT/SIGTERM
     summary.json     best epoch, its validation and test error, wall time
 
 Guarantees (each tested in tests/test_reliability_*.py): on the CPU a run killed at any point and resumed
@@ -330,6 +331,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     checkpoint_path = run_dir / CHECKPOINT_NAME
     start = time.perf_counter()
     last_saved = f"epoch {p.epoch + 1}, step {p.step}"
+    saved_at = time.perf_counter()  # when the checkpoint on disk was written (or read)
 
     # --- the NaN/Inf guard: losses since the last check, checked every `check_every` steps, before any write ---
     check_every = finite_check_interval(device)
@@ -357,10 +359,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         )
 
     def write_checkpoint(epoch: int) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, saved_at
         check_finite(epoch, before_step=False)
         _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
+        saved_at = time.perf_counter()
 
     if checkpoint is None:
         write_checkpoint(p.epoch)  # at step 0: a run can be resumed from its very start
@@ -437,7 +440,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
-            write_checkpoint(epoch)
+            if (stop.signum or epoch + 1 == config.epochs
+                    or time.perf_counter() - saved_at >= config.checkpoint_seconds):
+                write_checkpoint(epoch)
             if stop.signum:
                 raise _interrupted(stop.signum, f"after epoch {epoch + 1}", checkpoint_path)
 
