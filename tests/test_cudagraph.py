@@ -184,15 +184,17 @@ def test_option_is_validated(tmp_path, capsys):
 @cuda
 @pytest.mark.parametrize("binarization", ["deterministic", "stochastic"])
 def test_recorded_step_trains_as_the_eager_step_on_a_gpu(binarization):
-    # The registered generator makes replay i draw what eager call i draws, so the stochastic runs see
-    # the same binary weights; cuBLAS may differ in the last bits between the two, hence a tolerance.
+    # The registered generator makes replay i draw what eager call i draws (same offsets), so the
+    # stochastic runs see the same binary weights and end with the same generator state; cuBLAS may differ
+    # in the last bits between the two, hence a tolerance on the values.
     batches = _batches(20, "cuda", features=64, batch=32)
     lrs = [1e-2] * 10 + [1e-3] * 10
     eager, graphed = _mlp(binarization, "cuda", 64), _mlp(binarization, "cuda", 64)
-    opt_e, _, losses_e = _train_eager(eager, batches, lrs, seed=7, device="cuda")
-    opt_g, _, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=True, device="cuda")
+    opt_e, gen_e, losses_e = _train_eager(eager, batches, lrs, seed=7, device="cuda")
+    opt_g, gen_g, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=True, device="cuda")
     assert losses_g == pytest.approx(losses_e, rel=1e-4, abs=1e-6)
     _assert_same_state(eager, graphed, opt_e, opt_g, exact=False, atol=1e-4)
+    assert torch.equal(gen_e.get_state(), gen_g.get_state())
 
 
 @cuda
@@ -221,14 +223,75 @@ def test_each_replay_draws_fresh_stochastic_weights():
     assert max(losses["deterministic"]) - min(losses["deterministic"]) < 1e-4
 
 
+def _speed_step_losses(model, forward, batches, capture):
+    """Losses of training ``model`` through ``forward`` (speed.training_forward) on ``batches``, eagerly or
+    recorded; PyTorch's global generators seeded first (compiled stochastic layers draw from them)."""
+    torch.manual_seed(11)
+    optimizer = make_optimizer(model, 1e-2)
+    model.train()
+    if capture is None:
+        losses = []
+        for x, y in batches:
+            loss = square_hinge_loss(forward(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+    step = GraphedStep(lambda a, b: square_hinge_loss(forward(a), b), model, optimizer, *batches[0], capture=capture)
+    losses = []
+    for x, y in batches:
+        step.load(x, y)
+        losses.append(step.forward_backward().item())
+        step.step()
+    return losses
+
+
 @cuda
-def test_fit_with_cuda_graphs_matches_fit_without(tmp_path, mnist):
-    base = dict(device="cuda", epochs=2, train_subset=2000)
-    plain = fit(small_config(**base), tmp_path / "plain", data=mnist, log=lambda *a: None)
-    graphed = fit(small_config(**base, cuda_graph=True), tmp_path / "graph", data=mnist, log=lambda *a: None)
-    assert graphed["test_error"] == pytest.approx(plain["test_error"], abs=0.01)
-    resumed_config = json.loads((tmp_path / "graph" / "config.json").read_text())["config"]
-    assert resumed_config["cuda_graph"] is True
+def test_compiled_stochastic_forward_records_and_draws_fresh_numbers():
+    # torch.compile's kernels draw from PyTorch's default CUDA generator (Inductor's seeds), which PyTorch
+    # registers with every graph: the recorded step follows the compiled eager one
+    from binaryconnect.speed import training_forward
+
+    batches = _batches(10, "cuda", features=64, batch=32)
+    runs = {}
+    for mode in (None, True):
+        model = _mlp("stochastic", "cuda", 64)
+        forward = training_forward(model, compile=True, autocast_cache=mode is None)
+        runs[mode] = _speed_step_losses(model, forward, batches, mode)
+    assert runs[True] == pytest.approx(runs[None], rel=1e-3)
+    assert len(set(runs[True])) == len(runs[True])
+
+
+@cuda
+def test_bf16_channels_last_convnet_records_as_it_runs_eagerly():
+    from binaryconnect.speed import training_forward
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda())
+               for _ in range(6)]
+    runs = {}
+    for mode in (None, True):
+        torch.manual_seed(4)
+        model = create_model("convnet", channels=(8, 16, 32), hidden=32, binarization="deterministic").cuda()
+        forward = training_forward(model, amp="bf16", channels_last=True, autocast_cache=mode is None)
+        runs[mode] = _speed_step_losses(model, forward, batches, mode)
+    assert runs[True] == pytest.approx(runs[None], rel=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("binarization", ["deterministic", "stochastic"])
+def test_fit_with_cuda_graphs_matches_fit_without(tmp_path, mnist, binarization):
+    base = dict(device="cuda", epochs=2, train_subset=2000, binarization=binarization)
+    fit(small_config(**base), tmp_path / "plain", data=mnist, log=quiet)
+    fit(small_config(**base, cuda_graph=True), tmp_path / "graph", data=mnist, log=quiet)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("plain", "graph")}
+    assert [r["train_loss"] for r in rows["graph"]] == pytest.approx([r["train_loss"] for r in rows["plain"]],
+                                                                      rel=1e-3)
+    assert [r["test_error"] for r in rows["graph"]] == pytest.approx([r["test_error"] for r in rows["plain"]],
+                                                                      abs=0.005)
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["config"]["cuda_graph"] is True
 
 
 def test_training_loop_with_the_step_machinery_trains_and_resumes_as_the_plain_loop(tmp_path, mnist, one_thread,

@@ -18,7 +18,7 @@ last step, as without graphs. The algorithm is unchanged: same layers, same bina
 What recording needs, and how it is kept exact:
 
 - The batch lives in static input tensors; each step gathers its examples into them (``load``).
-- Adam runs with ``capturable=True`` and each group's learning rate is a 0-dim tensor on the device,
+- Adam is recorded with ``capturable=True`` and each group's learning rate is a 0-dim tensor on the device,
   so that ``optim.set_lr`` changes the rate the recorded kernels read (``fill_``) instead of a number
   baked into the graph. The checkpoint stores it as a number, as before.
 - Recording needs a few eager warm-up steps first (on a side stream: cuBLAS/cuDNN workspaces, autotuning,
@@ -28,8 +28,9 @@ What recording needs, and how it is kept exact:
   by the warm-up; where there was none yet, it is zeroed, which is what a fresh Adam state is.)
 - Stochastic BinaryConnect draws its binary weights inside the graph. The dedicated binarization
   generator is registered with the graph, and PyTorch's default CUDA generator (used by compiled layers)
-  is registered by PyTorch itself: each replay draws fresh numbers and advances the generator, so a
-  checkpoint saves its true state.
+  is registered by PyTorch itself: each replay draws fresh numbers and advances the generator as the
+  eager step would (the dedicated generator's state is what checkpoints save; the default CUDA one is
+  not checkpointed, with or without graphs).
 - Autocast (``--amp bf16``) runs without its weight-cast cache, as CUDA graph capture requires.
 
 ``capture=False`` runs the same static-buffer step eagerly, warm-up and restore included; the tests use
@@ -38,6 +39,7 @@ it to check the machinery on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable
 
@@ -66,7 +68,8 @@ class GraphedStep:
     (the CUDA ones are registered with the graph). Build it after the model, optimizer and generators
     are in their final state: the warm-up is taken back, and the recording keeps pointers to the
     parameters, gradients, optimizer state and learning rates, so these must be updated in place
-    afterwards (``load_state_dict`` of the model is, ``optim.set_lr`` is).
+    afterwards (``load_state_dict`` of the model is, ``optim.set_lr`` is). Replay with the training device
+    as the current CUDA device (``torch.cuda.device``), as it is while recording.
     """
 
     def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
@@ -85,14 +88,17 @@ class GraphedStep:
         self.loss = torch.zeros((), device=device)
         tensor_learning_rates(optimizer, device)
         for group in optimizer.param_groups:
-            group["capturable"] = capture
+            # fused Adam keeps its step counts on the device anyway: the flag only matters when recording
+            # (set there, which spares the warm-up a warning); the multi-tensor one needs them there first
+            group["capturable"] = capture and not group.get("fused")
 
-        saved = self._snapshot()
-        self._warm_up(warmup_steps)
-        self._restore(saved)
         self._forward_backward_graph = self._step_graph = None
-        if capture:
-            self._record()
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            saved = self._snapshot()
+            self._warm_up(warmup_steps)
+            self._restore(saved)
+            if capture:
+                self._record()
 
     # --- the two steps ---
     def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -187,6 +193,8 @@ class GraphedStep:
             loss = self.loss_fn(self.x, self.y)
             loss.backward()
             self.loss = loss.detach()
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
         step = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step):
             self.optimizer.step()

@@ -192,14 +192,17 @@ def _note(text: str) -> None:
 def _algorithms(deterministic: bool, device: torch.device):
     """While training: ``torch.use_deterministic_algorithms(True)`` when asked; otherwise, on a GPU, cuDNN
     autotuning (``cudnn.benchmark``: each convolution shape timed once, the fastest algorithm kept, as
-    ``bench/bench_train_step.py`` times it). Both settings are restored afterwards."""
+    ``bench/bench_train_step.py`` times it). Both settings are restored afterwards. On a GPU the training
+    device is also the current device meanwhile (CUDA graphs record and replay on the current device)."""
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     if deterministic:
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        yield
+        on_gpu = device.type == "cuda" and torch.cuda.is_available()
+        with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+            yield
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
@@ -319,13 +322,6 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             raise ConfigError(f"the run has already trained {p.epoch + (p.step > 0)} epochs; "
                               f"ask for at least that many (--epochs), got {config.epochs}")
 
-    # --- CUDA graphs: recorded once the model, optimizer and generators are as training starts from ---
-    graph = None
-    if config.cuda_graph:
-        sample = slice(0, config.batch_size)
-        graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
-                            data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
-
     # --- run directory: the checkpoint first, so that any run directory with files in it can be resumed ---
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -379,6 +375,14 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         f"{config.epochs} epochs, device {device}, run dir {run_dir}")
 
     with _algorithms(config.deterministic, device), _StopSignals() as stop:
+        # --- CUDA graphs: recorded with the algorithm settings above, once the model, optimizer and
+        # generators are as training starts from (the warm-up and recording count in the wall time) ---
+        graph = None
+        if config.cuda_graph:
+            sample = slice(0, config.batch_size)
+            graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
+                                data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
+
         for epoch in range(p.epoch, config.epochs):
             t0 = time.perf_counter()
             if p.step == 0:  # a new epoch: its learning rate, its permutation of the training set
