@@ -4,8 +4,8 @@ One ``binaryconnect train`` process per (recipe, seed), at most ``jobs`` at a ti
 directory ``OUT/<recipe>-s<seed>`` with its log beside it (``OUT/<recipe>-s<seed>.log``); then the
 ``report`` table over all of them. Why processes side by side: a small network (the paper's MNIST MLP)
 leaves a GPU idle between its kernel launches, so several runs share one GPU at little cost to each
-(RESULTS.md: on one H200, nine MNIST runs side by side each trained an epoch in 1.1-1.5 s, two side by
-side in 1.0-1.4 s).
+(RESULTS.md: on one H200, nine compiled MNIST runs side by side each trained the 250 epochs in 367-374 s,
+about 1.5 s per epoch).
 
 A sweep can be repeated: a finished run (``summary.json``) is skipped, a stopped one (a checkpoint, no
 summary) is resumed with ``train --resume``, a missing one is started. ``deadline`` seconds after the
