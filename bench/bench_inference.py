@@ -2,6 +2,9 @@
 
     python bench/bench_inference.py                       # MLP and convnet, 1 and 2 threads, batch 1 and 256
     python bench/bench_inference.py --models mlp --runs 400 --json /tmp/bench.json
+    python bench/bench_inference.py --models linear1024 --threads 1 --batches 1,256     # one layer
+    python bench/bench_inference.py --models conv3-128,conv128-128,conv128-256,conv256-256,conv256-512,conv512-512 \
+        --threads 1 --batches 16                                                        # the convnet's layers
 
 Both sides run in this process on the same inputs:
 
@@ -40,6 +43,30 @@ MODELS = {
     "mlp": ("784-1024-1024-1024-10 MLP (MNIST)", (1, 28, 28)),
     "convnet": ("2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-2x1024FC-10 (CIFAR-10)", (3, 32, 32)),
 }
+#: Single layers of the two networks, each followed by its batch norm (folded into the packed layer);
+#: name -> (in, out, input shape); convolutions 3x3 with padding 1, then a global max pooling and a flatten
+#: (a packed file ends in per-class scores: here one per channel; the pooling is about 1/27 of the
+#: smallest convolution's work, 1/1150 of the others', on both sides alike).
+LAYERS = {
+    "linear1024": (1024, 1024, (1024,)),
+    "conv3-128": (3, 128, (3, 32, 32)),
+    "conv128-128": (128, 128, (128, 32, 32)),
+    "conv128-256": (128, 256, (128, 16, 16)),
+    "conv256-256": (256, 256, (256, 16, 16)),
+    "conv256-512": (256, 512, (256, 8, 8)),
+    "conv512-512": (512, 512, (512, 8, 8)),
+}
+for _name, (_cin, _cout, _shape) in LAYERS.items():
+    _kind = "linear" if len(_shape) == 1 else f"3x3 convolution on {_shape[1]}x{_shape[2]}"
+    MODELS[_name] = (f"one binary {_kind} layer {_cin}->{_cout} + batch norm", _shape)
+
+
+def macs_per_example(name: str) -> float:
+    """Rough multiply-accumulates per example (millions): sets the number of timed runs."""
+    if name in LAYERS:
+        cin, cout, shape = LAYERS[name]
+        return cin * cout * (9 * shape[1] * shape[2] if len(shape) == 3 else 1) / 1e6
+    return 3 if name == "mlp" else 600
 
 
 def _local_convnet() -> nn.Sequential:
@@ -57,7 +84,15 @@ def _local_convnet() -> nn.Sequential:
 
 def build(name: str, seed: int) -> tuple[nn.Module, str]:
     torch.manual_seed(seed)
-    if name == "mlp":
+    if name in LAYERS:
+        cin, cout, shape = LAYERS[name]
+        if len(shape) == 1:
+            model = nn.Sequential(BinaryLinear(cin, cout), nn.BatchNorm1d(cout))
+        else:
+            model = nn.Sequential(BinaryConv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
+                                  nn.MaxPool2d(shape[1]), nn.Flatten())
+        origin = "bench-local single layer"
+    elif name == "mlp":
         model, origin = create_model("mlp"), "binaryconnect.models mlp"
     elif "convnet" in list_models():
         model, origin = create_model("convnet", input_shape=(3, 32, 32)), "binaryconnect.models convnet"
@@ -163,9 +198,12 @@ def main(argv=None) -> int:
           f"seed {args.seed}, timing: {env['timing']}, load average {env['loadavg_before']}")
     results = []
     for name in args.models.split(","):
+        if name not in MODELS:
+            p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         model, origin = build(name, args.seed)
         twin = float_twin(model)
-        packed = PackedModel(export_model(model, MODELS[name][1]), engine="native")
+        num_classes = LAYERS[name][1] if name in LAYERS else None  # a pooled convolution: one score per channel
+        packed = PackedModel(export_model(model, MODELS[name][1], num_classes=num_classes), engine="native")
         print(f"## {name}: {MODELS[name][0]} [{origin}], packed engine {packed.engine} ({packed.isa})")
         print(f"{'threads':>7} {'batch':>5} {'runs':>5} {'float32 ms':>11} {'packed ms':>10} {'speedup':>8} "
               f"{'max|diff|':>10} {'same argmax':>11}" + ("  training-model ms" if args.training_model else ""))
@@ -174,8 +212,7 @@ def main(argv=None) -> int:
             for batch in map(int, args.batches.split(",")):
                 g = torch.Generator().manual_seed(args.seed + batch)
                 x = torch.randn(batch, *MODELS[name][1], generator=g)
-                macs_m = 3 if name == "mlp" else 600  # rough work per example (M MACs), sets the run count
-                runs = args.runs or max(5, min(300, int(3e4 / (macs_m * batch))))
+                runs = args.runs or max(5, min(300, int(3e4 / (macs_per_example(name) * batch))))
                 fns = {"float32": twin, "packed": packed}
                 if args.training_model:
                     fns["training"] = model
