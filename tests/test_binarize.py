@@ -13,6 +13,9 @@ from binaryconnect.binarize import (
     hard_sigmoid,
 )
 
+#: The CPU, and a GPU where there is one: on a GPU ``plus_minus`` takes another path (one ``torch.where``).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
 
 def test_hard_sigmoid_exact_values():
     x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0])
@@ -20,10 +23,11 @@ def test_hard_sigmoid_exact_values():
     assert torch.equal(hard_sigmoid(x), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("H", [1.0, 0.5, 3.0])
-def test_deterministic_exact_values(H):
-    w = torch.tensor([-2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.3, 5.0])
-    expected = torch.tensor([-H, -H, -H, H, H, H, H, H])  # zero (and -0.0) maps to +H
+def test_deterministic_exact_values(H, device):
+    w = torch.tensor([-2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.3, 5.0], device=device)
+    expected = torch.tensor([-H, -H, -H, H, H, H, H, H], device=device)  # zero (and -0.0) maps to +H
     assert torch.equal(binarize_deterministic(w, H), expected)
 
 
@@ -50,16 +54,18 @@ def test_stochastic_frequency_matches_hard_sigmoid(H):
     assert freq[0] == 0 and freq[1] == 0 and freq[-2] == 1 and freq[-1] == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("H", [1.0, 0.7, 2.0])
-def test_stochastic_is_eq2_on_the_same_uniforms_and_keeps_the_dtype(H, dtype):
+def test_stochastic_is_eq2_on_the_same_uniforms_and_keeps_the_dtype(H, dtype, device):
     """Oracle: Wb = +H where u < hard_sigmoid(W / H) (the clip included), u the generator's torch.rand stream."""
     w = torch.empty(200_000, dtype=torch.float64).uniform_(-3 * H, 3 * H).to(dtype)
     w[:4] = torch.tensor([-H, 0.0, H, -0.0])
-    u = torch.rand(w.shape, generator=torch.Generator().manual_seed(5))
-    h = torch.tensor(H, dtype=dtype)  # H as the dtype represents it
+    w = w.to(device)
+    u = torch.rand(w.shape, generator=torch.Generator(device).manual_seed(5), device=device)
+    h = torch.tensor(H, dtype=dtype, device=device)  # H as the dtype represents it
     expected = torch.where(u < hard_sigmoid(w / H), h, -h)
-    got = binarize_stochastic(w, H, torch.Generator().manual_seed(5))
+    got = binarize_stochastic(w, H, torch.Generator(device).manual_seed(5))
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
@@ -78,24 +84,28 @@ def test_stochastic_is_reproducible_from_the_generator():
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
-def test_ste_identity_forward_is_binary_and_gradient_passes_unchanged(mode):
+def test_ste_identity_forward_is_binary_and_gradient_passes_unchanged(mode, device):
     H = 1.0
-    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 3.0], requires_grad=True)
-    wb = binarize_ste(w, mode, H, "identity", torch.Generator().manual_seed(0))
+    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 3.0], device=device, requires_grad=True)
+    wb = binarize_ste(w, mode, H, "identity", torch.Generator(device).manual_seed(0))
     assert torch.equal(wb.detach().abs(), torch.full_like(w, H))
-    upstream = torch.tensor([0.5, -1.0, 2.0, 3.0, -4.0, 0.25, 7.0])
+    if mode == "deterministic":
+        assert torch.equal(wb.detach(), torch.tensor([-H, -H, -H, H, H, H, H], device=device))
+    upstream = torch.tensor([0.5, -1.0, 2.0, 3.0, -4.0, 0.25, 7.0], device=device)
     wb.backward(upstream)
     assert torch.equal(w.grad, upstream)  # dL/dW = dL/dWb everywhere, also where |W| > H
 
 
-def test_ste_clipped_cancels_gradient_outside_H():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ste_clipped_cancels_gradient_outside_H(device):
     H = 1.0
-    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 1.0001, 3.0], requires_grad=True)
+    w = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.4, 1.0, 1.0001, 3.0], device=device, requires_grad=True)
     wb = binarize_ste(w, "deterministic", H, "clipped")
-    upstream = torch.arange(1.0, 9.0)
+    upstream = torch.arange(1.0, 9.0, device=device)
     wb.backward(upstream)
-    expected = upstream * torch.tensor([0, 1, 1, 1, 1, 1, 0, 0.0])  # 1 inside [-H, H] (boundary included)
+    expected = upstream * torch.tensor([0, 1, 1, 1, 1, 1, 0, 0.0], device=device)  # 1 inside [-H, H], boundary in
     assert torch.equal(w.grad, expected)
     assert torch.equal(wb.detach(), binarize_deterministic(w.detach(), H))
 

@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from binaryconnect.cli import main
+from binaryconnect.data import load_dataset
+from binaryconnect.layers import set_generator, set_stochastic_eval
+from binaryconnect.train import evaluate, load_run
 from helpers import assert_one_line_error
 
 SMALL = ["--train-subset", "1000", "--hidden", "32", "--depth", "1", "--epochs", "2", "--device", "cpu",
@@ -30,7 +34,15 @@ def test_train_then_evaluate(tmp_path, data_root, capsys):
     assert main(["evaluate", str(run), "--data-dir", str(data_root), "--json", "--stochastic-eval", "sample",
                  "--samples", "4"]) == 0
     sampled = json.loads(capsys.readouterr().out)
-    assert sampled["stochastic_eval"] == "sample" and sampled["samples"] == 4 and 0 <= sampled["test_error"] <= 1
+    assert sampled["stochastic_eval"] == "sample" and sampled["samples"] == 4
+    # oracle: the same model, sampled weights from the same seed (--seed 0), 4 samples averaged
+    model, _ = load_run(run)
+    set_stochastic_eval(model, "sample")
+    set_generator(model, torch.Generator().manual_seed(0))
+    mnist = load_dataset("mnist", data_root, download=False)
+    error, loss = evaluate(model, mnist.test_x, mnist.test_y, 1000, 4)
+    assert (sampled["test_error"], sampled["test_loss"]) == (error, loss)
+    assert sampled["test_error"] != result["test_error"]  # sampled weights are not the real ones
 
 
 def test_recipes_lists_the_paper_recipes(capsys):
@@ -78,4 +90,5 @@ def test_console_script_is_installed(tmp_path, data_root):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["test_error"] < 0.9 and (tmp_path / "r" / "model.safetensors").is_file()
+    # 1,000 images, 2 epochs of a 32-unit net: 0.459 measured (seed 0, torch 2.14.1, CPU); chance is 0.9
+    assert summary["test_error"] < 0.6 and (tmp_path / "r" / "model.safetensors").is_file()

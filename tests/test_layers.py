@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from binaryconnect.binarize import binarize_deterministic
+from binaryconnect.binarize import binarize_deterministic, binarize_stochastic
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, set_generator, set_stochastic_eval
 
 BACKEND = "aot_eager"  # Dynamo + AOTAutograd, where the straight-through gradient is traced; no C++ build
@@ -24,13 +24,16 @@ def test_drop_in_for_nn_linear():
 def test_latent_init_is_uniform_in_minus_H_H(H):
     w = BinaryLinear(500, 400, H=H).weight.detach()
     assert w.min() >= -H and w.max() <= H
+    # n = 200,000 draws of U[-H, H]: the mean's sd is H / sqrt(3n) = 0.0013 H, the variance estimate's
+    # sd is about H^2 * sqrt(4 / (45 n)) = 0.00067 H^2; the bounds are 7.7 and 15 of them
     assert abs(w.mean().item()) < 0.01 * H
     assert abs(w.var().item() - H * H / 3) < 0.01 * H * H  # variance of U[-H, H]
 
 
-@pytest.mark.parametrize("layer", [BinaryLinear(300, 100, binarization="none"),
-                                   BinaryConv2d(16, 32, 3, binarization="none")])
-def test_float_layers_start_glorot_uniform(layer):
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_float_layers_start_glorot_uniform(kind):
+    layer = (BinaryLinear(300, 100, binarization="none") if kind == "linear"
+             else BinaryConv2d(16, 32, 3, binarization="none"))  # built in the test: after the seed fixture
     w = layer.weight.detach()
     receptive = w[0, 0].numel()
     bound = (6 / (w.shape[1] * receptive + w.shape[0] * receptive)) ** 0.5
@@ -44,6 +47,18 @@ def test_invalid_options_raise():
         BinaryLinear(2, 2, binarization="xnor")
     with pytest.raises(ValueError, match="stochastic_eval"):
         BinaryLinear(2, 2, stochastic_eval="mean")
+    with pytest.raises(ValueError, match="identity, clipped"):  # at construction, not at the first forward pass
+        BinaryLinear(2, 2, ste="tanh")
+
+
+@pytest.mark.parametrize("binarization", ["deterministic", "none"])
+def test_biases_start_at_zero(binarization):
+    for layer in (BinaryLinear(5, 3, bias=True, binarization=binarization),
+                  BinaryConv2d(2, 4, 3, bias=True, binarization=binarization)):
+        assert torch.equal(layer.bias.detach(), torch.zeros_like(layer.bias))
+        layer.bias.data.fill_(1.0)
+        layer.reset_latent()
+        assert torch.equal(layer.bias.detach(), torch.zeros_like(layer.bias))
 
 
 def _grads_with_binary_leaf(layer, x, wb, fn):
@@ -106,7 +121,9 @@ def test_eval_mode_weights_per_binarization():
     set_stochastic_eval(sto, "sample")
     set_generator(sto, torch.Generator().manual_seed(1))
     sampled = sto(torch.eye(10)).detach().T
-    assert torch.equal(sampled.abs(), torch.ones_like(sampled))
+    # eq. (2) on the same generator stream: the sampled weights, not the sign of the real ones
+    assert torch.equal(sampled, binarize_stochastic(sto.weight.detach(), 1.0, torch.Generator().manual_seed(1)))
+    assert not torch.equal(sto(torch.eye(10)).detach().T, sampled)  # a fresh sample every call
     flt = BinaryLinear(10, 4, binarization="none")
     assert torch.equal(flt(x), F.linear(x, flt.weight))
     assert torch.equal(flt.eval()(x), F.linear(x, flt.weight))

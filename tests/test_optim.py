@@ -44,6 +44,14 @@ def test_param_groups_scale_only_binarized_weights():
     assert all(g["lr_scale"] == 1.0 for g in param_groups(_net("none"), lr=0.01))
 
 
+def test_lr_scale_none_and_unknown_names():
+    groups = param_groups(_net(), lr=0.01, lr_scale="none")  # binarized weights unscaled
+    assert all(g["lr"] == 0.01 and g["lr_scale"] == 1.0 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(_net().parameters()))
+    with pytest.raises(ValueError, match="unknown lr_scale 'he'; choose one of glorot, none"):
+        param_groups(_net(), lr=0.01, lr_scale="he")
+
+
 def test_first_adam_step_moves_each_group_by_its_scaled_learning_rate():
     # Adam's first step is lr * g / (|g| + eps'): with the scale it must be lr * scale * sign(g) (to 1e-6).
     net = _net()

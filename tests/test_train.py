@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
+from binaryconnect.checkpoint import load_tensors
 from binaryconnect.config import TrainConfig, recipe_config
 from binaryconnect.errors import ConfigError
-from binaryconnect.layers import binary_layers
+from binaryconnect.layers import binary_layers, set_generator, set_stochastic_eval
+from binaryconnect.losses import square_hinge_loss
+from binaryconnect.models import create_model
 from binaryconnect.train import evaluate, fit, load_run
 
 
@@ -33,7 +36,9 @@ def test_fit_writes_run_dir_and_selects_best_validation(tmp_path, mnist, binariz
     assert summary["best_epoch"] == best["epoch"]
     assert summary["test_error"] == best["test_error"]
     assert json.loads((run / "summary.json").read_text())["test_error"] == summary["test_error"]
-    assert summary["test_error"] < 0.5  # it learned something from 2000 images
+    # it learned from 2000 images: seed 0 measured 0.148 / 0.234 / 0.128 (deterministic / stochastic / float,
+    # torch 2.14.1, CPU); chance is 0.9. The margin allows for other builds' rounding, not for a broken loop.
+    assert summary["test_error"] < {"deterministic": 0.25, "stochastic": 0.33, "none": 0.23}[binarization]
 
     # the saved model is the best one: evaluating it reproduces the recorded errors exactly
     model, loaded = load_run(run)
@@ -46,14 +51,87 @@ def test_fit_writes_run_dir_and_selects_best_validation(tmp_path, mnist, binariz
             assert layer.weight.abs().max() <= layer.H
 
 
-def test_same_seed_same_weights_different_seed_different(tmp_path, mnist):
+def test_same_seed_same_weights(tmp_path, mnist):
+    # (without --deterministic; that another seed reaches the weights, the shuffling and the sampling is
+    # test_reliability_guards.py::test_same_seed_is_bit_identical_and_another_seed_is_not)
     runs = []
-    for i, seed in enumerate((0, 0, 1)):
-        fit(_small(binarization="stochastic", epochs=1, seed=seed), tmp_path / str(i), progress=False,
+    for i in range(2):
+        fit(_small(binarization="stochastic", epochs=1, seed=0), tmp_path / str(i), progress=False,
             log=lambda *a: None, data=mnist)
         runs.append(load_run(tmp_path / str(i))[0].state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    assert not torch.equal(runs[0]["layers.1.weight"], runs[2]["layers.1.weight"])
+
+
+@pytest.mark.parametrize("val_errors, best_epoch", [([0.30, 0.20, 0.25], 2), ([0.30, 0.20, 0.20], 3)])
+def test_best_validation_epoch_is_kept_with_its_model(tmp_path, mnist, monkeypatch, val_errors, best_epoch):
+    # evaluate() scripted: validation errors that fall then rise (the best epoch is not the last), and a
+    # tie (the later epoch wins, as in the original code); the model file must hold that epoch's weights
+    from binaryconnect import train
+
+    snapshots, calls = [], {"n": 0}
+
+    def scripted(model, x, y, batch_size=1000, samples=1):
+        epoch, is_val = divmod(calls["n"], 2)[0], calls["n"] % 2 == 0
+        calls["n"] += 1
+        if is_val:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return val_errors[epoch], 0.0
+        return 0.5 - 0.1 * epoch, 0.0  # test errors 0.5, 0.4, 0.3
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    summary = fit(_small(), tmp_path / "run", progress=False, log=lambda *a: None, data=mnist)
+    assert summary["best_epoch"] == best_epoch
+    assert summary["best_val_error"] == val_errors[best_epoch - 1]
+    assert summary["test_error"] == pytest.approx(0.5 - 0.1 * (best_epoch - 1))
+    saved, _ = load_tensors(tmp_path / "run" / "model.safetensors")
+    expected = snapshots[best_epoch - 1]
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert not all(torch.equal(saved[k], snapshots[-1][k]) for k in expected) or best_epoch == 3
+
+
+def test_train_loss_is_the_mean_of_the_epochs_step_losses(tmp_path, mnist, monkeypatch):
+    from binaryconnect import train
+
+    losses = []
+
+    def recording(output, labels):
+        loss = square_hinge_loss(output, labels)
+        if torch.is_grad_enabled():  # training steps; evaluate() runs without gradients
+            losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train, "square_hinge_loss", recording)
+    fit(_small(epochs=2), tmp_path / "run", progress=False, log=lambda *a: None, data=mnist)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = 2000 // 100
+    assert len(losses) == 2 * steps
+    for epoch, row in enumerate(rows):
+        assert row["train_loss"] == pytest.approx(sum(losses[epoch * steps:(epoch + 1) * steps]) / steps, rel=1e-6)
+
+
+def test_evaluate_against_one_pass_oracle(mnist):
+    # batches of 300 over 1,000 examples (the last one short): error and loss as over the whole set at once
+    torch.manual_seed(0)
+    model = create_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=32, depth=1).eval()
+    x, y = mnist.test_x[:1000], mnist.test_y[:1000]
+    error, loss = evaluate(model, x, y, batch_size=300)
+    with torch.no_grad():
+        out = model(x)
+    assert error == (out.argmax(1) != y).sum().item() / len(y)
+    assert loss == pytest.approx(square_hinge_loss(out, y).item(), rel=1e-6)
+    # samples > 1: the average of that many forward passes with fresh binary weights, in draw order
+    sto = create_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=32, depth=1,
+                       binarization="stochastic").eval()
+    set_stochastic_eval(sto, "sample")
+    set_generator(sto, torch.Generator().manual_seed(1))
+    error, loss = evaluate(sto, x, y, batch_size=1000, samples=3)
+    set_generator(sto, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        draws = [sto(x) for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1])
+    mean = sum(draws) / 3
+    assert error == (mean.argmax(1) != y).sum().item() / len(y)
+    assert loss == pytest.approx(square_hinge_loss(mean, y).item(), rel=1e-6)
 
 
 def test_stochastic_eval_modes(tmp_path, mnist):
