@@ -29,6 +29,8 @@ def calibrate(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration pass
+        if not bn.affine:
+            continue
         bn.weight.copy_(torch.randn(bn.num_features, generator=g) + 0.5)
         bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
     model.train()
@@ -89,6 +91,44 @@ def test_conv_net_matches_the_eval_model(bn_after_pool):
     assert kinds.count("conv2d") == 4 and kinds.count("maxpool2d") == 2
     for batch in (1, 5, 37):  # 37: tiles of 16 columns end partially filled
         _check_against_model(model, net, torch.randn(batch, 3, 16, 16))
+
+
+def _mixed_convnet() -> nn.Sequential:
+    """Binary and float layers interleaved, so that the native engine changes layout between them: a
+    binary conv with padding="same", float convs right after binary ones (BinaryConv2d with
+    binarization="none", then a plain nn.Conv2d with padding="valid"), a batch norm without affine
+    parameters, max pooling padded by exactly half its kernel, and a plain nn.Linear last."""
+    return nn.Sequential(
+        BinaryConv2d(3, 8, 3, padding="same"), nn.BatchNorm2d(8), nn.ReLU(),
+        BinaryConv2d(8, 8, 3, padding=1, bias=True, binarization="none"), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+        BinaryConv2d(8, 6, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding="valid"),  # 10x10 -> 8x8
+        nn.MaxPool2d(2, padding=1),  # 8x8 -> 5x5
+        nn.BatchNorm2d(6, affine=False),  # after pooling: an affine layer
+        nn.Flatten(), BinaryLinear(6 * 5 * 5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10),
+    )
+
+
+def test_mixed_binary_and_float_net_matches_the_eval_model():
+    model = calibrate(_mixed_convnet(), torch.randn(256, 3, 10, 10))
+    net = export_model(model, (3, 10, 10))
+    assert [la["type"] for la in net.layers] == [
+        "conv2d", "relu", "conv2d", "relu", "conv2d", "relu", "conv2d", "maxpool2d", "affine", "flatten", "linear",
+        "relu", "linear"]
+    convs = [la for la in net.layers if la["type"] == "conv2d"]
+    assert [la["padding"] for la in convs] == [[1, 1], [1, 1], [1, 1], [0, 0]]  # "same", 1, 1, "valid"
+    assert [la["binary"] for la in convs] == [True, False, True, False]
+    assert [la["binary"] for la in net.layers if la["type"] == "linear"] == [True, False]
+    assert net.layers[7]["padding"] == [1, 1]
+    # BatchNorm2d(affine=False) folds into the float conv before it: scale 1 / sqrt(var + eps), offset
+    # (bias - mean) / sqrt(var + eps)
+    bn, conv = model[4], model[3]
+    g = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
+    torch.testing.assert_close(net.tensor(2, "scale").double(), g, rtol=1e-6, atol=0)
+    torch.testing.assert_close(net.tensor(2, "offset").double(), g * (conv.bias.double() - bn.running_mean.double()),
+                               rtol=1e-5, atol=1e-6)
+    for batch in (1, 8, 17):  # 8: the first float conv's input channels ([C, B, H, W] is then a valid [B, C, H, W])
+        _check_against_model(model, net, torch.randn(batch, 3, 10, 10))
 
 
 def test_registered_convnet_exports():
@@ -154,6 +194,28 @@ def test_unsupported_layer_is_refused():
         export_model(nn.Sequential(nn.Flatten(), BinaryLinear(4, 3), nn.Tanh()), (4,))
     with pytest.raises(ExportError, match="groups=1"):
         export_model(nn.Sequential(BinaryConv2d(4, 4, 3, groups=2), nn.Flatten()), (4, 5, 5), num_classes=36)
+
+
+def test_batch_norm_without_running_statistics_is_refused():
+    model = nn.Sequential(nn.Flatten(), BinaryLinear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    with pytest.raises(ExportError, match="no running statistics \\(track_running_stats=False\\)"):
+        export_model(model, (4,))
+
+
+def test_padding_same_that_cannot_be_symmetric_is_refused():
+    model = nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+    with pytest.raises(ExportError, match="padding='same' is asymmetric"):
+        export_model(model, (2, 4, 4))
+
+
+def test_max_pool_padding_over_half_the_kernel_is_refused():
+    # PyTorch refuses it only when the model runs; the export refuses it while validating the layers
+    model = nn.Sequential(nn.MaxPool2d(2, padding=2), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).eval()
+    with pytest.raises(ExportError, match="padding \\[2, 2\\] exceeds half the kernel \\[2, 2\\]"):
+        export_model(model, (2, 6, 6))
+    # exactly half the kernel is allowed (the mixed net above runs it)
+    net = export_model(nn.Sequential(nn.MaxPool2d(2, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)), (2, 6, 6))
+    assert net.layers[0]["padding"] == [1, 1]
 
 
 def test_a_forward_that_is_not_the_layer_sequence_is_caught():

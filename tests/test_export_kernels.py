@@ -6,7 +6,7 @@ Tolerance: the float32 rounding bound of a sum of K terms, ``|err| <= K * eps32 
 output by ``2 |x_k|``, far above it.
 """
 
-import time
+import subprocess
 
 import pytest
 import torch
@@ -143,14 +143,32 @@ def test_kernel_rejects_bad_geometry(kernels):
         _run(kernels, torch.randn(3, 1, 5, 5), signs, scale, offset, mode=2)
 
 
-def test_fresh_build_is_fast_and_cached(tmp_path, monkeypatch):
+def test_build_compiles_once_then_reuses_the_cached_library(tmp_path, monkeypatch):
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
-    start = time.perf_counter()
+    real_run = subprocess.run
+    compiles = []
+
+    def counting_run(cmd, *args, **kwargs):
+        if "--version" not in cmd:  # the compiler's version is read every time: it is part of the cache key
+            compiles.append(cmd)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
     lib = native.build()
-    seconds = time.perf_counter() - start
     assert lib.parent == tmp_path and lib.is_file()
-    assert seconds < 60, f"the first build took {seconds:.1f}s"
-    assert native.build() == lib  # cached: same file, no rebuild
+    assert len(compiles) == 1 and str(native.KERNEL_DIR / "bcnn_kernels.cpp") in compiles[0]  # an empty cache builds
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary file left behind
+    before = lib.stat()
+
+    def no_compile(cmd, *args, **kwargs):
+        if "--version" in cmd:
+            return real_run(cmd, *args, **kwargs)
+        raise AssertionError(f"the cached library was rebuilt: {cmd}")
+
+    monkeypatch.setattr(subprocess, "run", no_compile)
+    assert native.build() == lib
+    after = lib.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
     assert native.Kernels(lib).isa in native.ISAS
 
 
