@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from binaryconnect.data import preprocess
 from binaryconnect.data.preprocess import (
     ZCA,
     gaussian_window,
@@ -44,6 +45,18 @@ def correlated(n, d, seed):
     return rng.normal(size=(n, d)) @ mixing.T + rng.normal(size=d) * 3
 
 
+#: ``_CHUNK`` values the chunked loops run with: the real one (every test input fits one chunk) and 7, which
+#: divides none of the sizes below, so that the outputs are written (and ZCA's covariance accumulated) over
+#: several chunks with a short last one. ``_CHUNK`` is a module global read when the functions run.
+CHUNKS = [preprocess._CHUNK, 7]
+
+
+@pytest.fixture(params=CHUNKS, ids=lambda c: f"chunk{c}")
+def chunk(request, monkeypatch) -> int:
+    monkeypatch.setattr(preprocess, "_CHUNK", request.param)
+    return request.param
+
+
 @pytest.fixture
 def images():
     rng = np.random.default_rng(0)
@@ -51,7 +64,8 @@ def images():
 
 
 @pytest.mark.parametrize("kw", [{}, {"scale": 1.0}, {"use_std": True, "sqrt_bias": 10.0}])
-def test_gcn_matches_numpy(images, kw):
+def test_gcn_matches_numpy(images, kw, chunk):
+    assert len(images) % 7 != 0 and len(images) > 7
     got = global_contrast_normalize(torch.from_numpy(images), **kw)
     assert got.dtype == torch.float32 and got.shape == images.shape
     np.testing.assert_allclose(got.reshape(len(images), -1).numpy(), np_gcn(images, **kw), rtol=1e-5, atol=1e-5)
@@ -67,8 +81,12 @@ def test_gcn_norm_and_constant_image(images):
     torch.testing.assert_close(out.mean(dim=1), torch.zeros(len(out), dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("n", [3000, 20])  # more examples than features (eigh), fewer (low-rank SVD path)
-def test_zca_matches_numpy(n):
+# more examples than features (eigh path), fewer (low-rank SVD path); chunked with 300 examples, not 3,000
+# (429 chunks of 7: tiny ops whose thread-pool overhead costs seconds on a busy 2-core machine): 42 chunks + 6
+@pytest.mark.parametrize(("n", "chunk"), [(3000, CHUNKS[0]), (300, 7), (20, CHUNKS[0]), (20, 7)],
+                         indirect=["chunk"])
+def test_zca_matches_numpy(n, chunk):
+    assert n % 7 != 0
     train, test = correlated(n, 24, 1), correlated(500, 24, 2)
     zca = ZCA(filter_bias=0.1).fit(torch.from_numpy(train))
     mean, P = np_zca_fit(train, 0.1)
@@ -172,14 +190,24 @@ def np_lcn(x, kernel=7, sigma=2.0, threshold=1e-4):
     return out
 
 
-def test_lcn_matches_numpy():
+def test_lcn_matches_numpy(chunk, monkeypatch):
     rng = np.random.default_rng(7)
-    x = rng.normal(size=(3, 3, 10, 9)) * rng.uniform(0.1, 3, size=(3, 3, 1, 1))
+    x = rng.normal(size=(10, 3, 10, 9)) * rng.uniform(0.1, 3, size=(10, 3, 1, 1))  # 10 images: chunks 7 + 3
+    calls = []  # each chunk makes two convolutions: proves the chunk size in force is the one asked for
+
+    def conv2d(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return torch.nn.functional.conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "F", type("F", (), {"conv2d": staticmethod(conv2d)}))
     got = local_contrast_normalize(torch.from_numpy(x))
-    np.testing.assert_allclose(got.numpy(), np_lcn(x), rtol=1e-5, atol=1e-5)
+    expected_chunks = [3 * min(chunk, len(x) - i) for i in range(0, len(x), chunk)]  # images x channels
+    assert calls == [b for b in expected_chunks for _ in range(2)]
+    ref = np_lcn(x)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
     inplace = torch.from_numpy(x).float().clone()
     local_contrast_normalize(inplace, out=inplace)
-    np.testing.assert_allclose(inplace.numpy(), np_lcn(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inplace.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_lcn_threshold_on_flat_images():
