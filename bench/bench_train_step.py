@@ -42,7 +42,7 @@ from binaryconnect.losses import square_hinge_loss  # noqa: E402
 from binaryconnect.models import create_model  # noqa: E402
 from binaryconnect.models.convnet import CIFAR10_CHANNELS, SVHN_CHANNELS  # noqa: E402
 from binaryconnect.optim import make_optimizer  # noqa: E402
-from binaryconnect.speed import AMP_MODES, COMPILE_MODES, training_forward  # noqa: E402
+from binaryconnect.speed import AMP_MODES, COMPILE_MODES, CUDA_GRAPH_MODES, training_forward  # noqa: E402
 
 VARIANTS = ("none", "deterministic", "stochastic")  # float, deterministic, stochastic BinaryConnect
 NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS, "mnist": None}  # mnist: the paper's MLP
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = device.type == "cuda"
     if args.cuda_graph and not on_gpu:
         p.error(f"--cuda-graph needs a CUDA device; the device is {device}")
-    if args.cuda_graph and args.compile_mode in ("reduce-overhead", "max-autotune"):
+    if args.cuda_graph and args.compile_mode in CUDA_GRAPH_MODES:
         p.error(f"--cuda-graph records the whole step itself; --compile-mode {args.compile_mode} cannot be "
                 "nested in it")
     batch = args.batch_size or (100 if args.network == "mnist" else 50 if on_gpu else 8)

@@ -15,7 +15,7 @@ from .binarize import BINARIZATIONS, STE_VARIANTS
 from .errors import ConfigError
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
-from .speed import AMP_MODES, COMPILE_MODES
+from .speed import AMP_MODES, COMPILE_MODES, CUDA_GRAPH_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -68,7 +68,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode {self.compile_mode!r} needs compile=true (--compile)")
-        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.cuda_graph and self.compile and self.compile_mode in CUDA_GRAPH_MODES:
             raise ConfigError(f"cuda_graph (--cuda-graph) records the whole step as CUDA graphs itself; compile_mode "
                               f"{self.compile_mode!r} records its own inside it, which cannot be nested: drop one "
                               "(--compile-mode default or max-autotune-no-cudagraphs go with --cuda-graph)")

@@ -142,7 +142,7 @@ class GraphedStep:
         return loss.detach()
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for t in itertools.chain(self.model.parameters(), self.model.buffers())]
+        return list(itertools.chain(self.model.parameters(), self.model.buffers()))
 
     def _snapshot(self) -> dict:
         state = {p: {k: v.detach().clone() for k, v in s.items() if torch.is_tensor(v)}
@@ -169,19 +169,16 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _warm_up(self, steps: int) -> None:
-        if self.device.type != "cuda":
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # CUDA: on a side stream
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(steps):
                 self._eager_forward_backward()
                 self.optimizer.step()
-            return
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(steps):
-                self._eager_forward_backward()
-                self.optimizer.step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
 
     def _record(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # the backward pass below allocates the gradients

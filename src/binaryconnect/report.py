@@ -20,8 +20,7 @@ from .errors import ConfigError
 
 #: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
 NOT_THE_EXPERIMENT = ("seed", "device", "data_dir", "download", "checkpoint_every", "checkpoint_seconds",
-                      "eval_batch_size",
-                      "deterministic", "compile", "compile_mode", "channels_last", "cuda_graph")
+                      "eval_batch_size", "deterministic", "compile", "compile_mode", "channels_last", "cuda_graph")
 
 
 @dataclass

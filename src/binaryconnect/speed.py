@@ -40,7 +40,7 @@ AMP_MODES = ("none", "bf16")
 #: ``torch.compile`` modes accepted for ``compile_mode``; the two with CUDA graphs replay the compiled
 #: forward and backward passes as graphs on a GPU (one launch each instead of one per kernel).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_amp(amp: str) -> str:
@@ -89,7 +89,7 @@ def training_forward(
         return forward
     set_generator(model, None)
     compiled = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
-    if compile_mode not in _CUDA_GRAPH_MODES:
+    if compile_mode not in CUDA_GRAPH_MODES:
         return compiled
 
     def graph_step(x: torch.Tensor) -> torch.Tensor:
