@@ -331,3 +331,34 @@ def test_checkpoint_seconds_is_validated(capsys):
     assert recipe_config("mnist-float", checkpoint_seconds=30).checkpoint_seconds == 30
     assert_one_line_error(["train", "mnist-float", "--checkpoint-seconds", "-5"],
                           "argument --checkpoint-seconds: expected a non-negative number, got '-5'", capsys)
+
+
+def test_checkpoint_on_the_cpu_holds_no_cuda_generator_state(tmp_path, mnist, one_thread):
+    fit(_small(epochs=1), tmp_path / "run", progress=False, log=_quiet, data=mnist)
+    tensors = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)[0]
+    assert {"rng.shuffle", "rng.binarize", "rng.augment", "rng.torch"} <= tensors.keys()
+    assert "rng.cuda" not in tensors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_stochastic_gpu_run_resumes_bit_identically(tmp_path, mnist, compile_):
+    # Compiled stochastic layers draw their binary weights from PyTorch's default CUDA generator (Dynamo
+    # cannot trace an explicit generator): its state is checkpointed ("rng.cuda") and restored, so a run
+    # stopped mid-epoch and resumed ends with every tensor equal to an uninterrupted run's. Without the
+    # saved state the resumed run would draw the binary weights of its first steps again.
+    options = dict(binarization="stochastic", device="cuda", compile=compile_, epochs=2, checkpoint_every=7)
+    fit(_small(**options), tmp_path / "whole", progress=False, log=_quiet, data=mnist)
+
+    def stop_after_epoch_1(line):  # raised after the epoch's log line: the last checkpoint is mid-epoch (step 14)
+        if line.startswith("epoch    1/"):
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(_small(**options), tmp_path / "run", progress=False, log=stop_after_epoch_1, data=mnist)
+    assert read_checkpoint_state(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 14
+    resume(tmp_path / "run", progress=False, log=_quiet, data=mnist)
+    final = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)[0]
+    expected = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)[0]
+    assert "rng.cuda" in expected and final.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(final[k], expected[k])] == []

@@ -14,7 +14,8 @@ A training checkpoint (``checkpoint.safetensors`` in a run directory) holds tens
 
     model.<name>       the latent weights and batch-norm state (``model.state_dict()``)
     optimizer.<i>.<k>  optimizer state tensor ``k`` of parameter ``i`` (Adam: step, exp_avg, exp_avg_sq)
-    rng.<name>         generator states (shuffle, binarize, augment, torch)
+    rng.<name>         generator states (shuffle, binarize, augment, torch; cuda: PyTorch's default CUDA
+                       generator, when training on a GPU)
     progress.<name>    the permutation of the epoch in progress and its running loss sum
     best.<name>        the best-validation model so far
 

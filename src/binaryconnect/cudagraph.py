@@ -29,8 +29,7 @@ What recording needs, and how it is kept exact:
 - Stochastic BinaryConnect draws its binary weights inside the graph. The dedicated binarization
   generator is registered with the graph, and PyTorch's default CUDA generator (used by compiled layers)
   is registered by PyTorch itself: each replay draws fresh numbers and advances the generator as the
-  eager step would (the dedicated generator's state is what checkpoints save; the default CUDA one is
-  not checkpointed, with or without graphs).
+  eager step would (checkpoints save the states of both).
 - Autocast (``--amp bf16``) runs without its weight-cast cache, as CUDA graph capture requires.
 
 ``capture=False`` runs the same static-buffer step eagerly, warm-up and restore included; the tests use

@@ -475,6 +475,9 @@ def _save(path: Path, p: _Progress, info: dict, model: nn.Module, optimizer: tor
     tensors = {**with_prefix("model.", model.state_dict()), **with_prefix("optimizer.", optimizer_tensors),
                **{f"rng.{name}": g.get_state() for name, g in generators.items()},
                "rng.torch": torch.get_rng_state()}
+    cuda = _cuda_device(generators)
+    if cuda is not None:  # PyTorch's default CUDA generator: compiled stochastic layers draw from it
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(cuda)
     if p.step > 0:
         tensors["progress.perm"] = p.perm
         tensors["progress.loss_sum"] = p.loss_sum
@@ -484,6 +487,11 @@ def _save(path: Path, p: _Progress, info: dict, model: nn.Module, optimizer: tor
              "best": p.best, "best_metadata": p.best_metadata, "history": p.history, "seconds": seconds,
              "optimizer": optimizer_plain, "rng_devices": {name: g.device.type for name, g in generators.items()}}
     save_checkpoint(path, tensors, state)
+
+
+def _cuda_device(generators: dict[str, torch.Generator]) -> torch.device | None:
+    """The CUDA device the run trains on (its device generators live there), or None on the CPU."""
+    return next((g.device for g in generators.values() if g.device.type == "cuda"), None)
 
 
 def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn.Module,
@@ -511,6 +519,9 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
                 log(f"note: the {name} generator was saved on {state['rng_devices'][name]} and is reseeded on "
                     f"{g.device.type}: from here on the run is not bit-identical to an uninterrupted one")
         torch.set_rng_state(tensors["rng.torch"])
+        cuda = _cuda_device(generators)
+        if cuda is not None and "rng.cuda" in tensors:  # absent when saved on the CPU (or before it was saved)
+            torch.cuda.set_rng_state(tensors["rng.cuda"], cuda)
         best_model = strip_prefix("best.", tensors) or None
         p = _Progress(epoch=state["epoch"], step=state["step"], global_step=state["global_step"], lr=state["lr"],
                       perm=tensors.get("progress.perm"), loss_sum=tensors.get("progress.loss_sum"),
