@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_state
+from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_tensors, read_checkpoint_state
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 from binaryconnect.errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -314,6 +314,14 @@ def test_checkpoint_seconds_skips_epoch_end_checkpoints_and_resume_stays_exact(t
     with pytest.raises(RuntimeError, match="crash"):
         fit(_small(epochs=3, checkpoint_seconds=seconds), run, progress=False, log=crash_after_epoch_3, data=mnist)
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == checkpointed_epoch
+    # the best-model file is written with the checkpoints, not at each better epoch: it is the checkpoint's
+    best = {k.removeprefix("best."): v for k, v in load_checkpoint(run / CHECKPOINT_NAME)[0].items()
+            if k.startswith("best.")}
+    if checkpointed_epoch == 0:  # the start's checkpoint: no best model yet, so no file
+        assert best == {} and not (run / "model.safetensors").exists()
+    else:
+        written = load_tensors(run / "model.safetensors")[0]
+        assert written.keys() == best.keys() and all(torch.equal(written[k], best[k]) for k in best)
     summary = resume(run, progress=False, log=_quiet, data=mnist)
     assert (summary["best_epoch"], summary["test_error"]) == (whole["best_epoch"], whole["test_error"])
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == 3
@@ -328,7 +336,8 @@ def test_checkpoint_seconds_is_validated(capsys):
         recipe_config("mnist-float", checkpoint_seconds=-1)
     with pytest.raises(ConfigError, match="checkpoint_seconds must be a non-negative number"):
         recipe_config("mnist-float", checkpoint_seconds=float("nan"))
-    assert recipe_config("mnist-float", checkpoint_seconds=30).checkpoint_seconds == 30
+    assert recipe_config("mnist-float", checkpoint_seconds=0).checkpoint_seconds == 0
+    assert recipe_config("mnist-float").checkpoint_seconds == 30  # the default
     assert_one_line_error(["train", "mnist-float", "--checkpoint-seconds", "-5"],
                           "argument --checkpoint-seconds: expected a non-negative number, got '-5'", capsys)
 

@@ -97,11 +97,11 @@ def _add_train(sub) -> None:
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="use deterministic algorithms (bit-reproducible on CPU)")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="also checkpoint every N steps (always after every epoch and on Ctrl-C/SIGTERM)")
+                   help="also checkpoint every N steps (besides epoch ends, see --checkpoint-seconds, and stops)")
     p.add_argument("--checkpoint-seconds", type=_non_negative_float, metavar="S",
-                   help="at an epoch's end, checkpoint only if S seconds passed since the last checkpoint "
-                        "(default 0: after every epoch; the last epoch and Ctrl-C/SIGTERM always checkpoint); "
-                        "for short epochs, where writing the checkpoint costs more than the epoch")
+                   help="at an epoch's end, checkpoint (and write the best model) only if S seconds passed "
+                        "since the last checkpoint (default 30; 0: after every epoch; the last epoch and "
+                        "Ctrl-C/SIGTERM always checkpoint): a GPU epoch can be shorter than the write")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint; only --epochs, --device, --checkpoint-every, "
                         "--checkpoint-seconds, "

@@ -53,7 +53,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = True
     checkpoint_every: int | None = None  # also checkpoint every N optimizer steps (always at epoch ends)
-    checkpoint_seconds: float = 0.0  # at epoch ends, checkpoint only if this long since the last (0: always)
+    checkpoint_seconds: float = 30.0  # at epoch ends, checkpoint only if this long since the last (0: always)
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first invalid option and what is allowed; return self."""

@@ -7,10 +7,12 @@ Run directory:
     config.json      the resolved configuration (a run can be repeated from it), the environment, and
                      the resumes with the options they changed
     metrics.jsonl    one JSON object per epoch: train loss, validation and test error, learning rate, seconds
-    model.safetensors  the best-validation model (state_dict; the configuration in its metadata)
+    model.safetensors  the best-validation model (state_dict; the configuration in its metadata), the
+                     one the checkpoint holds: written with each checkpoint when it has changed
     checkpoint.safetensors  everything needed to continue exactly (see checkpoint.py): written at the
-                     start, after every epoch (or the first epoch ``checkpoint_seconds`` after the
-                     last checkpoint), every ``checkpoint_every`` steps, and on SIGINT/SIGTERM
+                     start, at the first epoch end ``checkpoint_seconds`` (default 30; 0: every epoch)
+                     after the last one, after the last epoch, every ``checkpoint_every`` steps, and on
+                     SIGINT/SIGTERM
     summary.json     best epoch, its validation and test error, wall time
 
 Guarantees (each tested in tests/test_reliability_*.py): on the CPU a run killed at any point and resumed
@@ -354,11 +356,16 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             f"{checkpoint_path}. Lower the learning rate (--lr-start) or check the data."
         )
 
+    best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
+
     def write_checkpoint(epoch: int) -> None:
-        nonlocal last_saved, saved_at
+        nonlocal last_saved, saved_at, best_written
         check_finite(epoch, before_step=False)
         _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
+        if p.best_model is not None and best_written is not p.best_model:  # the checkpoint's best model
+            save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+            best_written = p.best_model
         saved_at = time.perf_counter()
 
     if checkpoint is None:
@@ -366,8 +373,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
     metrics_path = run_dir / "metrics.jsonl"
     atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
-    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left a later one)
+    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left another one)
         save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+        best_written = p.best_model
     (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it says so
     n_params = sum(prm.numel() for prm in model.parameters())
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
@@ -436,7 +444,6 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 p.best_metadata = model_metadata(config.to_dict(), epoch=str(epoch + 1),
                                                  input_shape=json.dumps(list(data.input_shape)),
                                                  num_classes=str(data.num_classes))
-                save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
             record["best_epoch"] = p.best["epoch"]
             p.history.append(record)
             with open(metrics_path, "a") as f:
