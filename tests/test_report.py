@@ -70,3 +70,73 @@ def test_cli_report_json_and_errors(runs, capsys, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         read_run(tmp_path)
+
+
+NAMES = ("det-s1", "det-s0", "det-s2", "sto-s0", "det-e1", "stopped")
+
+
+def _curves_of(run_dir):
+    """Epochs, validation error (%) and training loss of a run, read here from metrics.jsonl (the oracle)."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if not line.endswith("}"):  # the cut line of the "stopped" copy
+            break
+        rows.append(json.loads(line))
+    return ([r["epoch"] for r in rows], [100 * r["val_error"] for r in rows], [r["train_loss"] for r in rows])
+
+
+def test_plot_draws_every_runs_validation_error_and_training_loss(runs, tmp_path):
+    pytest.importorskip("matplotlib")  # installed with the dev extra, so in CI
+    from binaryconnect.plot import plot_curves
+
+    root, _ = runs
+    fig = plot_curves([read_run(root / n) for n in NAMES], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    error_axis, loss_axis = fig.axes
+    assert error_axis.get_yscale() == loss_axis.get_yscale() == "log"
+    drawn_errors = [(list(line.get_xdata()), list(line.get_ydata())) for line in error_axis.lines]
+    drawn_losses = [(list(line.get_xdata()), list(line.get_ydata())) for line in loss_axis.lines]
+    expected = {n: _curves_of(root / n) for n in NAMES}
+    assert len(expected["stopped"][0]) == 2  # unfinished: drawn as far as its readable lines go
+    assert sorted(drawn_errors) == sorted((e, v) for e, v, _ in expected.values())
+    assert sorted(drawn_losses) == sorted((e, t) for e, _, t in expected.values())
+    # one colour per experiment: the four seed-0/1/2 and stopped runs of the 2-epoch deterministic
+    # experiment share one, the stochastic run and the 1-epoch run have their own
+    def colours(names):
+        return {line.get_color() for line, drawn in zip(error_axis.lines, drawn_errors, strict=True)
+                if drawn in [expected[n][:2] for n in names]}
+
+    deterministic = colours(["det-s0", "det-s1", "det-s2", "stopped"])
+    assert len(deterministic) == 1 and len(colours(["sto-s0"])) == len(colours(["det-e1"])) == 1
+    assert len(deterministic | colours(["sto-s0"]) | colours(["det-e1"])) == 3
+    assert [line.get_color() for line in loss_axis.lines] == [line.get_color() for line in error_axis.lines]
+    legend = [t.get_text() for t in error_axis.get_legend().get_texts()]
+    assert legend == ["mnist-deterministic epochs=2 (4 runs)", "mnist-stochastic (1 run)",
+                      "mnist-deterministic epochs=1 (1 run)"]
+
+
+def test_cli_report_plot_and_its_errors(runs, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    root, _ = runs
+    dirs = [str(root / n) for n in NAMES]
+    assert main(["report", *dirs, "--markdown", "--plot", str(tmp_path / "curves.svg")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("| experiment |") and f"training curves written to {tmp_path / 'curves.svg'}" in err
+    assert "<svg" in (tmp_path / "curves.svg").read_text()
+
+    assert main(["report", *dirs, "--plot", str(tmp_path / "curves.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell the plot's format from 'curves.xyz'" in err and ".png" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "curves.xyz").exists()
+
+    empty = tmp_path / "empty"  # a run directory whose first epoch has not finished
+    empty.mkdir()
+    shutil.copy(root / "det-s0" / "config.json", empty / "config.json")
+    assert main(["report", str(empty), "--plot", str(tmp_path / "none.png")]) == 2
+    assert "no epoch has finished in these runs" in capsys.readouterr().err
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # matplotlib not installed
+    assert main(["report", *dirs, "--plot", str(tmp_path / "again.png")]) == 2
+    err = capsys.readouterr().err
+    assert '--plot needs matplotlib: python -m pip install -e ".[plot]"' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "again.png").exists()

@@ -360,6 +360,9 @@ def _add_report(sub) -> None:
     form = p.add_mutually_exclusive_group()
     form.add_argument("--markdown", action="store_true", help="print a Markdown table")
     form.add_argument("--json", action="store_true", help="print the groups as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="also draw the training curves (validation error and training loss per epoch, one colour "
+                        "per experiment, unfinished runs too) into FILE (.png, .pdf, .svg; needs matplotlib)")
     p.set_defaults(handler=_cmd_report)
 
 
@@ -367,6 +370,11 @@ def _cmd_report(args) -> int:
     from .report import format_report, read_run, report_dict
 
     runs = [read_run(path) for path in args.runs]
+    if args.plot is not None:
+        from .plot import plot_curves
+
+        plot_curves(runs, args.plot)
+        print(f"training curves written to {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(report_dict(runs)))
     else:

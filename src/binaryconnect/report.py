@@ -87,31 +87,42 @@ def read_run(path: str | Path) -> Run:
         if not isinstance(summary, dict) or not {"test_error", "best_epoch", "best_val_error"} <= summary.keys():
             raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error")
     run = Run(path, info["config"], info.get("environment") or {}, summary)
-    if summary is None and (path / "metrics.jsonl").is_file():
-        records = []
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break  # a line cut by a crash ends what can be read
+    if summary is None:
+        records = read_metrics(path)
         run.epochs_done = len(records)
         if records:
             run.best_so_far = min(reversed(records), key=lambda r: r["val_error"])  # ties: the later epoch
     return run
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The per-epoch records of a run directory's ``metrics.jsonl`` ([] if there is none yet); a line cut
+    by a crash ends what can be read."""
+    path = Path(path) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
 def _key(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
 
 
-def group_runs(runs: list[Run]) -> list[Group]:
-    """Finished runs grouped by experiment, in order of first appearance; seeds sorted within a group.
+def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]:
+    """Finished runs (and, if asked, unfinished ones: for curves, not for means) grouped by experiment, in
+    order of first appearance; seeds sorted within a group.
 
     Each group is labelled by its recipe (else model and binarization), followed by the options in which
     it differs from other groups of the same label (``epochs=30``)."""
     groups: dict[str, Group] = {}
     for run in runs:
-        if run.summary is None:
+        if run.summary is None and not include_unfinished:
             continue
         key = _key(run.config)
         if key not in groups:
