@@ -303,3 +303,13 @@ def test_no_code_path_can_unpickle_a_user_file():
     hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}" for p in sorted(SRC.rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
     assert not hits, hits
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        checkpoint.atomic_write_bytes(tmp_path / "a.bin", b"data")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -44,12 +44,22 @@ CHECKPOINT_FORMAT_VERSION = "1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
+def new_file_mode() -> int:
+    """The permissions a new file gets under the process's umask (``0o666 & ~umask``): ``mkstemp`` creates
+    its files 0600, readable by their owner alone, and a file written through it keeps that unless told."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder.
+    The file gets the permissions of any new file (``new_file_mode``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

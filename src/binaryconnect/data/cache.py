@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import new_file_mode
+
 ENV_CACHE = "BINARYCONNECT_CACHE"
 #: Bump when the meaning of cached tensors changes (decoding, preprocessing code): old entries are ignored.
 CACHE_FORMAT = 1
@@ -93,9 +95,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], parts_json: str) -> Non
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": parts_json})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an entry is as readable as any new file
+            os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; an entry is as readable as any new file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
