@@ -84,6 +84,18 @@ def test_deadline_stops_the_running_and_starts_no_more(tmp_path, monkeypatch):
     assert jobs[0].returncode in (130, -signal.SIGINT)
 
 
+def test_a_run_that_fails_while_the_sweep_stops_is_failed_not_stopped(tmp_path, monkeypatch):
+    """A run that exits with an error (3: diverged) after the deadline's SIGINT has no checkpoint of its
+    stop: it is "failed", not "stopped" (which tells the user a repeat resumes it)."""
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
+             "time.sleep(60)\n")
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child])
+    jobs = sweep.plan(["a"], [0], tmp_path)
+    sweep.run_jobs(jobs, [], slots=1, deadline=1.0, log=lambda *a: None, poll=0.05)
+    assert [(j.state, j.returncode) for j in jobs] == [("failed", 3)]
+
+
 def test_a_failing_run_is_reported_with_its_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", "raise SystemExit(3)"])
     jobs = sweep.run_jobs(sweep.plan(["a"], [0, 1], tmp_path), [], slots=2, log=print, poll=0.05)

@@ -103,7 +103,8 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                     continue
                 del running[job]
                 job.returncode = code
-                stopped = stop["signalled"] or code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+                stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that diverged or failed
+                # while the sweep stopped is still a failure, not something a repeat resumes
                 job.state = "finished" if code == 0 else "stopped" if stopped else "failed"
                 log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})"))
     finally:
