@@ -62,6 +62,7 @@ def test_recipes_lists_the_paper_recipes(capsys):
         (["train", "mnist-float", "--binarization", "sign"], "argument --binarization: invalid choice"),
         (["train", "mnist-float", "--compile-mode", "fast"], "argument --compile-mode: invalid choice"),
         (["train", "mnist-float", "--device", "tpu"], "device must be one of auto, cpu, cuda"),
+        (["train", "mnist-float", "--device", "cuda:x"], "cuda or cuda:N, got 'cuda:x'"),
         (["train", "mnist-float", "--data-dir", "/nonexistent/dir", "--no-download"], "MNIST not found"),
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
     ],

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_state
+from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_tensors, read_checkpoint_state
 from binaryconnect.cli import main
 from binaryconnect.errors import TrainingDiverged
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binary_layers, set_generator
@@ -110,6 +110,37 @@ def test_nan_found_by_a_checking_interval_is_named_exactly_and_nothing_is_saved(
     assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
     resume(run, progress=False, log=_quiet, data=mnist)
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_a_run_that_diverges_leaves_the_best_model_of_its_finished_epochs(tmp_path, mnist, one_thread):
+    """Checkpoints (and with them the best-model file) are written at most every 30 s by default, so a short
+    run diverging in epoch 3 has only its start's checkpoint; on the way out it still writes the best model
+    of epochs 1-2 (each checked finite before its evaluation). The oracle: the same run with a checkpoint
+    after every epoch, whose best-model file holds that model when epoch 3 is logged."""
+    snapshot = {}
+
+    def at_epoch_3(line):  # epoch 3's checkpoint comes after its log line: the file holds epochs 1-2's best
+        if line.startswith("epoch    3/"):
+            snapshot["best"] = load_tensors(tmp_path / "reference" / "model.safetensors")
+            snapshot["checkpoint_epoch"] = read_checkpoint_state(tmp_path / "reference" / CHECKPOINT_NAME)["epoch"]
+
+    fit(_small(epochs=4, checkpoint_seconds=0), tmp_path / "reference", progress=False, log=at_epoch_3, data=mnist)
+    assert snapshot["checkpoint_epoch"] == 2
+    calls = {"n": 0}
+
+    def poison(x, generator):  # 20 steps per epoch: epoch 3, step 5
+        calls["n"] += 1
+        return x * math.nan if calls["n"] == 45 else x
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"at epoch 3, step 5: .*the last good checkpoint \(epoch 1, step 0\)"):
+        fit(_small(epochs=4), run, progress=False, log=_quiet, data=dataclasses.replace(mnist, train_transform=poison))
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == 0  # only the start's
+    written, metadata = load_tensors(run / "model.safetensors")
+    expected, expected_metadata = snapshot["best"]
+    assert metadata["epoch"] == expected_metadata["epoch"] in ("1", "2")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert all(torch.isfinite(t).all() for t in written.values() if t.is_floating_point())
 
 
 def test_diverging_run_exits_with_code_3_and_one_line(tmp_path, data_root):

@@ -314,14 +314,12 @@ def test_checkpoint_seconds_skips_epoch_end_checkpoints_and_resume_stays_exact(t
     with pytest.raises(RuntimeError, match="crash"):
         fit(_small(epochs=3, checkpoint_seconds=seconds), run, progress=False, log=crash_after_epoch_3, data=mnist)
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == checkpointed_epoch
-    # the best-model file is written with the checkpoints, not at each better epoch: it is the checkpoint's
-    best = {k.removeprefix("best."): v for k, v in load_checkpoint(run / CHECKPOINT_NAME)[0].items()
-            if k.startswith("best.")}
-    if checkpointed_epoch == 0:  # the start's checkpoint: no best model yet, so no file
-        assert best == {} and not (run / "model.safetensors").exists()
-    else:
-        written = load_tensors(run / "model.safetensors")[0]
-        assert written.keys() == best.keys() and all(torch.equal(written[k], best[k]) for k in best)
+    # the best-model file is written with the checkpoints, not at each better epoch, and on the way out of
+    # a failed run: the crash left the best model of the three finished epochs, the uninterrupted run's
+    written, expected_best = load_tensors(run / "model.safetensors")[0], load_tensors(tmp_path / "whole" /
+                                                                                     "model.safetensors")[0]
+    assert written.keys() == expected_best.keys()
+    assert all(torch.equal(written[k], expected_best[k]) for k in written)
     summary = resume(run, progress=False, log=_quiet, data=mnist)
     assert (summary["best_epoch"], summary["test_error"]) == (whole["best_epoch"], whole["test_error"])
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["epoch"] == 3
@@ -371,3 +369,27 @@ def test_stochastic_gpu_run_resumes_bit_identically(tmp_path, mnist, compile_):
     expected = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)[0]
     assert "rng.cuda" in expected and final.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(final[k], expected[k])] == []
+
+
+@pytest.mark.parametrize("every", [10, 20])
+def test_checkpoint_every_also_writes_the_step_counts_that_end_an_epoch(tmp_path, mnist, one_thread, monkeypatch,
+                                                                           every):
+    # 20 steps per epoch; epoch ends are not checkpointed by time here (the default 30 s), but a step count of
+    # --checkpoint-every that falls on one still is: every 10 -> 10, 20, 30, ...; every 20 -> 20, 40, 60
+    from binaryconnect import train
+
+    written, save = [], train._save
+    monkeypatch.setattr(train, "_save", lambda path, p, *a: (written.append(p.global_step), save(path, p, *a)))
+    fit(_small(epochs=4, checkpoint_every=every), tmp_path / "run", progress=False, log=_quiet, data=mnist)
+    assert written == [0, *range(every, 81, every)]
+
+
+def test_a_generator_state_of_the_wrong_size_is_a_checkpoint_error(tmp_path, mnist, one_thread):
+    from binaryconnect.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    tensors, state = load_checkpoint(run / CHECKPOINT_NAME)
+    save_checkpoint(run / CHECKPOINT_NAME, {**tensors, "rng.shuffle": tensors["rng.shuffle"][:100]}, state)
+    with pytest.raises(CheckpointError, match=r"the checkpoint is incomplete or inconsistent \(RuntimeError"):
+        resume(run, epochs=2, progress=False, log=_quiet, data=mnist)

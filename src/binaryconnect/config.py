@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .binarize import BINARIZATIONS, STE_VARIANTS
@@ -52,7 +53,7 @@ class TrainConfig:
     recipe: str | None = None
     data_dir: str | None = None
     download: bool = True
-    checkpoint_every: int | None = None  # also checkpoint every N optimizer steps (always at epoch ends)
+    checkpoint_every: int | None = None  # also checkpoint every N optimizer steps
     checkpoint_seconds: float = 30.0  # at epoch ends, checkpoint only if this long since the last (0: always)
 
     def validate(self) -> TrainConfig:
@@ -72,7 +73,7 @@ class TrainConfig:
             raise ConfigError(f"cuda_graph (--cuda-graph) records the whole step as CUDA graphs itself; compile_mode "
                               f"{self.compile_mode!r} records its own inside it, which cannot be nested: drop one "
                               "(--compile-mode default or max-autotune-no-cudagraphs go with --cuda-graph)")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)

@@ -7,8 +7,8 @@ Run directory:
     config.json      the resolved configuration (a run can be repeated from it), the environment, and
                      the resumes with the options they changed
     metrics.jsonl    one JSON object per epoch: train loss, validation and test error, learning rate, seconds
-    model.safetensors  the best-validation model (state_dict; the configuration in its metadata), the
-                     one the checkpoint holds: written with each checkpoint when it has changed
+    model.safetensors  the best-validation model (state_dict; the configuration in its metadata): written
+                     with each checkpoint when it has changed, and by a run that fails on its way out
     checkpoint.safetensors  everything needed to continue exactly (see checkpoint.py): written at the
                      start, at the first epoch end ``checkpoint_seconds`` (default 30; 0: every epoch)
                      after the last one, after the last epoch, every ``checkpoint_every`` steps, and on
@@ -82,7 +82,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -208,6 +212,20 @@ def _algorithms(deterministic: bool, device: torch.device):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+@contextlib.contextmanager
+def _on_error(action, log):
+    """Run ``action()`` when the block raises, then let the exception go on; an error of ``action`` itself
+    is logged, never raised in its place."""
+    try:
+        yield
+    except BaseException:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log(f"note: could not write the best model on the way out ({exc!r})")
+        raise
 
 
 def _data_fingerprint(data: Splits) -> str:
@@ -358,14 +376,19 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
     best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
 
+    def write_best_model() -> None:
+        """model.safetensors := the best model so far, if it changed since it was last written."""
+        nonlocal best_written
+        if p.best_model is not None and best_written is not p.best_model:
+            save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
+            best_written = p.best_model
+
     def write_checkpoint(epoch: int) -> None:
-        nonlocal last_saved, saved_at, best_written
+        nonlocal last_saved, saved_at
         check_finite(epoch, before_step=False)
         _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
-        if p.best_model is not None and best_written is not p.best_model:  # the checkpoint's best model
-            save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
-            best_written = p.best_model
+        write_best_model()  # the checkpoint's best model
         saved_at = time.perf_counter()
 
     if checkpoint is None:
@@ -382,7 +405,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
         f"{config.epochs} epochs, device {device}, run dir {run_dir}")
 
-    with _algorithms(config.deterministic, device), _StopSignals() as stop:
+    # a run that fails (a NaN loss, an error) leaves the best model of its finished epochs: each passed the
+    # NaN/Inf check before it was evaluated, so no weight a bad step touched is in it
+    with _algorithms(config.deterministic, device), _StopSignals() as stop, _on_error(write_best_model, log):
         # --- CUDA graphs: recorded with the algorithm settings above, once the model, optimizer and
         # generators are as training starts from (the warm-up and recording count in the wall time) ---
         graph = None
@@ -452,8 +477,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
             if (stop.signum or epoch + 1 == config.epochs
-                    or time.perf_counter() - saved_at >= config.checkpoint_seconds):
-                write_checkpoint(epoch)
+                    or time.perf_counter() - saved_at >= config.checkpoint_seconds
+                    or (config.checkpoint_every and p.global_step % config.checkpoint_every == 0)):  # (a step
+                write_checkpoint(epoch)  # count of --checkpoint-every that ends an epoch is written here)
             if stop.signum:
                 raise _interrupted(stop.signum, f"after epoch {epoch + 1}", checkpoint_path)
 
@@ -539,7 +565,7 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
         resumed = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "changed": changes,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": info["environment"]}
         info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed]}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a generator state of another size
         raise CheckpointError(f"the checkpoint is incomplete or inconsistent ({exc!r})") from None
     changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     log(f"resuming at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step})"
