@@ -426,7 +426,7 @@ int bcnn_conv2d(const float* X, i64 B, i64 C, i64 H, i64 W, i64 kh, i64 kw, i64 
     const i64 T = kh * kw, K = C * T, Kg = (K + 7) / 8, Kp = Kg * 8;
     const i64 P = B * g.OH * g.OW;  // output columns
     const i64 plane_in = B * H * W;
-    const bool is_linear = (H == 1 && W == 1 && T == 1);
+    const bool is_linear = (H == 1 && W == 1 && T == 1 && ph == 0 && pw == 0);  // padding adds output columns
     const i64 tiles = (P + V - 1) / V;
     // Kernel: by `mode`, or (mode 0) the cheapest by a cost model in vector operations per group of 8 inputs.
     const double cost_gemv = is_linear ? double(P) * (I.gemv_build + N * I.gemv_cost) : 1e300;
