@@ -313,3 +313,21 @@ def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
     finally:
         os.umask(before)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("header_length", [640, 896, 1152, 1408, 65536 + 640])
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path, header_length):
+    # the first 8 bytes of a safetensors file are its header's length: 640 is 0x80 0x02 ..., a pickle's
+    # signature; such a file must load (a real pickle is still refused: test_a_pickle_payload_is_refused...)
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    base = int.from_bytes(checkpoint.serialize_tensors(tensors, {"pad": ""})[:8], "little")
+    for pad in range(max(0, header_length - base - 16), header_length):  # the header grows with the padding
+        data = checkpoint.serialize_tensors(tensors, {"pad": "x" * pad})
+        if int.from_bytes(data[:8], "little") == header_length:
+            break
+    else:
+        pytest.fail(f"no padding gives a header of {header_length} bytes")
+    assert data[0] == 0x80 and data[1] in (2, 3, 4, 5)
+    (tmp_path / "m.safetensors").write_bytes(data)
+    loaded, metadata = checkpoint.load_tensors(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["w"], tensors["w"]) and metadata["pad"] == "x" * pad

@@ -94,6 +94,13 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def _refuse_pickle(data: bytes, path) -> None:
+    """Refuse a zip (``torch.save``) or pickle file by its signature. A safetensors file's first 8 bytes are
+    its header's length, which can begin with the same bytes as a pickle (0x80 0x02-0x05: a header of 640,
+    896, 1152 or 1408 bytes, modulo 65536): a blob whose length and JSON header read well is not refused."""
+    if len(data) >= 9 and data[8:9] == b"{":
+        (n,) = struct.unpack("<Q", data[:8])
+        if 8 + n <= len(data) and data[8 : 8 + n].rstrip(b" ").endswith(b"}"):  # a JSON object (space-padded)
+            return  # ends where the length says
     if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise CheckpointError(
             f"{path} looks like a pickle or torch.save file, not safetensors: binaryconnect never unpickles "
