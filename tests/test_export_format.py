@@ -164,6 +164,7 @@ def _with_layers(net, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda la: la[0].update(type="conv3d"), "layer 0 has unknown type 'conv3d'"),
+    (lambda la: la[0].update(type=["conv2d"]), "layer 0 has unknown type \\['conv2d'\\]"),
     (lambda la: la[4].pop("in_features"), "layer 4 \\(linear\\) has missing keys \\['in_features'\\]"),
     (lambda la: la[4].update(bias=True), "unknown keys \\['bias'\\]"),
     (lambda la: la[0].update(stride=[0, 1]), "stride must be a list of two integers >= 1"),

@@ -113,7 +113,7 @@ def layer_fan_in(layer: dict) -> int:
 def check_layer(index: int, layer) -> dict:
     """Validate one ``architecture`` entry; raise ValueError naming what is wrong."""
     name = f"layer {index}"
-    if not isinstance(layer, dict) or layer.get("type") not in LAYER_KEYS:
+    if not isinstance(layer, dict) or not isinstance(layer.get("type"), str) or layer["type"] not in LAYER_KEYS:
         kind = layer.get("type") if isinstance(layer, dict) else layer
         raise ValueError(f"{name} has unknown type {kind!r}; known types: {', '.join(LAYER_TYPES)}")
     kind = layer["type"]
