@@ -140,3 +140,34 @@ def test_cli_report_plot_and_its_errors(runs, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert '--plot needs matplotlib: python -m pip install -e ".[plot]"' in err and len(err.splitlines()) == 1
     assert not (tmp_path / "again.png").exists()
+
+
+
+def test_a_run_named_twice_counts_once(runs, capsys):
+    root, made = runs
+    twice = [read_run(root / "det-s0"), read_run(root / "det-s0"), read_run(root / "det-s1")]
+    assert [len(g.runs) for g in group_runs(twice)] == [2]
+    assert main(["report", str(root / "det-s0"), str(root / "det-s0" / ".." / "det-s0"), "--json"]) == 0
+    assert [g["n"] for g in json.loads(capsys.readouterr().out)["groups"]] == [1]
+
+
+def test_plot_errors_come_after_the_table_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    root, _ = runs
+    assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "file" / "x.png")]) == 0  # makes folders
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "blocker" / "x.png")]) == 2
+    out, err = capsys.readouterr()
+    assert "mnist-deterministic" in out  # the table was printed first
+    assert "cannot write the plot to" in err and len(err.strip().splitlines()) == 2  # 'written', then the error
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("xelatex not found")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "x.pgf")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib could not draw 'x.pgf' as pgf (xelatex not found); try .png, .pdf or .svg" in err
+    assert "Traceback" not in err and not (tmp_path / "x.pgf").exists()

@@ -369,16 +369,19 @@ def _add_report(sub) -> None:
 def _cmd_report(args) -> int:
     from .report import format_report, read_run, report_dict
 
-    runs = [read_run(path) for path in args.runs]
-    if args.plot is not None:
-        from .plot import plot_curves
-
-        plot_curves(runs, args.plot)
-        print(f"training curves written to {args.plot}", file=sys.stderr)
+    unique = {}  # overlapping globs: each run directory once, as first named
+    for path in args.runs:
+        unique.setdefault(path.resolve(), path)
+    runs = [read_run(path) for path in unique.values()]
     if args.json:
         print(json.dumps(report_dict(runs)))
     else:
         print(format_report(runs, markdown=args.markdown))
+    if args.plot is not None:  # after the table: an error here loses nothing printed
+        from .plot import plot_curves
+
+        plot_curves(runs, args.plot)
+        print(f"training curves written to {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -67,6 +67,12 @@ def plot_curves(runs: list[Run], path: str | Path):
     error_axis.grid(True, which="both", alpha=0.3)
     error_axis.legend(loc="upper right", fontsize="small")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=150)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        fig.savefig(buffer, format=fmt, dpi=150)
+    except Exception as exc:  # noqa: BLE001 - e.g. .pgf without LaTeX: matplotlib's own message says why
+        raise ConfigError(f"matplotlib could not draw {path.name!r} as {fmt} ({exc}); try .png, .pdf or .svg") from None
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot to {path} ({exc.strerror or exc})") from None
     return fig

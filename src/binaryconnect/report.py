@@ -121,9 +121,11 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
     Each group is labelled by its recipe (else model and binarization), followed by the options in which
     it differs from other groups of the same label (``epochs=30``)."""
     groups: dict[str, Group] = {}
+    seen = set()
     for run in runs:
-        if run.summary is None and not include_unfinished:
-            continue
+        if (run.summary is None and not include_unfinished) or run.path.resolve() in seen:
+            continue  # a run directory named twice (overlapping globs) counts once
+        seen.add(run.path.resolve())
         key = _key(run.config)
         if key not in groups:
             c = run.config
