@@ -301,7 +301,7 @@ def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_
 def test_checkpoint_seconds_skips_epoch_end_checkpoints_and_resume_stays_exact(tmp_path, mnist, one_thread,
                                                                                 seconds, checkpointed_epoch):
     # --checkpoint-seconds S: an epoch's end writes the checkpoint only S seconds after the last one. A run
-    # that crashes after epoch 3 is logged (before its checkpoint) left, with S = 0 (the default), the
+    # that crashes after epoch 3 is logged (before its checkpoint) left, with S = 0 (every epoch), the
     # checkpoint of epoch 2; with a huge S, only the one of its start. Either way resuming ends exactly
     # where an uninterrupted run ends, and the last epoch always checkpoints.
     whole = fit(_small(epochs=3), tmp_path / "whole", progress=False, log=_quiet, data=mnist)

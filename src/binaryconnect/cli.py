@@ -100,8 +100,9 @@ def _add_train(sub) -> None:
                    help="also checkpoint every N steps (besides epoch ends, see --checkpoint-seconds, and stops)")
     p.add_argument("--checkpoint-seconds", type=_non_negative_float, metavar="S",
                    help="at an epoch's end, checkpoint (and write the best model) only if S seconds passed "
-                        "since the last checkpoint (default 30; 0: after every epoch; the last epoch and "
-                        "Ctrl-C/SIGTERM always checkpoint): a GPU epoch can be shorter than the write")
+                        "since the last checkpoint (default 30; 0: after every epoch; the last epoch, Ctrl-C/SIGTERM "
+                        "and an epoch end that is a multiple of --checkpoint-every always checkpoint): a GPU "
+                        "epoch can be shorter than the write")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint; only --epochs, --device, --checkpoint-every, "
                         "--checkpoint-seconds, "

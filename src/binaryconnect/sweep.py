@@ -7,8 +7,8 @@ leaves a GPU idle between its kernel launches, so several runs share one GPU at 
 (RESULTS.md: on one H200, nine compiled MNIST runs side by side each trained the 250 epochs in 367-374 s,
 about 1.5 s per epoch).
 
-A sweep can be repeated: a finished run (``summary.json``) is skipped, a stopped one (a checkpoint, no
-summary) is resumed with ``train --resume``, a missing one is started. ``deadline`` seconds after the
+A sweep can be repeated: a finished run (``summary.json``) is skipped, a stopped or failed one (a
+checkpoint, no summary) is resumed with ``train --resume``, a missing one is started. ``deadline`` seconds after the
 start, runs still going are stopped as Ctrl-C stops them (after a step, with a checkpoint), and no new
 one starts, so a time-limited machine loses at most one step per run.
 """
@@ -103,8 +103,9 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                     continue
                 del running[job]
                 job.returncode = code
-                stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that diverged or failed
-                # while the sweep stopped is still a failure, not something a repeat resumes
+                # failed, not stopped, whatever stopped the sweep: a repeat resumes it from its last checkpoint
+                # like any unfinished run (and it may fail again: its log says why)
+                stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
                 job.state = "finished" if code == 0 else "stopped" if stopped else "failed"
                 log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})"))
     finally:
