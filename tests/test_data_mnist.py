@@ -54,6 +54,14 @@ def test_malformed_archive_is_reported_without_checksum(data_root, tmp_path):
         load_dataset("mnist", tmp_path, download=False, verify=False)
 
 
+def test_labels_beyond_9_are_refused_without_checksum(data_root, tmp_path):
+    raw = _copy(data_root, tmp_path)
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01\x00\x00\x27\x10" + bytes(9_999) + b"\xff")  # 10,000 labels, the last 255
+    with pytest.raises(DataError, match="holds labels up to 255; MNIST's are 0 to 9"):
+        load_dataset("mnist", tmp_path, download=False, verify=False)
+
+
 def test_bad_validation_size(data_root):
     with pytest.raises(ConfigError, match="val_size"):
         load_dataset("mnist", data_root, download=False, val_size=60_000)

@@ -104,6 +104,47 @@ def test_cli_errors_are_one_line(exported, tmp_path, capsys):
     assert "does not match the model's input shape [batch, 1, 28, 28]" in capsys.readouterr().err
 
 
+def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exported, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    def one_line_error(argv, message):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+    run, _ = trained
+    x = np.zeros((3, 1, 28, 28), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "keep.npy").write_bytes(b"precious")
+    predict = ["predict", str(exported), "--input", str(tmp_path / "x.npy"), "--output"]
+    one_line_error([*predict, str(tmp_path / "keep.npy")], "keep.npy already exists; pass --force")
+    assert (tmp_path / "keep.npy").read_bytes() == b"precious"
+    one_line_error([*predict, str(tmp_path / "x.npy"), "--force"], "is the --input file")
+    one_line_error([*predict, str(tmp_path / "out.txt")], "must end in .npy")
+    assert main([*predict, str(tmp_path / "keep.npy"), "--force"]) == 0  # asked for: overwritten, whole
+    assert np.load(tmp_path / "keep.npy").shape == (3, 10)
+    (tmp_path / "blocker").write_text("a file")
+    one_line_error([*predict, str(tmp_path / "blocker" / "out.npy")], "check the path and that it can be written")
+
+    bad = {"empty.npy": np.zeros((0, 1, 28, 28), np.float32), "nan.npy": np.where(x == 0, np.nan, x),
+           "inf.npy": np.full_like(x, np.inf), "big.npy": np.full(x.shape, 1e300),
+           "complex.npy": x.astype(np.complex64)}
+    for name, array in bad.items():
+        np.save(tmp_path / name, array)
+    (tmp_path / "zero.npy").write_bytes(b"")
+    save_file({"x": np.ones((3, 1, 28, 28), dtype=bool)}, str(tmp_path / "bool.safetensors"))
+    for name, message in [("empty.npy", "holds no examples"), ("nan.npy", "NaN or infinite"),
+                          ("inf.npy", "NaN or infinite"), ("big.npy", "beyond float32's range"),
+                          ("complex.npy", "not real numbers"), ("zero.npy", "is not a plain numeric .npy array"),
+                          ("bool.safetensors", "holds torch.bool values, not real numbers")]:
+        one_line_error(["predict", str(exported), "--input", str(tmp_path / name)], message)
+
+    before = (run / "model.safetensors").read_bytes()
+    one_line_error(["export", str(run), "-o", str(run / "model.safetensors"), "--force"],
+                   "is a file of the run being exported")
+    assert (run / "model.safetensors").read_bytes() == before
+
+
 def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_root, tmp_path, capsys):
     run, summary = _train(tmp_path_factory, mnist, "stochastic", "sto", hidden=64, depth=1)
     out = tmp_path / "s.bcnn"

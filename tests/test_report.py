@@ -171,3 +171,26 @@ def test_plot_errors_come_after_the_table_in_one_line(runs, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "matplotlib could not draw 'x.pgf' as pgf (xelatex not found); try .png, .pdf or .svg" in err
     assert "Traceback" not in err and not (tmp_path / "x.pgf").exists()
+
+
+
+def test_damaged_run_files_are_read_up_to_the_damage_or_refused(runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "det-s0", run)
+    (run / "summary.json").unlink()
+    good = (run / "metrics.jsonl").read_text().splitlines()
+    for bad in ('[1, 2]', '{"epoch": 3, "val_error": null, "test_error": 0.1, "train_loss": 0.2}',
+                '{"epoch": 3, "test_error": 0.1, "train_loss": 0.2}'):
+        (run / "metrics.jsonl").write_text("\n".join([good[0], bad, good[1]]) + "\n")
+        assert read_run(run).epochs_done == 1  # a line that is not a record ends what is read
+    shutil.copy(root / "det-s0" / "summary.json", run / "summary.json")
+    summary = json.loads((run / "summary.json").read_text())
+    for key, value in (("test_error", None), ("test_error", "1.2"), ("best_epoch", 1.5), ("test_error", float("nan"))):
+        (run / "summary.json").write_text(json.dumps({**summary, key: value}))
+        with pytest.raises(ConfigError, match="lacks the test error, best epoch or validation error"):
+            read_run(run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "config": {**config["config"], "seed": "0"}}))
+    with pytest.raises(ConfigError, match="holds no training configuration"):
+        read_run(run)

@@ -266,6 +266,10 @@ def _cmd_export(args) -> int:
     from .train import load_run_with_metadata
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
+    sources = ([args.run / "model.safetensors", args.run / "checkpoint.safetensors", args.run / "config.json"]
+               if args.run.is_dir() else [args.run])
+    if any(out.resolve() == s.resolve() for s in sources):
+        raise ConfigError(f"-o {out} is a file of the run being exported: choose another -o (e.g. model.bcnn)")
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
@@ -286,7 +290,9 @@ def _cmd_export(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"wrote {out}: {size:,} bytes, {result['compression']:.1f}x smaller than the float32 weights "
+    c = result["compression"]  # float layers are stored as float32: such a file is a little larger
+    ratio = f"{c:.1f}x smaller than" if c >= 1 else f"{1 / c:.4f}x the size of"
+    print(f"wrote {out}: {size:,} bytes, {ratio} the float32 weights "
           f"({total.float32_bytes:,} bytes); {total.binary_params:,} of {total.params:,} parameters binary")
     if net.source.get("stochastic_weights"):
         print(f"note: stochastic layers exported as {net.source['stochastic_weights']}")
@@ -306,6 +312,7 @@ def _add_predict(sub) -> None:
     p.add_argument("model", type=Path, help="packed model file (.bcnn)")
     p.add_argument("--input", type=Path, help="examples [N, *input_shape] as .npy (no pickle) or .safetensors")
     p.add_argument("--output", type=Path, help="write the logits [N, classes] to this .npy file")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--data-dir", help="dataset root (default: $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--engine", choices=ENGINES, help="native kernels, pure PyTorch, or auto (default)")
@@ -316,12 +323,22 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
+    import io
+
     import numpy as np
     import torch
 
+    from .checkpoint import atomic_write_bytes
     from .export import load_packed
     from .export.tools import dataset_of, read_inputs
 
+    if args.output is not None:  # checked before any work: nothing is lost to a typo
+        if args.output.suffix != ".npy":
+            raise ConfigError(f"--output {args.output} must end in .npy (the logits are written as a NumPy array)")
+        if args.output.exists() and not args.force:
+            raise ConfigError(f"{args.output} already exists; pass --force to overwrite it or choose another --output")
+        if args.input is not None and args.output.resolve() == args.input.resolve():
+            raise ConfigError(f"--output {args.output} is the --input file: choose another --output")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_packed(args.model, engine=args.engine)
@@ -334,8 +351,10 @@ def _cmd_predict(args) -> int:
     logits = torch.cat([model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)])
     seconds = time.perf_counter() - start
     predictions = logits.argmax(1)
-    if args.output is not None:
-        np.save(args.output, logits.numpy(), allow_pickle=False)
+    if args.output is not None:  # atomically: an existing file stays whole if the write fails
+        buffer = io.BytesIO()
+        np.save(buffer, logits.numpy(), allow_pickle=False)
+        atomic_write_bytes(args.output, buffer.getvalue())
     result = {"model": str(args.model), "examples": len(x), "engine": model.engine, "isa": model.isa,
               "threads": torch.get_num_threads(), "seconds": seconds}
     if y is not None:
@@ -499,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("binaryconnect: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # an output in a missing, read-only or full place; a folder where a file goes
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"binaryconnect: error: {exc.strerror or exc}{where}; check the path and that it can be written",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

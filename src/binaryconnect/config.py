@@ -77,6 +77,9 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be at least 2: batch norm in training needs more than one example "
+                              "per batch")
         _positive_int("eval_batch_size", self.eval_batch_size)
         _positive_int("eval_samples", self.eval_samples)
         _positive_int("val_size", self.val_size)
@@ -91,8 +94,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not 1.2e-38 <= self.H <= 3.4e38:  # the weights are float32: H must be a normal float32 number
+            raise ConfigError(f"H must lie in float32's normal range (1.2e-38 to 3.4e38), got {self.H!r}")
         if self.lr_end > self.lr_start:
             raise ConfigError(f"lr_end ({self.lr_end}) must not exceed lr_start ({self.lr_start})")
+        for option, flag in (("val_size", "--val-size"), ("download", "--no-download"), ("root", "--data-dir")):
+            if isinstance(self.dataset_kwargs, dict) and option in self.dataset_kwargs:
+                raise ConfigError(f"{option} is not a dataset option here but a training option: use {flag}")
         for name in ("model_kwargs", "dataset_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")

@@ -12,6 +12,7 @@ enter a mean.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +80,16 @@ def read_run(path: str | Path) -> Run:
         raise ConfigError(f"{path} is not a binaryconnect run directory (no config.json): give the folders "
                           "`binaryconnect train -o` wrote")
     info = _read_json(path / "config.json", "a run's config.json")
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "seed" not in info["config"]:
-        raise ConfigError(f"{path / 'config.json'} holds no training configuration")
+    if (not isinstance(info, dict) or not isinstance(info.get("config"), dict)
+            or not _is_int(info["config"].get("seed"))):
+        raise ConfigError(f"{path / 'config.json'} holds no training configuration (with an integer seed)")
     summary = None
     if (path / "summary.json").is_file():
         summary = _read_json(path / "summary.json", "a run's summary.json")
-        if not isinstance(summary, dict) or not {"test_error", "best_epoch", "best_val_error"} <= summary.keys():
-            raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error")
+        if (not isinstance(summary, dict) or not _is_int(summary.get("best_epoch"))
+                or not all(_is_number(summary.get(k)) for k in ("test_error", "best_val_error"))):
+            raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error (as "
+                              "numbers): is the file damaged? `binaryconnect train --resume` rewrites it")
     run = Run(path, info["config"], info.get("environment") or {}, summary)
     if summary is None:
         records = read_metrics(path)
@@ -104,10 +108,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             break
+        if not (isinstance(record, dict) and _is_int(record.get("epoch"))
+                and all(_is_number(record.get(k)) for k in ("val_error", "test_error", "train_loss"))):
+            break  # not a record train writes: what follows is not read either
+        records.append(record)
     return records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _key(config: dict) -> str:

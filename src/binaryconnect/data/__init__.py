@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -124,7 +125,27 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
     if unknown:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(options)}")
+    for key, value in kwargs.items():  # each option of the type of its default: "False" is not false
+        _check_option_type(name, key, value, inspect.signature(loader).parameters[key].default)
     return loader(resolve_data_root(root), **kwargs)
+
+
+def _check_option_type(dataset: str, key: str, value, default) -> None:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"dataset {dataset!r} option {key} must be {kind.__name__} like its default "
+                          f"{json.dumps(default)}, got {value!r} (on the command line: --dataset-option "
+                          f"{key}={json.dumps(default)})")
 
 
 from . import cifar, mnist, svhn  # noqa: E402,F401  (registers the loaders)

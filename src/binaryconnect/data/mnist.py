@@ -103,7 +103,11 @@ def _images(path: Path) -> torch.Tensor:
 
 
 def _labels(path: Path) -> torch.Tensor:
-    return torch.from_numpy(_read_idx(path, 2049, 1).astype(np.int64))
+    labels = _read_idx(path, 2049, 1)
+    if labels.size and labels.max() > 9:  # uint8: never below 0
+        raise DataError(f"{path} holds labels up to {int(labels.max())}; MNIST's are 0 to 9: the file is damaged "
+                        "(its checksum would have said so without --dataset-option verify=false)")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 @register_dataset("mnist")

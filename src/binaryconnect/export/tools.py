@@ -22,19 +22,29 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, EOFError, OSError) as exc:
             raise DataError(f"{path} is not a plain numeric .npy array ({exc})") from None
-        if not np.issubdtype(array.dtype, np.number):
-            raise DataError(f"{path} holds {array.dtype} values, not numbers")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if path.suffix == ".safetensors":
+        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise DataError(f"{path} holds {array.dtype} values, not real numbers")
+        x = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
+    elif path.suffix == ".safetensors":
         from ..checkpoint import load_tensors
 
         tensors, _ = load_tensors(path)
         if len(tensors) != 1:
             raise DataError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); expected one")
-        return next(iter(tensors.values())).to(torch.float32)
-    raise DataError(f"cannot read inputs from {path}: use a .npy or .safetensors file")
+        x = next(iter(tensors.values()))
+        if x.dtype == torch.bool or x.is_complex():
+            raise DataError(f"{path} holds {x.dtype} values, not real numbers")
+        x = x.to(torch.float32)
+    else:
+        raise DataError(f"cannot read inputs from {path}: use a .npy or .safetensors file")
+    if x.ndim == 0 or len(x) == 0:
+        raise DataError(f"{path} holds no examples (shape {list(x.shape)}); expected [N, *input_shape], N >= 1")
+    if not torch.isfinite(x).all():
+        raise DataError(f"{path} holds NaN or infinite values (or values beyond float32's range): inputs must be "
+                        "finite, preprocessed as the model's training data were")
+    return x
 
 
 def dataset_of(net: PackedNetwork, data_dir: str | None):
