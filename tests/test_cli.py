@@ -101,3 +101,22 @@ def test_console_script_is_installed(tmp_path, data_root):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     # 1,000 images, 2 epochs of a 32-unit net: 0.459 measured (seed 0, torch 2.14.1, CPU); chance is 0.9
     assert summary["test_error"] < 0.6 and (tmp_path / "r" / "model.safetensors").is_file()
+
+
+
+def test_errors_and_warnings_print_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    from binaryconnect import cli
+    from binaryconnect.errors import DataError
+
+    def failing(args):
+        raise DataError("a message a library\nspread over\n  three lines")
+
+    monkeypatch.setattr(cli, "_cmd_recipes", failing)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert main(["recipes"]) == 2
+    assert capsys.readouterr().err == "binaryconnect: error: a message a library spread over three lines\n"
+    # warnings (the JPEG copy of CIFAR-10 gives one) print as one line, without the source line
+    assert warnings.formatwarning("a library's warning", UserWarning, "lib.py", 7, "warn(...)") == (
+        "binaryconnect: warning: a library's warning\n")

@@ -287,7 +287,7 @@ def test_imagefolder_errors(tmp_path):
     small = _make_tree(tmp_path / "small", n_train=1)
     with pytest.raises(ConfigError, match="val_size must be between 1 and 2"):
         load_dataset("imagefolder", tmp_path, path=str(small), val_size=3, cache=False)
-    with pytest.raises(ConfigError, match="val_size must be a positive integer, got True"):
+    with pytest.raises(ConfigError, match="val_size must be int like its default 5000, got True"):
         load_dataset("imagefolder", tmp_path, path=str(small), val_size=True, cache=False)
 
 

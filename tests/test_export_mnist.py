@@ -143,6 +143,10 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
     one_line_error(["export", str(run), "-o", str(run / "model.safetensors"), "--force"],
                    "is a file of the run being exported")
     assert (run / "model.safetensors").read_bytes() == before
+    one_line_error(["export", str(run), "-o", str(tmp_path / "m.bcnn"), "--evaluate", "--data-dir",
+                    str(tmp_path / "nowhere")], "MNIST not found")
+    assert not (tmp_path / "m.bcnn").exists()  # the data are looked for before the file is written
+    one_line_error(["predict", str(run)], f"{run} is a directory: predict takes a packed .bcnn file; make one")
 
 
 def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_root, tmp_path, capsys):

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .binarize import BINARIZATIONS, STE_VARIANTS
@@ -274,13 +275,13 @@ def _cmd_export(args) -> int:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
     net = export_loaded_run(args.run, model, config, meta)
-    size = net.save(out)
+    data = dataset_of(net, args.data_dir) if args.evaluate else None  # before writing: a bad --data-dir
+    size = net.save(out)  # leaves no file behind that a repeat would need --force for
     total = summarize(net)["total"]
     result = {"out": str(out), "bytes": size, "float32_bytes": total.float32_bytes,
               "compression": total.float32_bytes / size, "binary_params": total.binary_params,
               "params": total.params}
     if args.evaluate:
-        data = dataset_of(net, args.data_dir)
         reference = model_predictions(model, data.test_x)
         packed = PackedModel(net, engine=args.engine)
         result["packed_test_error"], predictions = evaluate_packed(packed, data.test_x, data.test_y)
@@ -339,6 +340,9 @@ def _cmd_predict(args) -> int:
             raise ConfigError(f"{args.output} already exists; pass --force to overwrite it or choose another --output")
         if args.input is not None and args.output.resolve() == args.input.resolve():
             raise ConfigError(f"--output {args.output} is the --input file: choose another --output")
+    if args.model.is_dir():
+        raise ConfigError(f"{args.model} is a directory: predict takes a packed .bcnn file; make one from a run "
+                          f"directory with `binaryconnect export {args.model}`")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_packed(args.model, engine=args.engine)
@@ -497,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one line each, without the source line that raised them."""
+    return f"binaryconnect: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -505,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, train_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     if args.command == "sweep":
         args.train_args = train_args
     try:
@@ -512,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)
         print(f"binaryconnect: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BinaryConnectError as exc:
-        print(f"binaryconnect: error: {exc}", file=sys.stderr)
+    except BinaryConnectError as exc:  # one line, also where a library's message had several
+        print("binaryconnect: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("binaryconnect: interrupted", file=sys.stderr)
