@@ -287,3 +287,16 @@ def test_an_independent_reader_from_the_readme_gives_the_same_outputs(tmp_path):
     for b in range(5):
         theirs = torch.from_numpy(forward(x[b].double().numpy()))
         torch.testing.assert_close(ours[b], theirs, rtol=1e-4, atol=1e-4)
+
+
+
+def test_damaged_source_metadata(net, tmp_path):
+    from binaryconnect.errors import ConfigError
+    from binaryconnect.export.tools import dataset_of
+
+    with pytest.raises(PackedFormatError, match="source must be a JSON object"):
+        _load(_bytes(net.tensors, {**net.metadata(), "source": "[1]"}), tmp_path)
+    for source in ({"dataset": ["mnist"]}, {"dataset": "mnist", "dataset_kwargs": ["preprocess"]}):
+        loaded = _load(_bytes(net.tensors, {**net.metadata(), "source": json.dumps(source)}), tmp_path)
+        with pytest.raises(ConfigError, match="source metadata is damaged"):
+            dataset_of(loaded, None)

@@ -304,6 +304,8 @@ class PackedNetwork:
             raise PackedFormatError(f"{where} has unreadable metadata ({type(exc).__name__}: {exc})") from None
         if not isinstance(input_shape, list):
             raise PackedFormatError(f"{where}: input_shape must be a list of positive integers, got {input_shape!r}")
+        if not isinstance(source, dict):
+            raise PackedFormatError(f"{where}: source must be a JSON object, got {source!r}")
         try:
             tensors = st_load(data)
         except Exception as exc:  # safetensors raises its own error types

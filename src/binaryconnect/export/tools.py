@@ -56,7 +56,11 @@ def dataset_of(net: PackedNetwork, data_dir: str | None):
     if not name:
         raise ConfigError("this packed file names no dataset (it was not exported from a run directory): "
                           "pass --input with the examples to classify")
-    kwargs = dict(source.get("dataset_kwargs") or {})
+    kwargs = source.get("dataset_kwargs") or {}
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise ConfigError("this packed file's source metadata is damaged (dataset or dataset_kwargs of the wrong "
+                          "type): pass --input with the examples to classify")
+    kwargs = dict(kwargs)
     if source.get("val_size") is not None:
         kwargs["val_size"] = source["val_size"]
     return load_dataset(name, data_dir, download=False, **kwargs)
