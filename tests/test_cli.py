@@ -113,10 +113,17 @@ def test_errors_and_warnings_print_as_one_line(monkeypatch, capsys):
     def failing(args):
         raise DataError("a message a library\nspread over\n  three lines")
 
+    def warns(args):
+        assert warnings.formatwarning is cli._one_line_warning  # while the command runs
+        return 0
+
+    before = warnings.formatwarning
     monkeypatch.setattr(cli, "_cmd_recipes", failing)
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
     assert main(["recipes"]) == 2
     assert capsys.readouterr().err == "binaryconnect: error: a message a library spread over three lines\n"
+    monkeypatch.setattr(cli, "_cmd_recipes", warns)
+    assert main(["recipes"]) == 0
+    assert warnings.formatwarning is before  # restored: a program calling main() keeps its own format
     # warnings (the JPEG copy of CIFAR-10 gives one) print as one line, without the source line
-    assert warnings.formatwarning("a library's warning", UserWarning, "lib.py", 7, "warn(...)") == (
+    assert cli._one_line_warning("a library's\nwarning", UserWarning, "lib.py", 7, "warn(...)") == (
         "binaryconnect: warning: a library's warning\n")

@@ -124,8 +124,14 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
     assert main([*predict, str(tmp_path / "keep.npy"), "--force"]) == 0  # asked for: overwritten, whole
     assert np.load(tmp_path / "keep.npy").shape == (3, 10)
     (tmp_path / "blocker").write_text("a file")
-    one_line_error([*predict, str(tmp_path / "blocker" / "out.npy")], "check the path and that it can be written")
+    assert main([*predict, str(tmp_path / "blocker" / "out.npy")]) == 1  # an OS error: one line, exit 1
+    err = capsys.readouterr().err
+    assert "blocker" in err and "(check the path, its permissions and the free space)" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
+    np.save(tmp_path / "big_endian.npy", x.astype(">f8"))  # any byte order and width NumPy reads is fine
+    assert main(["predict", str(exported), "--input", str(tmp_path / "big_endian.npy")]) == 0
+    assert len(capsys.readouterr().out.split()) == 3
     bad = {"empty.npy": np.zeros((0, 1, 28, 28), np.float32), "nan.npy": np.where(x == 0, np.nan, x),
            "inf.npy": np.full_like(x, np.inf), "big.npy": np.full(x.shape, 1e300),
            "complex.npy": x.astype(np.complex64)}
@@ -140,8 +146,10 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
         one_line_error(["predict", str(exported), "--input", str(tmp_path / name)], message)
 
     before = (run / "model.safetensors").read_bytes()
-    one_line_error(["export", str(run), "-o", str(run / "model.safetensors"), "--force"],
-                   "is a file of the run being exported")
+    for own in ("model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "config.json", "summary.json"):
+        one_line_error(["export", str(run), "-o", str(run / own), "--force"], "must end in .bcnn")
+    one_line_error(["export", str(run / "model.safetensors"), "-o", str(run / "checkpoint.safetensors"), "--force"],
+                   "must end in .bcnn")
     assert (run / "model.safetensors").read_bytes() == before
     one_line_error(["export", str(run), "-o", str(tmp_path / "m.bcnn"), "--evaluate", "--data-dir",
                     str(tmp_path / "nowhere")], "MNIST not found")

@@ -147,6 +147,8 @@ def test_a_run_named_twice_counts_once(runs, capsys):
     root, made = runs
     twice = [read_run(root / "det-s0"), read_run(root / "det-s0"), read_run(root / "det-s1")]
     assert [len(g.runs) for g in group_runs(twice)] == [2]
+    stopped = [read_run(root / "stopped"), read_run(root / "stopped" / ".." / "stopped")]
+    assert format_report(stopped).count("2/2 epochs") == 1  # the library lists it once, not only the CLI
     assert main(["report", str(root / "det-s0"), str(root / "det-s0" / ".." / "det-s0"), "--json"]) == 0
     assert [g["n"] for g in json.loads(capsys.readouterr().out)["groups"]] == [1]
 
@@ -194,3 +196,19 @@ def test_damaged_run_files_are_read_up_to_the_damage_or_refused(runs, tmp_path):
     (run / "config.json").write_text(json.dumps({**config, "config": {**config["config"], "seed": "0"}}))
     with pytest.raises(ConfigError, match="holds no training configuration"):
         read_run(run)
+
+
+
+def test_plot_keeps_zeros_on_a_linear_axis(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    from binaryconnect.plot import plot_curves
+
+    root, _ = runs
+    run = tmp_path / "perfect"
+    shutil.copytree(root / "det-s0", run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["val_error"] = 0.0  # a perfect last epoch (possible on a small validation set)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    error_axis, loss_axis = plot_curves([read_run(run)], tmp_path / "c.png").axes
+    assert error_axis.get_yscale() == "linear" and loss_axis.get_yscale() == "log"
+    assert list(error_axis.lines[0].get_ydata()) == [100 * r["val_error"] for r in rows]

@@ -47,8 +47,12 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 def new_file_mode() -> int:
     """The permissions a new file gets under the process's umask (``0o666 & ~umask``): ``mkstemp`` creates
     its files 0600, readable by their owner alone, and a file written through it keeps that unless told."""
-    umask = os.umask(0)
-    os.umask(umask)
+    try:  # Linux >= 4.7 reports it without changing it (os.umask would, for a moment, in every thread)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

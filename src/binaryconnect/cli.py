@@ -267,10 +267,8 @@ def _cmd_export(args) -> int:
     from .train import load_run_with_metadata
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
-    sources = ([args.run / "model.safetensors", args.run / "checkpoint.safetensors", args.run / "config.json"]
-               if args.run.is_dir() else [args.run])
-    if any(out.resolve() == s.resolve() for s in sources):
-        raise ConfigError(f"-o {out} is a file of the run being exported: choose another -o (e.g. model.bcnn)")
+    if out.suffix != ".bcnn":  # also keeps it off the run's own files (.json, .jsonl, .safetensors)
+        raise ConfigError(f"-o {out} must end in .bcnn (the packed format), e.g. {out.with_suffix('.bcnn')}")
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
@@ -393,10 +391,7 @@ def _add_report(sub) -> None:
 def _cmd_report(args) -> int:
     from .report import format_report, read_run, report_dict
 
-    unique = {}  # overlapping globs: each run directory once, as first named
-    for path in args.runs:
-        unique.setdefault(path.resolve(), path)
-    runs = [read_run(path) for path in unique.values()]
+    runs = [read_run(path) for path in args.runs]  # a directory named twice counts once (report.unique_runs)
     if args.json:
         print(json.dumps(report_dict(runs)))
     else:
@@ -503,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings on the command line as one line each, without the source line that raised them."""
-    return f"binaryconnect: warning: {message}\n"
+    return "binaryconnect: warning: " + " ".join(str(message).split()) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,25 +509,28 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, train_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
-    warnings.formatwarning = _one_line_warning
     if args.command == "sweep":
         args.train_args = train_args
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.handler(args)
     except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)
         print(f"binaryconnect: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BinaryConnectError as exc:  # one line, also where a library's message had several
-        print("binaryconnect: error: " + " ".join(str(exc).split()), file=sys.stderr)
+    except BinaryConnectError as exc:  # one line, also where a library's message had several (a compiler's
+        text = str(exc) if getattr(exc, "verbatim", False) else " ".join(str(exc).split())  # output stays as is)
+        print(f"binaryconnect: error: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("binaryconnect: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # an output in a missing, read-only or full place; a folder where a file goes
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"binaryconnect: error: {exc.strerror or exc}{where}; check the path and that it can be written",
-              file=sys.stderr)
-        return 2
+    except OSError as exc:  # a path that cannot be written (missing, read-only, a file where a folder goes), a
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)  # full disk: one line, exit 1
+        print(f"binaryconnect: error: {exc.strerror or exc}{': ' + paths if paths else ''} (check the path, its "
+              "permissions and the free space)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not 1.2e-38 <= self.H <= 3.4e38:  # the weights are float32: H must be a normal float32 number
-            raise ConfigError(f"H must lie in float32's normal range (1.2e-38 to 3.4e38), got {self.H!r}")
+        if not 1.1754943508222875e-38 <= self.H <= 3.4028234663852886e38:  # the weights are float32
+            raise ConfigError(f"H must lie in float32's normal range (1.18e-38 to 3.40e38), got {self.H!r}")
         if self.lr_end > self.lr_start:
             raise ConfigError(f"lr_end ({self.lr_end}) must not exceed lr_start ({self.lr_start})")
         for option, flag in (("val_size", "--val-size"), ("download", "--no-download"), ("root", "--data-dir")):

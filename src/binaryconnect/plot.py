@@ -4,7 +4,8 @@ Drawn as the paper's Figure 3 (training curves of its CIFAR-10 ConvNet): per epo
 rate (solid lines, left axis) and the training cost, the mean square hinge loss of the epoch's mini-batches
 (dotted lines, right axis), one colour per experiment (the groups of ``report``: runs that differ only in
 their seed), one line per seed. Both axes are logarithmic, so that MNIST's 1% and the first epochs' 10%
-read alike. Unfinished runs are drawn as far as they got. The data are the runs' ``metrics.jsonl`` files.
+read alike (an axis with a zero on it stays linear). Unfinished runs are drawn as far as they got. The
+data are the runs' ``metrics.jsonl`` files.
 
 Needs matplotlib (``python -m pip install -e ".[plot]"``); drawn with its object API (no pyplot: no
 display, no global state), and written atomically in the format the file name's suffix names.
@@ -60,6 +61,8 @@ def plot_curves(runs: list[Run], path: str | Path):
     error_axis.set_ylabel("validation error (%), solid")
     loss_axis.set_ylabel("training loss (square hinge), dotted")
     for axis in (error_axis, loss_axis):
+        if min(min(line.get_ydata()) for line in axis.lines) <= 0:  # a 0% error or a zero loss: a log axis
+            continue  # would leave it out, so this axis stays linear
         axis.set_yscale("log")
         axis.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 20, 0.5: plain numbers
         axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))

@@ -126,6 +126,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def unique_runs(runs: list[Run]) -> list[Run]:
+    """``runs`` without repeats of a run directory (overlapping globs name one twice), first kept."""
+    seen, unique = set(), []
+    for run in runs:
+        if run.path.resolve() not in seen:
+            seen.add(run.path.resolve())
+            unique.append(run)
+    return unique
+
+
 def _key(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
 
@@ -137,11 +147,9 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
     Each group is labelled by its recipe (else model and binarization), followed by the options in which
     it differs from other groups of the same label (``epochs=30``)."""
     groups: dict[str, Group] = {}
-    seen = set()
-    for run in runs:
-        if (run.summary is None and not include_unfinished) or run.path.resolve() in seen:
-            continue  # a run directory named twice (overlapping globs) counts once
-        seen.add(run.path.resolve())
+    for run in unique_runs(runs):
+        if run.summary is None and not include_unfinished:
+            continue
         key = _key(run.config)
         if key not in groups:
             c = run.config
@@ -164,7 +172,7 @@ def report_dict(runs: list[Run]) -> dict:
     """``group_runs(runs)`` and the unfinished runs, as JSON-ready data (``report --json``)."""
     return {"groups": [g.to_dict() for g in group_runs(runs)],
             "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done, "epochs": r.config.get("epochs")}
-                           for r in runs if r.summary is None]}
+                           for r in unique_runs(runs) if r.summary is None]}
 
 
 def _seconds(runs: list[Run]) -> str:
@@ -194,7 +202,7 @@ def format_report(runs: list[Run], markdown: bool = False) -> str:
         widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
         for r in [header, *rows]:
             lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
-    unfinished = [r for r in runs if r.summary is None]
+    unfinished = [r for r in unique_runs(runs) if r.summary is None]
     if unfinished:
         lines.append("")
         lines.append("unfinished (not in any mean):")

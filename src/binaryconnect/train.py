@@ -527,6 +527,15 @@ def _save(path: Path, p: _Progress, info: dict, model: nn.Module, optimizer: tor
     save_checkpoint(path, tensors, state)
 
 
+def _set_generator_state(set_state, value: torch.Tensor, name: str) -> None:
+    """``set_state(value)``; a state torch refuses (another size or kind) is a damaged checkpoint. Only this
+    call's RuntimeError is translated: out-of-memory or CUDA errors elsewhere keep their own message."""
+    try:
+        set_state(value)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's {name} generator state is unusable ({exc})") from None
+
+
 def _cuda_device(generators: dict[str, torch.Generator]) -> torch.device | None:
     """The CUDA device the run trains on (its device generators live there), or None on the CPU."""
     return next((g.device for g in generators.values() if g.device.type == "cuda"), None)
@@ -551,15 +560,15 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
         optimizer_from_tensors(optimizer, strip_prefix("optimizer.", tensors), state["optimizer"])
         for name, g in generators.items():
             if state["rng_devices"][name] == g.device.type:
-                g.set_state(tensors[f"rng.{name}"])
+                _set_generator_state(g.set_state, tensors[f"rng.{name}"], name)
             else:  # generator states do not carry over between CPU and CUDA
                 g.manual_seed(int(info["config"]["seed"]) * 1_000_003 + state["global_step"] + len(name))
                 log(f"note: the {name} generator was saved on {state['rng_devices'][name]} and is reseeded on "
                     f"{g.device.type}: from here on the run is not bit-identical to an uninterrupted one")
-        torch.set_rng_state(tensors["rng.torch"])
+        _set_generator_state(torch.set_rng_state, tensors["rng.torch"], "torch")
         cuda = _cuda_device(generators)
         if cuda is not None and "rng.cuda" in tensors:  # absent when saved on the CPU (or before it was saved)
-            torch.cuda.set_rng_state(tensors["rng.cuda"], cuda)
+            _set_generator_state(lambda s: torch.cuda.set_rng_state(s, cuda), tensors["rng.cuda"], "cuda")
         best_model = strip_prefix("best.", tensors) or None
         p = _Progress(epoch=state["epoch"], step=state["step"], global_step=state["global_step"], lr=state["lr"],
                       perm=tensors.get("progress.perm"), loss_sum=tensors.get("progress.loss_sum"),
@@ -570,7 +579,7 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
         resumed = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "changed": changes,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": info["environment"]}
         info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed]}
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a generator state of another size
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint is incomplete or inconsistent ({exc!r})") from None
     changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     log(f"resuming at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step})"

@@ -53,6 +53,8 @@ def _checked(rc: int, out: torch.Tensor) -> torch.Tensor:
 class NativeUnavailable(BinaryConnectError):
     """The compiled kernels cannot be built or loaded here (no compiler, failed build, non-x86 CPU...)."""
 
+    verbatim = True  # its message may hold the compiler's output: printed as it is, lines and all
+
 
 def cache_dir() -> Path:
     if os.environ.get(ENV_CACHE):

@@ -26,7 +26,7 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
             raise DataError(f"{path} is not a plain numeric .npy array ({exc})") from None
         if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
             raise DataError(f"{path} holds {array.dtype} values, not real numbers")
-        x = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))  # any byte order, long double
     elif path.suffix == ".safetensors":
         from ..checkpoint import load_tensors
 
