@@ -26,7 +26,8 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
             raise DataError(f"{path} is not a plain numeric .npy array ({exc})") from None
         if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
             raise DataError(f"{path} holds {array.dtype} values, not real numbers")
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))  # any byte order, long double
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below with its own message
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))  # any byte order, long double
     elif path.suffix == ".safetensors":
         from ..checkpoint import load_tensors
 
