@@ -275,7 +275,7 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
 def test_imagefolder_errors(tmp_path):
     tree = _make_tree(tmp_path / "tree")
     (tree / "train" / "cat" / "big.png").write_bytes(_png(5, size=(9, 8)))
-    with pytest.raises(DataError, match="all images of an ImageFolder dataset must have one size"):
+    with pytest.raises(DataError, match=r"all images of an ImageFolder dataset \(train and test\) must have one size"):
         load_dataset("imagefolder", tmp_path, path=str(tree), val_size=2, cache=False)
     (tree / "train" / "cat" / "big.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot decode the image .*big.png"):
@@ -448,3 +448,47 @@ def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "cifar10-float", "--dataset-option", "oops", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "expected KEY=VALUE, got 'oops'" in capsys.readouterr().err
+
+
+def test_imagefolder_skips_hidden_files_and_reads_links_as_a_folder_does(tmp_path):
+    tree = _make_tree(tmp_path / "tree", n_train=4, n_test=2)
+    (tree / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is no class
+    (tree / "train" / ".ipynb_checkpoints" / "000.png").write_bytes(_png(7))
+    (tree / "train" / "cat" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata
+    (tree / "train" / "dog" / "004.png").symlink_to("000.png")  # a linked image (relative: a tar can hold it)
+    (tree / "train" / "dog" / "005.png").symlink_to("nowhere.png")  # dangling: no data
+    folder = load_dataset("imagefolder", tmp_path, path="tree", val_size=2, preprocess="none", cache=False)
+    assert folder.num_classes == 3 and len(folder.train_x) + len(folder.val_x) == 13
+    with tarfile.open(tmp_path / "tree.tar", "w") as tar:  # symlinks stored as links
+        tar.add(tree, arcname="tree")
+    archive = load_dataset("imagefolder", tmp_path, path="tree.tar", val_size=2, preprocess="none", cache=False)
+    assert len(archive.train_x) == len(folder.train_x)
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(archive, name), getattr(folder, name)), name
+
+
+def test_imagefolder_refuses_other_sizes_across_splits_and_16_bit_images(tmp_path):
+    tree = _make_tree(tmp_path / "tree", n_train=3, n_test=1)
+    for f in (tree / "test").rglob("*.png"):
+        f.write_bytes(_png(1, size=(16, 16)))
+    with pytest.raises(DataError, match=r"is \(16, 16\) pixels, .* is \(8, 8\): all images of an ImageFolder "
+                                        r"dataset \(train and test\) must have one size"):
+        load_dataset("imagefolder", tmp_path, path="tree", val_size=1, preprocess="none", cache=False)
+    deep = _make_tree(tmp_path / "deep", n_train=3, n_test=1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buffer, format="PNG")  # mode I;16
+    (deep / "train" / "cat" / "000.png").write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match=r"cannot decode the image .*cat/000.png \(I;16 pixels; convert the image "
+                                        r"to 8 bits per channel\)"):
+        load_dataset("imagefolder", tmp_path, path="deep", val_size=1, preprocess="none", cache=False)
+
+
+def test_a_linked_class_folder_changes_the_fingerprint_when_its_images_change(tmp_path):
+    real = _make_tree(tmp_path / "real", n_train=2, n_test=1)
+    view = tmp_path / "view"
+    (view / "train").mkdir(parents=True)
+    (view / "train" / "cat").symlink_to(real / "train" / "cat", target_is_directory=True)
+    (view / "train" / "loop").symlink_to(view / "train", target_is_directory=True)  # a cycle ends the walk
+    before = cache_mod.source_fingerprint(view)
+    (real / "train" / "cat" / "000.png").write_bytes(_png(99, size=(8, 8)) + b"\0")  # other bytes, other size
+    assert cache_mod.source_fingerprint(view) != before

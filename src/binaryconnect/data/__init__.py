@@ -116,18 +116,24 @@ def list_datasets() -> list[str]:
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> Splits:
     """Load dataset ``name`` from ``root`` (see ``resolve_data_root``) as preprocessed CPU tensors."""
+    check_dataset_options(name, kwargs)
+    loader = _LOADERS[name]
+    return loader(resolve_data_root(root), **kwargs)
+
+
+def check_dataset_options(name: str, kwargs: dict) -> None:
+    """Raise a ConfigError unless dataset ``name`` has every option of ``kwargs``, each of its default's type."""
     try:
-        loader = _LOADERS[name]
+        parameters = inspect.signature(_LOADERS[name]).parameters
     except KeyError:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
-    options = [p for p in inspect.signature(loader).parameters if p != "root"]
+    options = [p for p in parameters if p != "root"]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(options)}")
     for key, value in kwargs.items():  # each option of the type of its default: "False" is not false
-        _check_option_type(name, key, value, inspect.signature(loader).parameters[key].default)
-    return loader(resolve_data_root(root), **kwargs)
+        _check_option_type(name, key, value, parameters[key].default)
 
 
 def _check_option_type(dataset: str, key: str, value, default) -> None:

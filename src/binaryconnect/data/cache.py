@@ -58,11 +58,14 @@ def source_fingerprint(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
+    entries, visited = [], set()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):  # as the readers follow links
+        visited.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited)
         for name in sorted(filenames):
             full = Path(dirpath) / name
+            if not full.is_file():  # a dangling link: no data, as the readers skip it
+                continue
             st = full.stat()
             entries.append(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
     h.update("\n".join(entries).encode())

@@ -173,11 +173,16 @@ def _decode_official(read: Callable[[str], bytes]) -> dict[str, torch.Tensor]:
 # ImageFolder trees, as folders or archives
 
 
+def _hidden(name: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS's ``._image.png``, ``.ipynb_checkpoints``) are no data."""
+    return name.startswith(".")
+
+
 def _split_class_file(parts: tuple[str, ...], where: str) -> tuple[str, str, str] | None:
     """``(split, class, file)`` of a path ``[...]/<train|test>/<class>/<file>``, else None."""
     if any(p in ("..", "") for p in parts):
         raise DataError(f"refusing the archive member {where!r}: its path leaves the archive")
-    if len(parts) < 3 or parts[-3] not in ("train", "test"):
+    if len(parts) < 3 or parts[-3] not in ("train", "test") or _hidden(parts[-2]) or _hidden(parts[-1]):
         return None
     if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
         return None
@@ -190,9 +195,9 @@ def _collect_folder(path: Path) -> list[tuple[str, str, str, Callable[[], bytes]
         split_dir = path / split
         if not split_dir.is_dir():
             continue
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name)):
             for f in sorted(class_dir.iterdir()):
-                if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS):
+                if f.is_file() and not _hidden(f.name) and f.name.lower().endswith(IMAGE_EXTENSIONS):
                     items.append((split, class_dir.name, f.name, f.read_bytes))
     return items
 
@@ -202,14 +207,20 @@ def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
-                if not m.isfile():
+                if not (m.isfile() or m.islnk() or m.issym()):  # links: as a folder's reader follows them
                     continue
                 name = PurePosixPath(m.name)
                 if name.is_absolute():
                     raise DataError(f"refusing the archive member {m.name!r} of {path}: absolute path")
                 found = _split_class_file(name.parts, m.name)
                 if found is not None:
-                    data = tar.extractfile(m).read()
+                    try:
+                        member = tar.extractfile(m)
+                    except KeyError:  # a link to nothing in the archive: skipped, as a folder's reader skips it
+                        continue
+                    if member is None:
+                        continue
+                    data = member.read()
                     items.append((*found, lambda data=data: data))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable tar archive ({exc})") from None
@@ -221,9 +232,12 @@ def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            if im.mode.startswith(("I", "F")):  # 16/32-bit integer or float pixels: convert("RGB") saturates them
+                raise ValueError(f"{im.mode} pixels; convert the image to 8 bits per channel")
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
     except Exception as exc:
-        raise DataError(f"cannot decode the image {name} ({exc})") from None
+        why = "not an image file PIL can read" if type(exc).__name__ == "UnidentifiedImageError" else exc
+        raise DataError(f"cannot decode the image {name} ({why})") from None
 
 
 def _decode(blobs: list[bytes], names: list[str]) -> list[torch.Tensor]:
@@ -279,17 +293,18 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise DataError(f"{path}: test classes {', '.join(unknown)} have no training images")
     index = {c: i for i, c in enumerate(classes)}
     tensors: dict[str, torch.Tensor] = {}
+    first = None  # (name, shape) of the first image: both splits must match it
     for split in ("train", "test"):
         chosen = [it for it in items if it[0] == split]
         if not chosen:
             raise DataError(f"{path} has no {split}/<class>/<image> files")
         names = [f"{path}:{s}/{c}/{f}" for s, c, f, _ in chosen]
         images = _decode([read() for _, _, _, read in chosen], names)
-        size = images[0].shape
+        first = first or (names[0], images[0].shape)
         for img, name in zip(images, names, strict=True):
-            if img.shape != size:
-                raise DataError(f"{name} is {tuple(img.shape[1:])} pixels, {names[0]} is {tuple(size[1:])}: "
-                                "all images of an ImageFolder dataset must have one size")
+            if img.shape != first[1]:
+                raise DataError(f"{name} is {tuple(img.shape[1:])} pixels, {first[0]} is {tuple(first[1][1:])}: "
+                                "all images of an ImageFolder dataset (train and test) must have one size")
         x = torch.stack(images)
         y = torch.tensor([index[c] for _, c, _, _ in chosen], dtype=torch.int64)
         if split == "train":
