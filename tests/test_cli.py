@@ -64,6 +64,7 @@ def test_recipes_lists_the_paper_recipes(capsys):
         (["train", "mnist-float", "--device", "tpu"], "device must be one of auto, cpu, cuda"),
         (["train", "mnist-float", "--device", "cuda:x"], "cuda or cuda:N, got 'cuda:x'"),
         (["train", "mnist-float", "--batch-size", "1"], "batch_size must be at least 2: batch norm"),
+        (["train", "mnist-float", "--seed", str(2**64 - 2)], "seed must be an integer from 0 to 4294967295"),
         (["train", "mnist-float", "--H", "1e39"], "H must lie in float32's normal range"),
         (["train", "mnist-float", "--dataset-option", "val_size=5000"], "use --val-size"),
         (["train", "mnist-float", "--dataset-option", "download=false"], "use --no-download"),

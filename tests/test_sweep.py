@@ -119,3 +119,31 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, monkeypatch, capsys):
 def test_bad_sweep_input_gives_one_clear_line_and_writes_nothing(argv, message, tmp_path, capsys):
     assert_one_line_error([*argv[:2], "-o", str(tmp_path / "s"), *argv[2:]], message, capsys)
     assert not (tmp_path / "s").exists()
+
+
+
+def test_a_repeated_sweep_must_ask_for_the_runs_it_finds_and_more_epochs_resume_them(tmp_path, data_root, capsys):
+    out = tmp_path / "sweep"
+    base = ["sweep", "mnist-float", "--seeds", "0", "-o", str(out), "--", "--data-dir", str(data_root), *TINY]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert main([*base, "--epochs", "2"]) == 0  # more epochs: the finished run is resumed, not skipped
+    capsys.readouterr()
+    summary = json.loads((out / "mnist-float-s0" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and len((out / "mnist-float-s0" / "metrics.jsonl").read_text().splitlines()) == 2
+    before = (out / "mnist-float-s0" / "model.safetensors").read_bytes()
+    changed = [*base[:-len(TINY)], "--train-subset", "500", "--hidden", "32", "--depth", "1", "--device", "cpu",
+               "--epochs", "2"]
+    assert_one_line_error(changed, "mnist-float-s0 holds a run with other options: model_kwargs (run: {", capsys)
+    assert_one_line_error([*base, "--epochs", "1"], "has trained 2 epochs; ask for at least that many", capsys)
+    assert (out / "mnist-float-s0" / "model.safetensors").read_bytes() == before  # nothing ran
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "mnist-float", "mnist-float", "--seeds", "0"], "a recipe is named twice: mnist-float mnist-float"),
+    (["sweep", "mnist-float", "--seeds", "0", "--", "--device", "cuda:7"], "device 'cuda:7' asked for"),
+    (["sweep", "mnist-float", "--seeds", "0", "--", "--dataset-option", "foo=1"], "dataset 'mnist' has no option"),
+])
+def test_sweep_checks_what_every_run_would_refuse_before_starting_any(argv, message, tmp_path, capsys):
+    cut = argv.index("--seeds") + 2
+    assert_one_line_error([*argv[:cut], "-o", str(tmp_path / "s"), *argv[cut:]], message, capsys)
+    assert not (tmp_path / "s").exists()

@@ -459,17 +459,27 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _cmd_sweep(args) -> int:
+    from .data import check_dataset_options
     from .report import format_report, read_run
     from .sweep import plan, run_jobs
+    from .train import resolve_device
 
+    if len(set(args.recipes)) != len(args.recipes):  # two processes would share one run directory
+        raise ConfigError(f"a recipe is named twice: {' '.join(args.recipes)}")
     train_parser = build_parser()
+    configs = {}
     for recipe in args.recipes:  # every run's options checked before any process starts
         train_args = train_parser.parse_args(["train", recipe, *args.train_args])  # argparse: exit 2
         for name, flag in (("seed", "--seed"), ("out", "--out"), ("resume", "--resume")):
             if getattr(train_args, name) is not None:
                 raise ConfigError(f"{flag} after `--`: the sweep sets each run's seed and directory itself")
-        _new_run_config(train_args)
-    jobs = run_jobs(plan(args.recipes, args.seeds, args.out), args.train_args, args.jobs, args.deadline,
+        configs[recipe] = config = _new_run_config(train_args)
+        resolve_device(config.device)
+        check_dataset_options(config.dataset, config.dataset_kwargs)
+    jobs = plan(args.recipes, args.seeds, args.out)
+    for job in jobs:
+        _check_existing_run(job, configs[job.recipe])
+    jobs = run_jobs(jobs, args.train_args, args.jobs, args.deadline,
                     log=lambda line: print(line, flush=True))  # as it happens, also into a file
     runs = [read_run(job.run_dir) for job in jobs if (job.run_dir / "config.json").is_file()]
     print()
@@ -481,6 +491,32 @@ def _cmd_sweep(args) -> int:
               + "; repeat the same sweep command to resume or start them", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_existing_run(job, config) -> None:
+    """A run directory a repeated sweep finds must hold the run the sweep asks for: the same options as
+    ``config`` (seed aside) up to those a resume may change. More epochs than a finished run trained
+    resume it (``job.more_epochs``); other differences are refused before anything starts."""
+    from .config import RESUME_MAY_CHANGE
+
+    try:
+        saved = json.loads((job.run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return  # none yet, or damaged: the checkpoint decides when the run is resumed
+    wanted = json.loads(json.dumps({**config.to_dict(), "seed": job.seed}))  # as JSON holds it
+    differ = sorted(k for k in wanted.keys() | saved.keys()
+                    if k not in RESUME_MAY_CHANGE and saved.get(k) != wanted.get(k))
+    if differ:
+        changes = "; ".join(f"{k} (run: {saved.get(k)!r}, asked: {wanted.get(k)!r})" for k in differ)
+        raise ConfigError(f"{job.run_dir} holds a run with other options: {changes}; choose another -o, or "
+                          "delete that run directory to train it anew")
+    if (job.run_dir / "summary.json").is_file() and saved.get("epochs") != wanted["epochs"]:
+        if wanted["epochs"] < saved.get("epochs", 0):
+            raise ConfigError(f"{job.run_dir} has trained {saved['epochs']} epochs; ask for at least that many "
+                              f"(--epochs), got {wanted['epochs']}")
+        job.more_epochs = True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,8 +104,8 @@ class TrainConfig:
         for name in ("model_kwargs", "dataset_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -35,6 +35,7 @@ class Job:
     state: str = "pending"  # pending | finished | failed | stopped | not started | skipped
     returncode: int | None = None
     resumed: bool = False
+    more_epochs: bool = False  # finished, but asked for more epochs: resumed, not skipped
 
 
 def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
@@ -64,7 +65,7 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
     start = time.monotonic()
     pending = []
     for job in jobs:
-        if (job.run_dir / "summary.json").is_file():
+        if (job.run_dir / "summary.json").is_file() and not job.more_epochs:
             job.state = "skipped"
             log(f"{job.run_dir.name}: already finished, skipped")
         else:
