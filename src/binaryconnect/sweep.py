@@ -7,8 +7,10 @@ leaves a GPU idle between its kernel launches, so several runs share one GPU at 
 (RESULTS.md: on one H200, nine compiled MNIST runs side by side each trained the 250 epochs in 367-374 s,
 about 1.5 s per epoch).
 
-A sweep can be repeated: a finished run (``summary.json``) is skipped, a stopped or failed one (a
-checkpoint, no summary) is resumed with ``train --resume``, a missing one is started. ``deadline`` seconds after the
+A sweep can be repeated: a finished run (``summary.json``) is skipped (resumed if asked for more epochs:
+``Job.more_epochs``, set by the command line, which refuses a run directory holding other options), a
+stopped or failed one (a checkpoint, no summary) is resumed with ``train --resume``, a missing one is
+started. ``deadline`` seconds after the
 start, runs still going are stopped as Ctrl-C stops them (after a step, with a checkpoint), and no new
 one starts, so a time-limited machine loses at most one step per run.
 """
