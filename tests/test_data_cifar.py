@@ -492,3 +492,20 @@ def test_a_linked_class_folder_changes_the_fingerprint_when_its_images_change(tm
     before = cache_mod.source_fingerprint(view)
     (real / "train" / "cat" / "000.png").write_bytes(_png(99, size=(8, 8)) + b"\0")  # other bytes, other size
     assert cache_mod.source_fingerprint(view) != before
+
+
+def test_a_cache_write_removes_what_killed_writers_left(tmp_path):
+    import os
+    import time
+
+    folder = tmp_path / "cache"
+    folder.mkdir(exist_ok=True)
+    old = time.time() - cache_mod.STALE_TEMP_SECONDS - 60
+    left = [folder / "splits-abc.safetensors.x1y2.tmp", folder / ".tmpq7w8"]  # ours, and safetensors' own
+    recent = folder / "splits-def.safetensors.z3.tmp"  # perhaps a live writer's: kept
+    for f in [*left, recent]:
+        f.write_bytes(b"partial")
+    for f in left:
+        os.utime(f, (old, old))
+    cache_mod.cached_tensors("splits", {"a": 3}, lambda: {"x": torch.zeros(2)})
+    assert not any(f.exists() for f in left) and recent.exists()

@@ -136,7 +136,7 @@ def test_missing_and_malformed_files(svhn_root, tmp_path):
     with pytest.raises(DataError, match="lacks train_32x32.mat, test_32x32.mat"):
         load_dataset("svhn", tmp_path / "empty", download=False)
     (svhn_root / "SVHN" / "extra_32x32.mat").unlink()
-    with pytest.raises(DataError, match="lacks extra_32x32.mat"):
+    with pytest.raises(DataError, match="lacks extra_32x32.mat.* Or train without it: --dataset-option extra=false"):
         load_dataset("svhn", svhn_root, extra=True, download=False, verify=False)
     bad = tmp_path / "bad.mat"
     savemat(bad, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [5]], np.uint8)})
@@ -144,6 +144,9 @@ def test_missing_and_malformed_files(svhn_root, tmp_path):
         svhn.read_mat(bad)
     savemat(bad, {"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.array([[1], [5]], np.uint8)})
     with pytest.raises(DataError, match="expected uint8 32 x 32 x 3 x N"):
+        svhn.read_mat(bad)
+    savemat(bad, {"X": np.zeros((32, 32, 3, 0), np.uint8), "y": np.zeros((0, 1), np.uint8)})
+    with pytest.raises(DataError, match="bad.mat holds no images"):
         svhn.read_mat(bad)
     bad.write_bytes(b"garbage")
     with pytest.raises(DataError, match="not an SVHN .mat file"):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -89,11 +90,28 @@ def _read(path: Path, parts_json: str) -> dict[str, torch.Tensor] | None:
         return None
 
 
+#: A temporary file this much older than now was left by a writer that was killed (an entry takes seconds).
+STALE_TEMP_SECONDS = 3600
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary files (ours, ``*.tmp``, and safetensors' own, ``.tmp*``) that writers killed
+    mid-write left in the cache folder (up to an entry's size each); recent ones may be a live writer's."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for stale in {*folder.glob("*.tmp"), *folder.glob(".tmp*")}:
+        try:
+            if stale.is_file() and stale.stat().st_mtime < cutoff:
+                stale.unlink()
+        except OSError:
+            pass  # another process removed it, or it is not ours to remove
+
+
 def _write(path: Path, tensors: dict[str, torch.Tensor], parts_json: str) -> None:
     from safetensors.torch import save_file
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:

@@ -53,6 +53,8 @@ def read_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     y = np.asarray(y).reshape(-1)
     if len(y) != x.shape[3]:
         raise DataError(f"{path}: {x.shape[3]} images but {len(y)} labels")
+    if len(y) == 0:
+        raise DataError(f"{path} holds no images")
     if len(y) and (y.min() < 1 or y.max() > 10):
         raise DataError(f"{path}: labels must lie in 1..10 (10 is the digit 0), found {y.min()}..{y.max()}")
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))  # (N, C, H, W)
@@ -80,9 +82,11 @@ def _locate(root: Path, splits: list[str], download: bool) -> dict[str, Path]:
                                 ) from None
     missing = [FILES[s][0] for s in splits if s not in found]
     if missing:
+        without_extra = (" Or train without it: --dataset-option extra=false (the svhn-* recipes use it, as the "
+                         "paper did)." if missing == [FILES["extra"][0]] else "")
         raise DataError(f"SVHN not found: {folder} (or {root}) lacks {', '.join(missing)}. Put the official .mat "
                         "files in <data-dir>/SVHN/, point --data-dir / BINARYCONNECT_DATA at the folder holding "
-                        "SVHN/, or allow downloading.")
+                        "SVHN/, or allow downloading." + without_extra)
     return found
 
 
