@@ -401,9 +401,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
     metrics_path = run_dir / "metrics.jsonl"
     atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
-    if p.best_model is not None:  # the best model as of the checkpoint (a crash may have left another one)
-        save_tensors(run_dir / "model.safetensors", p.best_model, p.best_metadata)
-        best_written = p.best_model
+    write_best_model()  # resuming: the checkpoint's best model (a crash may have left another one)
     (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it says so
     n_params = sum(prm.numel() for prm in model.parameters())
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
