@@ -95,7 +95,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, data_root, capsys):
 def test_console_script_is_installed(tmp_path, data_root):
     env = {**os.environ, "BINARYCONNECT_DATA": str(data_root)}
     exe = os.path.join(os.path.dirname(sys.executable), "binaryconnect")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "binaryconnect.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "binaryconnect"]
     proc = subprocess.run([*cmd, "train", "mnist-deterministic", "-o", str(tmp_path / "r"), "-q", *SMALL],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -103,6 +103,40 @@ def test_console_script_is_installed(tmp_path, data_root):
     # 1,000 images, 2 epochs of a 32-unit net: 0.459 measured (seed 0, torch 2.14.1, CPU); chance is 0.9
     assert summary["test_error"] < 0.6 and (tmp_path / "r" / "model.safetensors").is_file()
 
+
+
+def test_ctrl_c_while_pytorch_imports_ends_with_one_line(monkeypatch, capsys):
+    """The console script's entry point imports the command line (and PyTorch, a second or more) inside its
+    handler: a KeyboardInterrupt raised by that import gives the same one line and exit code 130 as later."""
+    import importlib.abc
+
+    import binaryconnect.__main__ as entry
+
+    class InterruptedImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "binaryconnect.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "binaryconnect.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    assert entry.main(["recipes"]) == 130
+    assert capsys.readouterr().err == "binaryconnect: interrupted\n"
+    monkeypatch.undo()  # with the import allowed, the entry point is the command line
+    assert entry.main(["recipes"]) == 0 and "mnist-deterministic" in capsys.readouterr().out
+
+
+def test_importing_the_package_does_not_import_pytorch_until_a_name_is_used():
+    code = ("import sys, binaryconnect as bc; a = 'torch' in sys.modules; layer = bc.BinaryLinear(3, 2); "
+            "print(a, 'torch' in sys.modules, type(layer).__module__, sorted(bc.__all__) == sorted(set(dir(bc)) & "
+            "set(bc.__all__)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True", "binaryconnect.layers", "True"], out.stderr
+    import binaryconnect
+
+    assert sorted(binaryconnect.__all__) == sorted(binaryconnect._MODULE_OF)  # each public name has its module
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        binaryconnect.nope  # noqa: B018
 
 
 def test_errors_and_warnings_print_as_one_line(monkeypatch, capsys):

@@ -48,7 +48,7 @@ def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
 
 def train_command(job: Job, train_args: list[str]) -> list[str]:
     """The ``train`` command of ``job``: resume its run directory if it holds a checkpoint, else start it."""
-    base = [sys.executable, "-m", "binaryconnect.cli", "train"]
+    base = [sys.executable, "-m", "binaryconnect", "train"]
     if (job.run_dir / CHECKPOINT_NAME).is_file():
         job.resumed = True
         return [*base, "--resume", str(job.run_dir), *train_args, "--no-progress"]
