@@ -132,6 +132,26 @@ def test_checksums_and_constants(svhn_root):
     assert svhn.FILES == {split: (name, md5, url) for split, (url, name, md5) in tv.items()}
 
 
+def test_failed_download_leaves_no_empty_svhn_folder(tmp_path, monkeypatch):
+    """Offline, a download of SVHN fails: the data root keeps no empty SVHN/ folder (nor a partial file)
+    that the next run, or a person, would take for a download in place."""
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(url, root, filename=None, md5=None):
+        (Path(root) / filename).write_bytes(b"partial")
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    with pytest.raises(DataError, match="could not be downloaded .*network is unreachable"):
+        load_dataset("svhn", tmp_path / "root", download=True)
+    assert not (tmp_path / "root").exists()
+    (tmp_path / "root" / "SVHN").mkdir(parents=True)  # a folder that was there before stays, emptied of nothing
+    (tmp_path / "root" / "SVHN" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_dataset("svhn", tmp_path / "root", download=True)
+    assert [f.name for f in (tmp_path / "root" / "SVHN").iterdir()] == ["notes.txt"]
+
+
 def test_missing_and_malformed_files(svhn_root, tmp_path):
     with pytest.raises(DataError, match="lacks train_32x32.mat, test_32x32.mat"):
         load_dataset("svhn", tmp_path / "empty", download=False)

@@ -81,21 +81,30 @@ def verify_checksum(path: Path, expected: str, algorithm: str = "md5") -> None:
 def download_file(url: str, folder: Path, filename: str, md5: str) -> Path:
     """Download ``url`` to ``folder / filename`` through ``torchvision.datasets.utils.download_url``
     (MD5-verified), into a temporary name renamed into place only once complete and verified, so a
-    failed, corrupt or interrupted download leaves nothing under ``filename``. Errors propagate."""
+    failed, corrupt or interrupted download leaves nothing under ``filename``, nor the folders it created
+    for it. Errors propagate."""
     import tempfile
 
     from torchvision.datasets.utils import download_url
 
     folder = Path(folder)
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
     os.close(fd)
+    done = False
     try:
         download_url(url, str(folder), filename=Path(tmp).name, md5=md5)
         os.replace(tmp, folder / filename)
+        done = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        for made in created if not done else ():
+            try:
+                made.rmdir()  # only while empty: another file put there meanwhile stays, and so does its folder
+            except OSError:
+                break
     return folder / filename
 
 
