@@ -256,8 +256,10 @@ def test_allowed_changes_are_applied_and_recorded(tmp_path, mnist, one_thread, c
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == 3 * STEPS_PER_EPOCH
 
     # fewer epochs than the run has already trained cannot be asked for
+    capsys.readouterr()
     with pytest.raises(ConfigError, match="already trained 3 epochs; ask for at least that many"):
-        resume(run, progress=False, log=_quiet, data=mnist, epochs=2)
+        resume(run, progress=False, log=print, data=mnist, epochs=2)
+    assert "resuming" not in capsys.readouterr().out  # a refused resume does not announce itself first
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, mnist, one_thread, capsys):

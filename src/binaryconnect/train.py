@@ -346,6 +346,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         if config.epochs < p.epoch or (config.epochs == p.epoch and p.step > 0):
             raise ConfigError(f"the run has already trained {p.epoch + (p.step > 0)} epochs; "
                               f"ask for at least that many (--epochs), got {config.epochs}")
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
+        log(f"resuming at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step})"
+            + (f"; changed: {changed}" if changed else ""))
 
     # --- run directory: the checkpoint first, so that any run directory with files in it can be resumed ---
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -579,9 +582,6 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
         info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed]}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint is incomplete or inconsistent ({exc!r})") from None
-    changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    log(f"resuming at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step})"
-        + (f"; changed: {changed}" if changed else ""))
     return p, info
 
 
