@@ -91,6 +91,5 @@ def test_center_preprocessing_subtracts_the_training_pixel_means(mnist, data_roo
 
 
 def test_unknown_dataset_option_is_named_with_the_known_ones(data_root):
-    with pytest.raises(ConfigError, match="dataset 'mnist' has no option 'foo'; its options: val_size, download, "
-                                          "verify, preprocess"):
+    with pytest.raises(ConfigError, match="dataset 'mnist' has no option 'foo'; its options: verify, preprocess$"):
         load_dataset("mnist", data_root, foo=1)

@@ -275,7 +275,7 @@ def test_same_seed_is_bit_identical_and_another_seed_is_not(tmp_path, mnist, one
         (["train", "mnist-deterministic", "--data-dir", "/nonexistent/data", "--no-download"],
          "MNIST not found: /nonexistent/data/MNIST/raw lacks"),
         (["train", "mnist-deterministic", "--dataset-option", "foo=1", "--no-download"],
-         "dataset 'mnist' has no option 'foo'; its options: val_size, download, verify, preprocess"),
+         "dataset 'mnist' has no option 'foo'; its options: verify, preprocess"),
         (["train", "mnist-deterministic", "--preprocess", "gcn", "--no-download"],
          "MNIST preprocess must be one of symmetric, center, got 'gcn'"),
         (["train", "--resume", "/nonexistent/run"], "/nonexistent/run holds no checkpoint.safetensors"),

@@ -130,15 +130,20 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
     return loader(resolve_data_root(root), **kwargs)
 
 
+#: A loader's parameters that training options set (--data-dir, --val-size, --no-download), not listed as
+#: dataset options: the configuration refuses them as such (``TrainConfig.validate``).
+_TRAINING_OPTIONS = ("root", "val_size", "download")
+
+
 def check_dataset_options(name: str, kwargs: dict) -> None:
     """Raise a ConfigError unless dataset ``name`` has every option of ``kwargs``, each of its default's type."""
     try:
         parameters = inspect.signature(_LOADERS[name]).parameters
     except KeyError:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
-    options = [p for p in parameters if p != "root"]
-    unknown = sorted(set(kwargs) - set(options))
+    unknown = sorted(set(kwargs) - set(parameters) - {"root"})
     if unknown:
+        options = [p for p in parameters if p not in _TRAINING_OPTIONS]
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(options)}")
     for key, value in kwargs.items():  # each option of the type of its default: "False" is not false
