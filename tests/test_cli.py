@@ -126,6 +126,23 @@ def test_ctrl_c_while_pytorch_imports_ends_with_one_line(monkeypatch, capsys):
     assert entry.main(["recipes"]) == 0 and "mnist-deterministic" in capsys.readouterr().out
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
+    """`binaryconnect recipes | head -3`: the closed pipe ends the command with SIGPIPE's exit code (141)
+    and nothing on stderr, where it printed an error about paths and free space."""
+    from binaryconnect import cli
+
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_recipes", reader_gone)
+    assert main(["recipes"]) == 141 and capsys.readouterr().err == ""
+    proc = subprocess.Popen([sys.executable, "-m", "binaryconnect", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes: it is still importing PyTorch
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
+
+
 def test_importing_the_package_does_not_import_pytorch_until_a_name_is_used():
     code = ("import sys, binaryconnect as bc; a = 'torch' in sys.modules; layer = bc.BinaryLinear(3, 2); "
             "print(a, 'torch' in sys.modules, type(layer).__module__, sorted(bc.__all__) == sorted(set(dir(bc)) & "

@@ -65,7 +65,7 @@ def test_cli_export_predict_summary(trained, exported, data_root, tmp_path, caps
     assert main(["export", str(run), "-o", str(out)]) == 2  # exists
     assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["export", str(run), "-o", str(out), "--force"]) == 0
-    assert "smaller than the float32 weights" in capsys.readouterr().out
+    assert "smaller than the float32 parameters" in capsys.readouterr().out
 
     assert main(["summary", str(out), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)

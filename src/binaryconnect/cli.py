@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -236,9 +237,10 @@ def _add_recipes(sub) -> None:
 
 
 def _cmd_recipes(args) -> int:
+    width = max(map(len, list_recipes()))
     for name in list_recipes():
         r = RECIPES[name]
-        print(f"{name:24s} {r['dataset']:8s} {r['model']:6s} {r['binarization']:14s} epochs {r['epochs']:4d}  "
+        print(f"{name:{width}s} {r['dataset']:8s} {r['model']:6s} {r['binarization']:14s} epochs {r['epochs']:4d}  "
               f"batch {r['batch_size']:4d}  lr {r['lr_start']:g} -> {r['lr_end']:g}")
     return 0
 
@@ -291,7 +293,7 @@ def _cmd_export(args) -> int:
         return 0
     c = result["compression"]  # float layers are stored as float32: such a file is a little larger
     ratio = f"{c:.1f}x smaller than" if c >= 1 else f"{1 / c:.4f}x the size of"
-    print(f"wrote {out}: {size:,} bytes, {ratio} the float32 weights "
+    print(f"wrote {out}: {size:,} bytes, {ratio} the float32 parameters "
           f"({total.float32_bytes:,} bytes); {total.binary_params:,} of {total.params:,} parameters binary")
     if net.source.get("stochastic_weights"):
         print(f"note: stochastic layers exported as {net.source['stochastic_weights']}")
@@ -364,9 +366,9 @@ def _cmd_predict(args) -> int:
     if args.json:
         print(json.dumps(result))
     elif y is not None:
+        threads = f"{result['threads']} thread" + ("s" if result["threads"] != 1 else "")
         print(f"{args.split} error {100 * result[f'{args.split}_error']:.2f}% on {len(x):,} examples "
-              f"({model.engine} engine{', ' + model.isa if model.isa else ''}, {result['threads']} threads, "
-              f"{seconds:.2f}s)")
+              f"({model.engine} engine{', ' + model.isa if model.isa else ''}, {threads}, {seconds:.2f}s)")
     elif args.output is None:
         print("\n".join(str(int(c)) for c in predictions))
     return 0
@@ -537,6 +539,15 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return "binaryconnect: warning: " + " ".join(str(message).split()) + "\n"
 
 
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's flush at exit finds no broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (output captured in-process)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -560,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("binaryconnect: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`binaryconnect recipes | head -3`): stop quietly,
+        _silence_stdout()  # as other command-line tools do, with the exit code of a SIGPIPE (128 + 13)
+        return 141
     except OSError as exc:  # a path that cannot be written (missing, read-only, a file where a folder goes), a
         paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)  # full disk: one line, exit 1
         print(f"binaryconnect: error: {exc.strerror or exc}{': ' + paths if paths else ''} (check the path, its "

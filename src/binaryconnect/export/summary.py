@@ -115,7 +115,7 @@ def format_summary(summary: dict, title: str = "") -> str:
                      f"{_fmt_bytes(r.float32_bytes):>13s} {_fmt_bytes(r.packed_bytes):>11s} {ratio:>7s} "
                      f"{r.macs:>13,} {share:>6s}")
     t = summary["total"]
-    lines.append(f"file: {t.packed_bytes:,} bytes; float32 weights: {t.float32_bytes:,} bytes "
+    lines.append(f"file: {t.packed_bytes:,} bytes; float32 parameters: {t.float32_bytes:,} bytes "
                  f"({t.float32_bytes / t.packed_bytes:.1f}x larger); {t.binary_params:,} of {t.params:,} parameters "
                  f"binary; {100 * t.macs_replaced / max(1, t.macs):.2f}% of {t.macs:,} MACs per example are additions, "
                  f"plus {summary['scale_multiplications']:,} multiplications by the folded batch-norm scales")
