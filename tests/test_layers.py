@@ -20,6 +20,25 @@ def test_drop_in_for_nn_linear():
     assert layer_b.state_dict().keys() == nn.Linear(20, 7).state_dict().keys()
 
 
+def test_drop_in_for_nn_conv2d_and_its_bias_is_used():
+    """Binarized layers carry no bias by default (batch norm follows); one asked for is added as nn.Conv2d's."""
+    layer = BinaryConv2d(2, 3, 3)
+    assert isinstance(layer, nn.Conv2d) and layer.bias is None
+    assert layer.state_dict().keys() == nn.Conv2d(2, 3, 3, bias=False).state_dict().keys()
+    layer_b = BinaryConv2d(3, 5, 3, padding=1, bias=True)
+    assert layer_b.state_dict().keys() == nn.Conv2d(3, 5, 3).state_dict().keys()
+    with torch.no_grad():
+        layer_b.bias.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    w = binarize_deterministic(layer_b.weight.detach())
+    assert torch.equal(layer_b(x), F.conv2d(x, w, layer_b.bias, padding=1))
+    lin = BinaryLinear(4, 3, bias=True)
+    with torch.no_grad():
+        lin.bias.normal_()
+    x = torch.randn(5, 4)
+    assert torch.equal(lin(x), F.linear(x, binarize_deterministic(lin.weight.detach()), lin.bias))
+
+
 @pytest.mark.parametrize("H", [1.0, 0.25])
 def test_latent_init_is_uniform_in_minus_H_H(H):
     w = BinaryLinear(500, 400, H=H).weight.detach()
@@ -139,23 +158,26 @@ def test_binary_weight_is_sign_with_zero_to_plus_H():
 
 @pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
 @pytest.mark.parametrize("ste", ["identity", "clipped"])
-def test_compiled_layer_passes_the_straight_through_gradient(mode, ste):
-    """Under torch.compile the latent weight gets dL/dWb (masked to |W| <= H for ``clipped``). For a linear
-    layer dL/dWb = upstream^T x whatever Wb is, so the oracle holds for stochastic samples too. torch
-    2.11's Dynamo turned the eager autograd.Function into a zero gradient here (binarize.py)."""
+@pytest.mark.parametrize("H", [1.0, 0.5])
+def test_compiled_layer_passes_the_straight_through_gradient(mode, ste, H):
+    """Under torch.compile the latent weight gets dL/dWb (masked to |W| <= H for ``clipped``, so latent
+    weights exactly at +-H, where clipping leaves many, still learn). For a linear layer dL/dWb =
+    upstream^T x whatever Wb is, so the oracle holds for stochastic samples too. torch 2.11's Dynamo
+    turned the eager autograd.Function into a zero gradient here (binarize.py)."""
     torch.manual_seed(0)
-    layer = BinaryLinear(30, 12, binarization=mode, ste=ste)
+    layer = BinaryLinear(30, 12, binarization=mode, ste=ste, H=H)
     with torch.no_grad():
         layer.weight.mul_(1.5)  # about a third of |W| > H: the clipped variant's mask matters
+        layer.weight[0, :10] = torch.tensor([H, -H] * 5)  # exactly at the bounds: inside the mask
     x, upstream = torch.randn(64, 30, dtype=torch.float64), torch.randn(64, 12, dtype=torch.float64)
     layer.double()
     out = torch.compile(layer, backend=BACKEND, fullgraph=True)(x)
     out.backward(upstream)
     expected = upstream.T @ x
     if ste == "clipped":
-        expected = expected * (layer.weight.detach().abs() <= 1.0)
+        expected = expected * (layer.weight.detach().abs() <= H)
     torch.testing.assert_close(layer.weight.grad, expected)
     used = torch.linalg.lstsq(x, out.detach()).solution.T  # the weights the compiled pass multiplied by
-    torch.testing.assert_close(used, torch.sign(used), rtol=0, atol=1e-9)  # exactly +-1, no zeros
+    torch.testing.assert_close(used.abs(), torch.full_like(used, H), rtol=0, atol=1e-9)  # exactly +-H
     if mode == "deterministic":
-        torch.testing.assert_close(used, binarize_deterministic(layer.weight.detach()), rtol=0, atol=1e-9)
+        torch.testing.assert_close(used, binarize_deterministic(layer.weight.detach(), H), rtol=0, atol=1e-9)
