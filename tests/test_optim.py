@@ -78,6 +78,37 @@ def test_step_clips_latent_weights_but_not_other_parameters():
         assert layer.weight.max().item() == 1.0 and layer.weight.min().item() >= -1.0
     assert net[1].weight.max().item() > 1.0  # batch-norm gain is neither binarized nor clipped
     assert net[3].bias.max().item() > 1.0  # nor is a bias
+    for p in net.parameters():  # and the other way: below -H, clipped to exactly -H
+        p.grad = torch.ones_like(p)
+    for _ in range(10):  # until Adam's momentum from the step above is overcome
+        opt.step()
+    for layer in (net[0], net[3]):
+        assert layer.weight.min().item() == -1.0 and layer.weight.max().item() <= 1.0
+    assert net[3].bias.min().item() < -1.0
+
+
+def test_adam_is_pytorch_adam_with_its_defaults():
+    """Without the learning-rate scale and away from the clip, make_optimizer's steps are torch.optim.Adam's
+    with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay), the paper's Adam: compared over 5
+    steps of random gradients, where betas and eps shape the update."""
+    import copy
+
+    torch.manual_seed(0)
+    net = _net()
+    with torch.no_grad():
+        for layer in (net[0], net[3]):
+            layer.weight.mul_(0.5)  # 5 steps of at most ~1e-3 each cannot reach the clip at +-1
+    reference = copy.deepcopy(net)
+    opt = make_optimizer(net, 1e-3, lr_scale="none")
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3, foreach=False)
+    for step in range(5):
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+            g = torch.randn_like(p) * 10 ** (step % 3 - 4)  # small gradients: eps matters at 1e-8, not 1e-4
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_clip_respects_H_and_skips_float_layers():
