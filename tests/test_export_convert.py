@@ -7,6 +7,7 @@ itself is held to the same bound: the packed engines must be as accurate as floa
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -129,6 +130,89 @@ def test_mixed_binary_and_float_net_matches_the_eval_model():
                                rtol=1e-5, atol=1e-6)
     for batch in (1, 8, 17):  # 8: the first float conv's input channels ([C, B, H, W] is then a valid [B, C, H, W])
         _check_against_model(model, net, torch.randn(batch, 3, 10, 10))
+
+
+def _expected_rows(model: nn.Module, input_shape) -> list[dict]:
+    """The summary's rows, derived from the PyTorch model alone: the leaf modules in order, each one's output
+    shape recorded by a forward hook on one example. A batch norm right after a conv/linear layer is folded into
+    it (no row); any other becomes an affine layer. Parameters of the float32 network: the weights plus a scale
+    and an offset per output (channel); MACs: out x in for a linear layer, out x in x kh x kw x OH x OW for a
+    convolution, all of them additions where the weights are binary; bytes in the file: the weights at 1 bit each
+    (each row padded to whole bytes) or in float32, and the float32 scale and offset vectors."""
+    leaves = [m for m in model.modules() if not list(m.children())]
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, list(o.shape[1:]))) for m in leaves]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))
+    for h in hooks:
+        h.remove()
+    rows, prev = [], None
+    for m in leaves:
+        shape = shapes[m]
+        row = {"output_shape": shape, "params": 0, "binary_params": 0, "macs": 0, "packed_bytes": 0}
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            binary = getattr(m, "binarization", "none") != "none"
+            if isinstance(m, nn.Linear):
+                weights, macs = m.out_features * m.in_features, m.out_features * m.in_features
+            else:
+                kh, kw = m.kernel_size
+                oh, ow = shape[1:]
+                weights = m.out_channels * m.in_channels * kh * kw
+                macs = weights * oh * ow
+            out = shape[0]
+            fan_in = weights // out
+            weight_bytes = out * math.ceil(fan_in / 8) if binary else 4 * weights  # 1 bit or float32 per weight
+            row.update(type="conv2d" if isinstance(m, nn.Conv2d) else "linear", params=weights + 2 * out,
+                       binary_params=weights if binary else 0, macs=macs, packed_bytes=weight_bytes + 2 * 4 * out)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(prev, (nn.Linear, nn.Conv2d)):
+                prev = m
+                continue  # folded into the layer before it
+            row.update(type="affine", params=2 * m.num_features, packed_bytes=2 * 4 * m.num_features)
+        else:
+            row["type"] = {nn.ReLU: "relu", nn.MaxPool2d: "maxpool2d", nn.Flatten: "flatten"}[type(m)]
+        row.update(float32_bytes=4 * row["params"], macs_replaced=row["macs"] if row["binary_params"] else 0)
+        rows.append(row)
+        prev = m
+    return rows
+
+
+SUMMARY_NETS = {  # name: (model, input shape)
+    "bn after pool": (lambda: _small_convnet(True), (3, 16, 16)),
+    "bn before pool": (lambda: _small_convnet(False), (3, 16, 16)),
+    "mixed binary and float": (_mixed_convnet, (3, 10, 10)),
+}
+
+
+@pytest.mark.parametrize("name", SUMMARY_NETS)
+def test_conv_net_summary_counts_every_layer(name):
+    """``summarize`` on convnets, row by row, against ``_expected_rows``: conv MACs include OH x OW, binary and
+    float layers count their folded scale and offset, affine layers (batch norm after pooling) count 2 x channels,
+    one scale multiplication per output of every linear, conv and affine layer; totals are the sums of the rows."""
+    build, input_shape = SUMMARY_NETS[name]
+    model = calibrate(build(), torch.randn(256, *input_shape))
+    net = export_model(model, input_shape)
+    expected = _expected_rows(model, input_shape)
+    assert [la["type"] for la in net.layers] == [r["type"] for r in expected]
+    assert sum(r["type"] == "affine" for r in expected) == {"bn after pool": 2, "bn before pool": 0}.get(name, 1)
+    summary = summarize(net)
+    rows = summary["rows"]
+    assert len(rows) == len(expected) + 1 and rows[-1].layer == "safetensors header"
+    for i, (row, exp) in enumerate(zip(rows[:-1], expected, strict=True)):
+        assert row.index == i
+        got = {k: getattr(row, k) for k in exp if k != "type"}
+        assert got == {k: v for k, v in exp.items() if k != "type"}, (i, row.layer)
+    # the first layer, by hand: a binary 3x3 conv, 3 -> 8 channels, keeping the input's height and width
+    _, h, w = input_shape
+    assert rows[0].macs == rows[0].macs_replaced == 8 * 3 * 3 * 3 * h * w
+    assert rows[0].params == 8 * 3 * 3 * 3 + 2 * 8
+    total = summary["total"]
+    for field in ("params", "binary_params", "float32_bytes", "packed_bytes", "macs", "macs_replaced"):
+        assert getattr(total, field) == sum(getattr(r, field) for r in rows), field
+    assert total.params == sum(r["params"] for r in expected) and total.float32_bytes == 4 * total.params
+    assert total.packed_bytes == summary["file_bytes"] == len(net.to_bytes())
+    scaled = [r for r in expected if r["type"] in ("linear", "conv2d", "affine")]
+    assert summary["scale_multiplications"] == sum(math.prod(r["output_shape"]) for r in scaled)
 
 
 def test_registered_convnet_exports():

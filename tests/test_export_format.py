@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import struct
 
 import pytest
@@ -156,6 +157,39 @@ def test_nonzero_padding_bits(net, tmp_path):
         _load(_bytes({**net.tensors, "layers.4.weight_bits": bits}, net.metadata()), tmp_path)
 
 
+@pytest.mark.parametrize("k", range(1, 16))
+def test_every_nonzero_padding_bit_is_refused(k, tmp_path):
+    """A binary linear layer of k = 1..15 inputs: its rows end in 8 * ceil(k / 8) - k padding bits (bits k % 8 .. 7
+    of the last byte). A file with any one of them set, in any row, is refused; the file as written (padding 0, and
+    here every data bit 1, so that a check reaching into the data bits would refuse it too) loads."""
+    out = 3
+    model = BinaryLinear(k, out).eval()
+    with torch.no_grad():
+        model.weight.uniform_(0.1, 1.0)  # W >= 0 everywhere: every data bit is 1 (eq. 1)
+    net = export_model(model, (k,))
+    name = "layers.0.weight_bits"
+    assert net.tensors[name].tolist() == [[0xFF] * (k // 8) + ([(1 << (k % 8)) - 1] if k % 8 else [])] * out
+    _load(net.to_bytes(), tmp_path)
+    for j in range(k % 8, 8) if k % 8 else ():
+        for row in range(out):
+            bits = net.tensors[name].clone()
+            bits[row, -1] |= 1 << j
+            with pytest.raises(PackedFormatError, match=f"tensor {name} has nonzero padding bits"):
+                _load(_bytes({**net.tensors, name: bits}, net.metadata()), tmp_path)
+
+
+@pytest.mark.parametrize("name, k", [("layers.0.weight_bits", 2 * 3 * 3), ("layers.4.weight_bits", 4 * 3 * 3)])
+def test_each_padding_bit_of_a_conv_and_a_linear_layer_is_refused(net, tmp_path, name, k):
+    """The fixture's conv (2 x 3 x 3 = 18 inputs per row: bits 2..7 of byte 2 are padding) and linear layer (36
+    inputs: bits 4..7 of byte 4): each padding bit alone makes the file unloadable."""
+    assert net.tensors[name].shape[-1] == (k + 7) // 8
+    for j in range(k % 8, 8):
+        bits = net.tensors[name].clone()
+        bits[0, -1] |= 1 << j
+        with pytest.raises(PackedFormatError, match=f"tensor {name} has nonzero padding bits"):
+            _load(_bytes({**net.tensors, name: bits}, net.metadata()), tmp_path)
+
+
 def _with_layers(net, edit):
     layers = json.loads(json.dumps(net.layers))
     edit(layers)
@@ -176,6 +210,19 @@ def _with_layers(net, edit):
 def test_inconsistent_architecture(net, tmp_path, edit, message):
     with pytest.raises(PackedFormatError, match=message):
         _load(_bytes(net.tensors, _with_layers(net, edit)), tmp_path)
+
+
+@pytest.mark.parametrize("index", [0, 4])
+@pytest.mark.parametrize("h", [0, 0.0, -0.0, -1e-30, -2, float("nan"), float("inf"), float("-inf"), "1.0", None,
+                               True, [1.0]])
+def test_binary_layer_needs_a_positive_finite_number_h(net, tmp_path, index, h):
+    """H of a binary layer (eq. 1: Wb = +-H) must be a finite number > 0: zero (either sign), negative numbers,
+    NaN/Inf, strings, null, booleans and lists are refused, for a conv (layer 0) and a linear layer (layer 4)."""
+    kind = net.layers[index]["type"]
+    assert net.layers[index]["binary"] and net.layers[index]["H"] > 0
+    message = re.escape(f"layer {index} ({kind}): H must be a positive number, got {h!r}")
+    with pytest.raises(PackedFormatError, match=message):
+        _load(_bytes(net.tensors, _with_layers(net, lambda la: la[index].update(H=h))), tmp_path)
 
 
 def test_bad_metadata(net, tmp_path):

@@ -47,6 +47,27 @@ def test_padding_bits_check_detects_set_padding():
     assert padding_bits_are_zero(pack_bits(torch.ones(3, 16, dtype=torch.bool)), 16)  # no padding at all
 
 
+@pytest.mark.parametrize("k", range(1, 16))
+def test_every_padding_bit_is_detected(k):
+    """Rows of k = 1..15 bits: each padding bit of the last byte (bits k % 8 .. 7), set alone in any row of a 1-D,
+    2-D or 3-D packed array, makes the check fail; the first one (bit k % 8) is the easiest to miss. The data bits
+    (bits 0 .. k % 8 - 1), all set with the padding zero, pass; with k % 8 == 0 there is no padding bit at all."""
+    rem = k % 8
+    padding = range(rem, 8) if rem else range(0)
+    assert len(padding) == packed_size(k) * 8 - k
+    for layout in ((), (1,), (4,), (2, 3)):
+        data_bits = pack_bits(torch.ones(*layout, k, dtype=torch.bool))  # every data bit 1, padding 0
+        assert padding_bits_are_zero(data_bits, k), (layout, "all data bits set")
+        assert padding_bits_are_zero(torch.zeros_like(data_bits), k), (layout, "all zero")
+        rows = data_bits.view(-1, data_bits.shape[-1]).shape[0]
+        for j in padding:
+            for row in range(rows):
+                for base in (torch.zeros_like(data_bits), data_bits):
+                    bad = base.clone()
+                    bad.view(-1, bad.shape[-1])[row, -1] |= 1 << j
+                    assert not padding_bits_are_zero(bad, k), (layout, row, j)
+
+
 def test_pack_signs_follows_equation_one():
     # eq. (1): +H where W >= 0 (zero included), -H elsewhere; conv rows flatten (c, dy, dx)
     w = torch.randn(4, 3, 3, 3)
