@@ -31,6 +31,22 @@ def test_mlp_is_configurable():
     assert net(torch.randn(3, 784)).shape == (3, 10)
 
 
+
+@pytest.mark.parametrize("name, kwargs", [("mlp", {"hidden": 16, "depth": 2}),
+                                          ("convnet", {"channels": [4, 8, 8], "hidden": 16})])
+def test_binary_options_reach_every_binarized_layer(name, kwargs):
+    """H, the straight-through variant and the stochastic evaluation mode given to a model reach each of
+    its binarized layers (first and last included), and their latent weights start in [-H, H]."""
+    from binaryconnect.layers import binary_layers
+
+    net = create_model(name, binarization="stochastic", H=0.5, ste="clipped", stochastic_eval="sample", **kwargs)
+    layers = list(binary_layers(net))
+    assert len(layers) == {"mlp": 3, "convnet": 9}[name]  # mlp: 2 hidden + output; convnet: 6 conv + 2 fc + output
+    for layer in layers:
+        assert (layer.binarization, layer.H, layer.ste, layer.stochastic_eval) == ("stochastic", 0.5, "clipped",
+                                                                                    "sample")
+        assert layer.weight.abs().max() <= 0.5
+
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ValueError, match="known models: .*mlp"):
         create_model("resnet")

@@ -173,3 +173,42 @@ def test_one_epoch_of_the_paper_network_on_real_mnist(tmp_path, mnist):
     assert config.model_kwargs["hidden"] == 1024 and config.model_kwargs["depth"] == 3
     summary = fit(config, tmp_path / "run", progress=False, log=lambda *a: None, data=mnist)
     assert summary["test_error"] < 0.05
+
+
+def test_options_reach_the_model_the_optimizer_and_the_evaluation(tmp_path, mnist, monkeypatch):
+    """H, the straight-through variant, the learning-rate scale, the schedule, the run's binarization
+    generator and the number of evaluation samples each reach what uses them: checked where they act (the
+    model's layers, the optimizer's groups in the checkpoint, the generator the sampler is given, the calls
+    to evaluate), not through the configuration they were read from."""
+    from binaryconnect import binarize, train
+    from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    generators, samples = [], []
+    sampler, evaluator = binarize.binarize_stochastic, train.evaluate
+
+    def spy_sampler(w, H=1.0, generator=None):
+        generators.append(generator)
+        return sampler(w, H, generator)
+
+    def spy_evaluate(model, x, y, batch_size=1000, samples_=1, **kw):
+        samples.append(kw.get("samples", samples_))
+        return evaluator(model, x, y, batch_size, kw.get("samples", samples_))
+
+    monkeypatch.setattr(binarize, "binarize_stochastic", spy_sampler)
+    monkeypatch.setattr(train, "evaluate", spy_evaluate)
+    config = _small(binarization="stochastic", H=0.5, ste="clipped", lr_scale="none", stochastic_eval="sample",
+                    eval_samples=3, epochs=2, seed=7)
+    fit(config, tmp_path / "run", progress=False, log=lambda *a: None, data=mnist)
+
+    model, _ = load_run(tmp_path / "run")
+    layers = [layer for layer in binary_layers(model) if layer.is_binary]
+    assert layers and all((layer.H, layer.ste, layer.stochastic_eval) == (0.5, "clipped", "sample") for layer in layers)
+    assert all(layer.weight.abs().max() <= 0.5 for layer in layers)  # clipped to this H, not to 1
+    _, state = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    groups = state["optimizer"]["param_groups"]
+    assert all(g["lr_scale"] == 1.0 for g in groups)  # lr_scale "none"
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups)  # the last epoch's rate reached the optimizer
+    training_draws = [g for g in generators if g is not None]
+    assert len(training_draws) >= 2 * (2000 // 100) * len(layers)  # every training step of every layer
+    assert all(g.initial_seed() == 7 + 1 for g in training_draws)  # the run's binarization generator
+    assert samples == [3] * 4  # validation and test, 2 epochs
