@@ -509,3 +509,147 @@ def test_a_cache_write_removes_what_killed_writers_left(tmp_path):
         os.utime(f, (old, old))
     cache_mod.cached_tensors("splits", {"a": 3}, lambda: {"x": torch.zeros(2)})
     assert not any(f.exists() for f in left) and recent.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache keys, fingerprints, augmentation details (mutants that survived)
+
+
+def test_preprocessed_cache_is_keyed_by_the_validation_size(tmp_path):
+    """The preprocessed entry holds train / validation already split (and ZCA fitted on that train): a load
+    with another val_size must not read it back. val_size 3 then 4, both cached: the second has 4 validation
+    images and equals an uncached load."""
+    tree = _make_tree(tmp_path / "tree")
+    kw = dict(path=str(tree), preprocess="gcn-zca")
+    load_dataset("imagefolder", tmp_path, val_size=3, **kw)
+    s = load_dataset("imagefolder", tmp_path, val_size=4, **kw)
+    fresh = load_dataset("imagefolder", tmp_path, val_size=4, cache=False, **kw)
+    assert len(s.val_x) == 4 and len(s.train_x) == 14
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(s, name), getattr(fresh, name)), name
+
+
+def test_folder_fingerprint_sees_a_size_a_time_and_a_name(tmp_path):
+    """A folder's fingerprint covers each file's relative path, size and modification time: each alone
+    changes it (a grown file with its old time restored; the same bytes with a new time; a renamed file, which
+    keeps size and time, yet reorders the dataset). Unchanged, it is the same."""
+    import os
+
+    tree = _make_tree(tmp_path / "tree", n_train=2, n_test=1)
+    fp = cache_mod.source_fingerprint
+    victim = tree / "train" / "cat" / "001.png"
+    before, stat = fp(tree), victim.stat()
+    assert fp(tree) == before
+    data = victim.read_bytes()
+    victim.write_bytes(data + b"\0")
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fp(tree) != before  # size only
+    victim.write_bytes(data)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fp(tree) == before  # back as it was
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fp(tree) != before  # time only
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    victim.rename(tree / "train" / "cat" / "007.png")
+    assert fp(tree) != before  # name only
+
+
+def test_a_cache_entry_is_read_only_under_its_own_key(tmp_path, monkeypatch):
+    """The key's JSON stored in an entry is checked on reading: an entry found under another key's name (a
+    copied file, a key collision) is rebuilt, not returned. And ``CACHE_FORMAT`` is part of the key: a new
+    format ignores the old entries."""
+    import shutil
+
+    built = []
+
+    def build(value):
+        return lambda: built.append(value) or {"x": torch.full((3,), float(value))}
+
+    cache_mod.cached_tensors("splits", {"a": 1}, build(1))
+    folder = tmp_path / "cache"
+    shutil.copy(folder / f"splits-{cache_mod.cache_key({'a': 1})}.safetensors",
+                folder / f"splits-{cache_mod.cache_key({'a': 2})}.safetensors")
+    t, hit = cache_mod.cached_tensors("splits", {"a": 2}, build(2))
+    assert not hit and built == [1, 2] and torch.equal(t["x"], torch.full((3,), 2.0))
+    old_key = cache_mod.cache_key({"a": 1})
+    monkeypatch.setattr(cache_mod, "CACHE_FORMAT", cache_mod.CACHE_FORMAT + 1)
+    assert cache_mod.cache_key({"a": 1}) != old_key
+    t, hit = cache_mod.cached_tensors("splits", {"a": 1}, build(3))
+    assert not hit and built == [1, 2, 3] and torch.equal(t["x"], torch.full((3,), 3.0))
+
+
+def _offsets(out: torch.Tensor, size: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top, left) offsets of crops of an all-ones ``size x size`` image, recovered from its zero rows and columns."""
+    def along(mask):
+        first = mask.float().argmax(dim=1)
+        last = size - 1 - mask.flip(1).float().argmax(dim=1)
+        return torch.where(first > 0, p - first, p + (size - 1 - last))
+
+    plane = out[:, 0]
+    return along(plane.sum(dim=2) > 0), along(plane.sum(dim=1) > 0)
+
+
+def test_random_crop_offsets_are_uniform_and_independent_in_both_directions():
+    """The joint (top, left) distribution is uniform on the 5 x 5 offsets of padding 2: 20,000 crops, each of
+    the 25 cells' counts within 4.5 sigma of n / 25 (sigma = sqrt(n (1/25) (24/25)) = 28); top and left drawn
+    separately (a shared offset would leave the 20 off-diagonal cells empty)."""
+    n, p = 20_000, 2
+    out = RandomCropFlip(padding=p, flip=False)(torch.ones(n, 1, 4, 4), torch.Generator().manual_seed(2))
+    top, left = _offsets(out, 4, p)
+    counts = torch.bincount(top * (2 * p + 1) + left, minlength=(2 * p + 1) ** 2).double()
+    cells = (2 * p + 1) ** 2
+    sigma = (n * (1 / cells) * (1 - 1 / cells)) ** 0.5
+    assert (counts - n / cells).abs().max() < 4.5 * sigma
+    # the recovery itself, on crop_flip with known offsets
+    known = torch.arange(cells)
+    got = _offsets(crop_flip(torch.ones(cells, 1, 4, 4), known // 5, known % 5, torch.zeros(cells, dtype=torch.bool),
+                             p), 4, p)
+    assert got[0].tolist() == (known // 5).tolist() and got[1].tolist() == (known % 5).tolist()
+
+
+def test_augmentation_draws_only_from_its_generator():
+    """Offsets and flips all come from the generator passed (saved with a checkpoint, so that a resumed run
+    augments as the uninterrupted one): two generators of one seed give the same batch whatever the global RNG,
+    which the augmentation leaves untouched. 64 examples: a draw from elsewhere differs with probability ~1."""
+    x = torch.randn(64, 3, 5, 5)
+    aug = RandomCropFlip(padding=2, flip=True)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = aug(x, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    assert torch.equal(aug(x, torch.Generator().manual_seed(3)), first)
+    assert not torch.equal(aug(x, torch.Generator().manual_seed(4)), first)
+
+
+def test_make_augmentation_passes_the_padding_on():
+    crop = make_augmentation("crop", padding=2)
+    assert (crop.padding, crop.flip) == (2, False)
+    flip = make_augmentation("crop-flip", padding=0)
+    assert (flip.padding, flip.flip) == (0, True)
+    assert make_augmentation("crop-flip").padding == 4  # the standard CIFAR-10 augmentation
+
+
+def test_float_dataset_options_take_integers_but_not_booleans():
+    """``gcn_scale=1`` (what ``--dataset-option gcn_scale=1`` parses to) is a float option's value; ``True`` is
+    not a number there, though Python counts it as an int."""
+    from binaryconnect.data import check_dataset_options
+
+    check_dataset_options("cifar10", {"gcn_scale": 1, "zca_bias": 0})
+    check_dataset_options("svhn", {"lcn_sigma": 2, "lcn_threshold": 1e-3})
+    with pytest.raises(ConfigError, match="option gcn_scale must be float like its default 55.0, got True"):
+        check_dataset_options("cifar10", {"gcn_scale": True})
+
+
+def test_labels_are_int64_and_a_validation_size_of_0_is_refused(tmp_path):
+    """Labels int64 (what ``Splits`` promises and cross-entropy takes) from the official batches and from an
+    ImageFolder tree; val_size 0 would leave an empty validation set (the best epoch chosen on nothing)."""
+    _write_official(tmp_path / "o", _official_batches(n=2))
+    official = load_dataset("cifar10", tmp_path / "o", val_size=2, download=False, verify=False, preprocess="none",
+                            source="official", cache=False)
+    _make_tree(tmp_path / "tree", n_train=2, n_test=1)
+    folder = load_dataset("imagefolder", tmp_path, path="tree", val_size=2, preprocess="none", cache=False)
+    for s in (official, folder):
+        assert s.train_y.dtype == s.val_y.dtype == s.test_y.dtype == torch.int64
+    with pytest.raises(ConfigError, match="val_size must be a positive integer, got 0"):
+        load_dataset("imagefolder", tmp_path, path="tree", val_size=0, preprocess="none", cache=False)

@@ -242,3 +242,112 @@ def test_unknown_preprocessing_and_params():
     assert preprocessing_params("none", 55, 0.1) == {"name": "none"}
     with pytest.raises(ConfigError):
         global_contrast_normalize(torch.zeros(2, 4), scale=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# boundaries and option plumbing (mutants that survived)
+
+
+def test_gcn_divisor_equal_to_min_divisor_is_kept_below_it_replaced_by_1():
+    """A divisor is replaced by 1 only when strictly below ``min_divisor``, the bound given (pylearn2:
+    ``normalizers[normalizers < min_divisor] = 1``). The example [1, -1, 1, -1] / 4 has mean 0 and L2 norm 0.5
+    exactly (binary fractions), so with scale 1 its divisor is exactly 0.5: hand-computed outputs."""
+    x = torch.tensor([[0.25, -0.25, 0.25, -0.25]])
+    assert torch.equal(global_contrast_normalize(x, scale=1.0, min_divisor=0.5), x / 0.5)  # 0.5 is not below 0.5
+    assert torch.equal(global_contrast_normalize(x, scale=1.0, min_divisor=0.5000001), x)  # below: divisor 1
+
+
+def test_gcn_use_std_on_one_feature_gives_zeros_not_nan():
+    """One feature per example: centred it is 0, and its variance is taken as 0 (an unbiased variance of one
+    value is NaN): divisor sqrt(0) / scale < min_divisor, replaced by 1, so the output is 0 (as use_std=False)."""
+    x = torch.tensor([[3.0], [-7.0], [255.0]])
+    assert torch.equal(global_contrast_normalize(x, use_std=True), torch.zeros(3, 1))
+    assert torch.equal(global_contrast_normalize(x, use_std=True, sqrt_bias=4.0, scale=1.0), torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("scale", [0.0, -55.0, float("nan")])
+def test_gcn_refuses_a_scale_that_is_not_positive(scale):
+    """NaN is not positive either: it would turn every image into NaN."""
+    with pytest.raises(ConfigError, match="gcn scale must be positive"):
+        global_contrast_normalize(torch.zeros(2, 4), scale=scale)
+
+
+def test_zca_eigenvalues_are_never_negative_on_gcn_data():
+    """GCN removes one direction exactly: its covariance eigenvalue is 0 up to round-off, which ``eigh`` returns
+    as about -1e-14 for 4 of these 5 seeds (measured). ``eigenvalues`` are a covariance's: clamped at 0."""
+    for seed in range(5):
+        many = global_contrast_normalize(torch.rand(400, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 255)
+        lam = ZCA(0.1).fit(many).eigenvalues
+        assert lam.min() >= 0 and lam.min() < 1e-12 * lam.max()
+
+
+@pytest.mark.parametrize("n", [20, 24, 30])  # fewer examples than the 24 features, as many (SVD path), more (eigh)
+def test_zca_eigenvalues_are_ascending_on_both_paths(n):
+    """``eigenvalues`` come in ascending order (as ``eigh`` gives them) on both paths, also the SVD path, whose
+    singular values are descending: compared with NumPy's ``eigvalsh`` element by element, unsorted."""
+    train = correlated(n, 24, 5)
+    zca = ZCA(0.1).fit(torch.from_numpy(train))
+    lam = np.clip(np.linalg.eigvalsh(np.cov(train.T, bias=True)), 0, None)
+    np.testing.assert_allclose(zca.eigenvalues.numpy(), lam, rtol=1e-8, atol=1e-10)
+
+
+def test_zca_refuses_one_example_and_a_nan_or_negative_bias():
+    with pytest.raises(ConfigError, match="at least 2 training examples, got 1"):
+        ZCA(0.1).fit(torch.randn(1, 5))
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ConfigError, match="zca filter bias must be >= 0"):
+            ZCA(bad)
+
+
+def test_gcn_zca_pipeline_uses_the_given_scale_and_bias(images):
+    """``preprocess_splits`` passes ``gcn_scale`` and ``zca_bias`` on: scale 1 and bias 0.5 against the NumPy
+    reference (the pipeline tests above use the defaults 55 and 0.1, which a dropped argument would also give).
+    At scale 1 the per-feature variances are ~1/192, so bias 0.5 and 0.1 give outputs about sqrt(5) apart."""
+    train, test = images[:48], images[48:]
+    got_train, [got_test] = preprocess_splits(torch.from_numpy(train), [torch.from_numpy(test)], "gcn-zca",
+                                              gcn_scale=1.0, zca_bias=0.5)
+    g_train, g_test = np_gcn(train, scale=1.0), np_gcn(test, scale=1.0)
+    mean, P = np_zca_fit(g_train, 0.5)
+    np.testing.assert_allclose(got_train.reshape(48, -1).numpy(), (g_train - mean) @ P, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_test.reshape(16, -1).numpy(), (g_test - mean) @ P, rtol=1e-4, atol=1e-6)
+    mean1, P1 = np_zca_fit(g_train, 0.1)
+    assert np.abs((g_test - mean1) @ P1 - (g_test - mean) @ P).max() > 0.01  # the bias matters at this tolerance
+
+
+def test_lcn_uses_the_given_kernel_sigma_and_threshold(images):
+    """Kernel 5, sigma 1 and threshold 0.5 against the loop reference, directly and through ``preprocess_splits``
+    (the tests above use the defaults 7, 2 and 1e-4, which a dropped argument would also give); each option
+    changes the reference here, so each is checked."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 3, 9, 10)) * rng.uniform(0.05, 3, size=(4, 3, 1, 1))  # low- and high-contrast channels
+    ref = np_lcn(x, kernel=5, sigma=1.0, threshold=0.5)
+    for other in (np_lcn(x, 7, 1.0, 0.5), np_lcn(x, 5, 2.0, 0.5), np_lcn(x, 5, 1.0, 1e-4)):
+        assert np.abs(other - ref).max() > 0.01
+    np.testing.assert_allclose(local_contrast_normalize(torch.from_numpy(x), 5, 1.0, 0.5).numpy(), ref,
+                               rtol=1e-5, atol=1e-5)
+    u8 = images[:6]  # GCN at scale 1 of 192 values: local spreads ~0.07, so threshold 0.1 binds in places
+    g = np_gcn(u8, scale=1.0).reshape(u8.shape)
+    ref = np_lcn(g, kernel=5, sigma=1.0, threshold=0.1)
+    for other in (np_lcn(g, 7, 1.0, 0.1), np_lcn(g, 5, 2.0, 0.1), np_lcn(g, 5, 1.0, 1e-4)):
+        assert np.abs(other - ref).max() > 0.01
+    out, [out2] = preprocess_splits(torch.from_numpy(u8), [torch.from_numpy(u8[:2])], "gcn-lcn", gcn_scale=1.0,
+                                    lcn_kernel=5, lcn_sigma=1.0, lcn_threshold=0.1)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out2.numpy(), ref[:2], rtol=1e-4, atol=1e-5)
+
+
+def test_preprocessing_params_of_gcn_lcn_are_canonical_and_finite():
+    """The cache key of ``gcn-lcn`` holds every LCN option, as float / int whatever number type was given (so
+    that ``lcn_sigma=1`` and ``lcn_sigma=1.0``, one preprocessing, give one JSON key), and a non-finite option
+    is refused (NaN != NaN: it could never hit the cache, and it is no preprocessing)."""
+    import json
+
+    params = preprocessing_params("gcn-lcn", 1, 0.1, 5, 1, 1)
+    assert params == {"name": "gcn-lcn", "gcn_scale": 1.0, "lcn_kernel": 5, "lcn_sigma": 1.0, "lcn_threshold": 1.0}
+    assert json.dumps(params) == json.dumps(preprocessing_params("gcn-lcn", 1.0, 0.1, 5.0, 1.0, 1.0))
+    assert json.dumps(preprocessing_params("gcn-zca", 55, 1)) == json.dumps(preprocessing_params("gcn-zca", 55.0, 1.0))
+    for args in (("gcn", float("nan"), 0.1), ("gcn-zca", 55.0, float("inf")), ("gcn-lcn", 1.0, 0.1, 7, float("nan")),
+                 ("gcn-lcn", 1.0, 0.1, 7, 2.0, float("inf"))):
+        with pytest.raises(ConfigError, match="must be finite"):
+            preprocessing_params(*args)
+    assert preprocessing_params("gcn", 55.0, float("nan")) == {"name": "gcn", "gcn_scale": 55.0}  # not gcn's option

@@ -212,3 +212,68 @@ def test_svhn_recipe_runs_end_to_end(svhn_root, tmp_path):
     model, run_config = load_run(tmp_path / "run")
     assert evaluate(model, data.test_x, data.test_y, run_config.eval_batch_size)[0] == summary["test_error"]
     assert evaluate(model, data.val_x, data.val_y, run_config.eval_batch_size)[0] == summary["best_val_error"]
+
+
+def test_extra_share_when_the_per_digit_count_is_not_a_multiple_of_3(svhn_root):
+    """val_size 40: 4 per digit, ``4 - 4 // 3 = 3`` from train and ``4 // 3 = 1`` from extra, so exactly
+    val_size validation images, class-balanced (the paper's 600 per digit, 400 + 200, divides evenly)."""
+    s = load_dataset("svhn", svhn_root, val_size=40, extra=True, download=False, verify=False, preprocess="none",
+                     cache=False)
+    assert len(s.val_x) == 40 and len(s.train_x) == 100 - 40
+    assert torch.bincount(s.val_y, minlength=10).tolist() == [4] * 10
+    sources = [src for src, _ in _ids(s.val_x)]
+    assert sources.count(1) == 30 and sources.count(3) == 10
+
+
+def test_the_validation_set_may_take_every_example_of_a_digit(tmp_path):
+    """A share equal to a digit's count is enough (``fewer than`` refuses only fewer): extra with 2 examples
+    of each digit gives all of them to val_size 60 (6 per digit: 4 from train, 2 from extra)."""
+    root = tmp_path / "d"
+    _write_mat(root / "SVHN" / "train_32x32.mat", 6, source=1, seed=0)
+    _write_mat(root / "SVHN" / "test_32x32.mat", 1, source=2, seed=1)
+    _write_mat(root / "SVHN" / "extra_32x32.mat", 2, source=3, seed=2)
+    s = load_dataset("svhn", root, val_size=60, extra=True, download=False, verify=False, preprocess="none",
+                     cache=False)
+    assert len(s.train_x) == 20 and {src for src, _ in _ids(s.train_x)} == {1}
+    assert sorted(k for src, k in _ids(s.val_x) if src == 3) == list(range(20))  # every extra image
+
+
+def test_cached_decoding_is_keyed_by_the_validation_size(svhn_root):
+    """The decoded entry already holds the class-balanced validation set at its end, so it depends on val_size:
+    loading val_size 20 and then 30 with the cache gives the 30 a fresh split (3 per digit), the one an
+    uncached load gives."""
+    load_dataset("svhn", svhn_root, val_size=20, download=False, verify=False, preprocess="none")
+    s = load_dataset("svhn", svhn_root, val_size=30, download=False, verify=False, preprocess="none")
+    assert torch.bincount(s.val_y, minlength=10).tolist() == [3] * 10
+    fresh = load_dataset("svhn", svhn_root, val_size=30, download=False, verify=False, preprocess="none",
+                         cache=False)
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(s, name), getattr(fresh, name)), name
+
+
+def test_lcn_options_reach_the_preprocessing_and_the_cache_key(svhn_root):
+    """lcn_kernel 5, lcn_sigma 1 and lcn_threshold 0.5 (each unlike its default) give the data
+    ``preprocess_splits`` with them gives, also after a cached load with the defaults (the options are in the
+    key: no stale entry read back)."""
+    default = load_dataset("svhn", svhn_root, val_size=20, download=False, verify=False)
+    raw = load_dataset("svhn", svhn_root, val_size=20, download=False, verify=False, preprocess="none")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    options = {"lcn_kernel": 5, "lcn_sigma": 1.0, "lcn_threshold": 0.5}
+    s = load_dataset("svhn", svhn_root, val_size=20, download=False, verify=False, **options)
+    train, [val, test] = preprocess_splits(to_u8(raw.train_x), [to_u8(raw.val_x), to_u8(raw.test_x)], "gcn-lcn",
+                                           gcn_scale=1.0, **options)
+    torch.testing.assert_close(s.train_x, train)
+    torch.testing.assert_close(s.val_x, val)
+    torch.testing.assert_close(s.test_x, test)
+    assert (s.test_x - default.test_x).abs().max() > 0.01
+
+
+def test_labels_beyond_10_are_refused(tmp_path):
+    """1..10 are SVHN's labels (10: the digit 0); 11 is not one, nor 0 (tested above)."""
+    bad = tmp_path / "bad.mat"
+    savemat(bad, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [11]], np.uint8)})
+    with pytest.raises(DataError, match=r"labels must lie in 1..10 \(10 is the digit 0\), found 10..11"):
+        svhn.read_mat(bad)
+    savemat(bad, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [1]], np.uint8)})
+    labels = svhn.read_mat(bad)[1]
+    assert labels.tolist() == [0, 1] and labels.dtype == torch.int64
