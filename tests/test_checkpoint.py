@@ -4,10 +4,13 @@ never runs, truncated files are refused (README, "Reliability")."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -331,3 +334,163 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path, heade
     (tmp_path / "m.safetensors").write_bytes(data)
     loaded, metadata = checkpoint.load_tensors(tmp_path / "m.safetensors")
     assert torch.equal(loaded["w"], tensors["w"]) and metadata["pad"] == "x" * pad
+
+
+def test_a_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability, not only atomicity: the data reach the disk before the new name points at them (else a
+    power cut can leave an empty file under the final name), and the folder is fsynced after the rename
+    (else the rename itself can be lost). Seen through the calls, in their order: file fsync, rename,
+    folder fsync."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"w": torch.ones(3)}, {"n": 1})
+    assert events == ["fsync file", "rename", "fsync folder"]
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1] == {"n": 1}
+
+
+def test_every_truncation_is_refused_by_both_readers_saying_what_is_missing(tmp_path):
+    """A checkpoint cut after every possible byte count: loading it whole and reading its header alone (as
+    ``read_checkpoint_state`` does, to poll a run cheaply) both refuse it with a CheckpointError that says
+    what is missing: the 8-byte length, part of the header, or part of the tensors (never a struct or
+    safetensors error, and never a header-only read that succeeds on a file whose tensors are cut)."""
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"w": torch.arange(5.0), "b": torch.ones(3, dtype=torch.uint8)}, {"n": 1})
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    for cut in range(len(data)):
+        path.write_bytes(data[:cut])
+        if cut < 8:
+            expected = rf"is truncated \({cut} bytes\)"
+        elif cut < 8 + n:
+            expected = rf"is truncated: its header claims {n} bytes, the file has {cut - 8}$"
+        else:
+            expected = rf"is truncated: tensors need {len(data)} bytes, the file has {cut}$"
+        for read in (load_checkpoint, read_checkpoint_state):
+            with pytest.raises(CheckpointError, match=expected):
+                read(path)
+    path.write_bytes(data)
+    assert read_checkpoint_state(path) == load_checkpoint(path)[1] == {"n": 1}
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"[1, 2]", r"corrupt safetensors header \(not a JSON object\)"),
+    (b'"text"', r"corrupt safetensors header \(not a JSON object\)"),
+    (b'{"w": {"dtype": "F32", "shape": [1]}}', r"corrupt safetensors header \(bad tensor entry\)"),  # KeyError
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": 4}}', r"\(bad tensor entry\)"),  # TypeError
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}', r"\(bad tensor entry\)"),  # IndexError
+    (b'{"w": 3}', r"\(bad tensor entry\)"),
+    (b'{"__metadata__": {"a": "\xff"}}', r"corrupt safetensors header \(.*utf-8"),  # not UTF-8
+    (b'{"__metadata__": ', r"corrupt safetensors header \("),
+])
+def test_a_malformed_header_is_a_checkpoint_error(tmp_path, header, message):
+    """Headers of the right length but wrong content (a damaged or forged file): each is a CheckpointError
+    naming the defect, from the full load and from the header-only read alike, never a TypeError, an
+    AttributeError or a UnicodeDecodeError escaping as a traceback."""
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    for read in (load_tensors, read_checkpoint_state):
+        with pytest.raises(CheckpointError, match=message):
+            read(path)
+
+
+def test_tensor_data_stay_8_byte_aligned_whatever_the_metadata(tmp_path):
+    """Rewriting the header in sorted order changes its length; it is padded so that the tensor data still
+    start at a multiple of 8 bytes, as the safetensors library writes them (float64 tensors can then be
+    mapped in place). Checked for every header length modulo 8, and that the padded files load exactly."""
+    tensors = {"w": torch.arange(3, dtype=torch.float64), "u": torch.arange(3, dtype=torch.uint8)}
+    remainders = set()
+    for pad in range(24):
+        data = checkpoint.serialize_tensors(tensors, {"pad": "x" * pad})
+        n = int.from_bytes(data[:8], "little")
+        assert (8 + n) % 8 == 0, pad
+        remainders.add(len(data[8 : 8 + n].rstrip(b" ")) % 8)
+        (tmp_path / "t.safetensors").write_bytes(data)
+        loaded, metadata = load_tensors(tmp_path / "t.safetensors")
+        assert metadata == {"pad": "x" * pad} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert remainders == set(range(8))  # every unpadded length modulo 8 was met
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_pickle_of_every_protocol_that_has_a_signature_is_refused(tmp_path, protocol):
+    """Protocols 2-5 begin with 0x80 and the protocol number: each is refused by its signature, by both
+    readers, and its payload never runs (protocols 0-1 have no signature: they fail as corrupt headers)."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(pickle.dumps({"weight": _Payload(marker)}, protocol=protocol))
+    for read in (load_tensors, read_checkpoint_state):
+        with pytest.raises(CheckpointError, match="looks like a pickle or torch.save file"):
+            read(path)
+    assert not marker.exists()
+
+
+def test_optimizer_state_for_groups_of_other_sizes_is_refused_by_its_own_check():
+    """As many parameter groups, but the last one ("other": the batch-norm parameters) holds 2 parameters in the
+    model and 4 in the file: refused before PyTorch's loader sees it, with the message that says why."""
+    model = _net(0)
+    optimizer = make_optimizer(model, 1e-2)
+    _steps(model, optimizer, [(torch.randn(8, 20), torch.randint(0, 4, (8,)))])
+    tensors, plain = optimizer_to_tensors(optimizer)
+    other = nn.Sequential(BinaryLinear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), BinaryLinear(16, 4))
+    other_optimizer = make_optimizer(other, 1e-2)
+    assert len(other_optimizer.param_groups) == len(optimizer.param_groups)
+    with pytest.raises(CheckpointError, match="optimizer state does not match the model's parameters"):
+        optimizer_from_tensors(other_optimizer, tensors, plain)
+
+
+def test_non_tensor_per_parameter_state_goes_through_the_json_part():
+    """Per-parameter optimizer values that are not tensors (numbers: Adam has none, other optimizers do)
+    travel in the checkpoint's JSON metadata and come back, beside the tensors, for their parameter."""
+    model = _net(0)
+    optimizer = make_optimizer(model, 1e-2)
+    _steps(model, optimizer, [(torch.randn(8, 20), torch.randint(0, 4, (8,)))])
+    params = list(model.parameters())
+    optimizer.state[params[1]].update(count=3, scale=0.5)
+    tensors, plain = optimizer_to_tensors(optimizer)
+    assert "1.count" not in tensors and "1.exp_avg" in tensors
+    restored = _net(0)
+    restored_optimizer = make_optimizer(restored, 1e-2)
+    optimizer_from_tensors(restored_optimizer, tensors, json.loads(json.dumps(plain)))
+    values = restored_optimizer.state[list(restored.parameters())[1]]
+    assert (values["count"], values["scale"]) == (3, 0.5)
+    assert torch.equal(values["exp_avg"], optimizer.state[params[1]]["exp_avg"])
+
+
+def test_restored_optimizer_state_takes_the_strides_of_any_non_contiguous_parameter():
+    """Not only 4-d channels-last weights: a transposed (column-major) 2-d weight gets moments with its
+    strides back too, with their values (the file holds them contiguous), and steps on exactly as the
+    optimizer that was saved."""
+    def net():
+        torch.manual_seed(0)
+        layer = nn.Linear(6, 5)
+        layer.weight = nn.Parameter(torch.randn(6, 5).t())
+        return layer
+
+    model = net()
+    optimizer = make_optimizer(model, 1e-2)
+    batches = [(torch.randn(4, 6), torch.randint(0, 5, (4,))) for _ in range(2)]
+    _steps(model, optimizer, batches[:1])
+    tensors, plain = optimizer_to_tensors(optimizer)
+    restored = net()
+    restored.load_state_dict(model.state_dict())
+    restored_optimizer = make_optimizer(restored, 1e-2)
+    contiguous = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}  # as from a file
+    optimizer_from_tensors(restored_optimizer, contiguous, plain)
+    assert restored.weight.stride() == (1, 5)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert restored_optimizer.state[restored.weight][key].stride() == (1, 5), key
+        assert torch.equal(restored_optimizer.state[restored.weight][key], optimizer.state[model.weight][key])
+    _steps(model, optimizer, batches[1:])
+    _steps(restored, restored_optimizer, batches[1:])
+    assert torch.equal(restored.weight, model.weight) and torch.equal(restored.bias, model.bias)

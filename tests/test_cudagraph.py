@@ -341,3 +341,38 @@ def test_gather_runs_an_augmentation_eagerly_into_the_static_inputs():
     assert torch.equal(step.x, -data_x[index]) and torch.equal(step.y, data_y[index])
     step.gather(data_x, data_y, index + 1)
     assert torch.equal(step.x, data_x[index + 1]) and torch.equal(step.y, data_y[index + 1])
+
+
+def test_warm_up_gives_back_pytorchs_global_generator(one_thread):
+    # dropout before the binary MLP draws its masks from PyTorch's global generator: the warm-up's draws are
+    # taken back with the other generators, so the graphed steps see the masks the eager steps see, and
+    # both runs leave the global generator in the same state
+    batches = _batches(4)
+    runs = {}
+    for capture in (None, False):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Dropout(0.3), _mlp("deterministic"))
+        optimizer = make_optimizer(model, 1e-2)
+        model.train()
+        torch.manual_seed(9)
+        if capture is None:
+            losses = []
+            for x, y in batches:
+                loss = square_hinge_loss(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        else:
+            step = GraphedStep(lambda a, b, m=model: square_hinge_loss(m(a), b), model, optimizer, *batches[0],
+                               capture=False)
+            losses = []
+            for x, y in batches:
+                step.load(x, y)
+                losses.append(step.forward_backward().item())
+                step.step()
+        runs[capture] = losses, model, optimizer, torch.get_rng_state()
+    (losses_e, eager, opt_e, rng_e), (losses_g, graphed, opt_g, rng_g) = runs[None], runs[False]
+    assert losses_g == losses_e
+    _assert_same_state(eager, graphed, opt_e, opt_g)
+    assert torch.equal(rng_g, rng_e)

@@ -309,3 +309,85 @@ def test_bad_configuration_in_a_real_process(tmp_path, data_root):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def _light(data):
+    """``data`` with 1,000 validation and 1,000 test images: fast evaluations for tests that train many runs."""
+    return dataclasses.replace(data, val_x=data.val_x[:1000], val_y=data.val_y[:1000], test_x=data.test_x[:1000],
+                               test_y=data.test_y[:1000])
+
+
+@pytest.mark.parametrize("interval, bad_steps, message, steps_taken, last_good", [
+    (1, (18,), "18: training stopped before the optimizer step;", 17, 15),
+    (4, (16,), "16: detected before the optimizer step of step 19 ", 18, 15),  # the first loss of a window
+    (4, (19,), "19: training stopped before the optimizer step;", 18, 15),  # the last: its step never runs
+    (4, (17, 19), "17: detected before the optimizer step of step 19 ", 18, 15),  # the first bad one is named
+    (4, (5,), "5: detected after step 5 ", 5, 0),  # the window of the checkpoint at step 5: checked before it
+])
+def test_the_guard_names_the_first_bad_step_and_stops_before_any_later_step(
+        tmp_path, mnist, one_thread, monkeypatch, interval, bad_steps, message, steps_taken, last_good):
+    """NaN inputs at the given steps of a run checkpointing every 5 steps, with the loss checked every step
+    (the CPU's interval) or every 4 (a GPU's way, forced here: checks at 4, 5, 9, 10, 14, 15, 19, 20). The
+    error names the first bad step and how it was found, the optimizer ran exactly the steps up to the
+    check (counted by a hook; none after a bad loss on the CPU, and the model in memory is then still
+    finite), and the checkpoint left is the last one written before the bad step, never one after it."""
+    from binaryconnect import train
+
+    monkeypatch.setattr(train, "finite_check_interval", lambda device: interval)
+    made = {}
+
+    def counting_optimizer(model, *args, **kwargs):
+        optimizer = make_optimizer(model, *args, **kwargs)
+        made.update(model=model, steps=0)
+        optimizer.register_step_post_hook(lambda *a: made.update(steps=made["steps"] + 1))
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", counting_optimizer)
+    calls = {"n": 0}
+
+    def poison(x, generator):
+        calls["n"] += 1
+        return x * math.nan if calls["n"] in bad_steps else x
+
+    run = tmp_path / "run"
+    data = dataclasses.replace(_light(mnist), train_transform=poison)
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at epoch 1, step {message}.*the last good "
+                                               rf"checkpoint \(epoch 1, step {last_good}\)"):
+        fit(_small(epochs=1, checkpoint_every=5), run, progress=False, log=_quiet, data=data)
+    assert made["steps"] == steps_taken
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == last_good
+    tensors, _ = load_checkpoint(run / CHECKPOINT_NAME)
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    if interval == 1:
+        assert all(torch.isfinite(p).all() for p in made["model"].parameters())
+
+
+class _Crash(BaseException):
+    """Stands for an exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit ...)."""
+
+
+def test_a_run_ended_by_a_base_exception_still_leaves_its_best_model(tmp_path, mnist, one_thread):
+    """The best model of the finished epochs is written on the way out of a run ended by anything, not only
+    by an ``Exception``: here a BaseException raised when epoch 2 is logged (before any checkpoint after
+    the start's, 30 s not having passed). The oracle: the same run checkpointing every epoch, whose best-model
+    file holds, when epoch 3 is logged, the best model of epochs 1-2."""
+    data, snapshot = _light(mnist), {}
+
+    def at_epoch_3(line):
+        if line.startswith("epoch    3/"):
+            snapshot["best"] = load_tensors(tmp_path / "reference" / "model.safetensors")
+
+    fit(_small(epochs=3, checkpoint_seconds=0), tmp_path / "reference", progress=False, log=at_epoch_3, data=data)
+
+    def crash_at_epoch_2(line):
+        if line.startswith("epoch    2/"):
+            raise _Crash
+
+    run = tmp_path / "run"
+    with pytest.raises(_Crash):
+        fit(_small(epochs=3), run, progress=False, log=crash_at_epoch_2, data=data)
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == 0
+    written, metadata = load_tensors(run / "model.safetensors")
+    expected, expected_metadata = snapshot["best"]
+    assert metadata["epoch"] == expected_metadata["epoch"] in ("1", "2")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)

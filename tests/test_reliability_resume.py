@@ -11,6 +11,7 @@ priority so the poller sees each checkpoint long before the run could end.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -395,3 +396,288 @@ def test_a_generator_state_of_the_wrong_size_is_a_checkpoint_error(tmp_path, mni
     save_checkpoint(run / CHECKPOINT_NAME, {**tensors, "rng.shuffle": tensors["rng.shuffle"][:100]}, state)
     with pytest.raises(CheckpointError, match=r"the checkpoint's shuffle generator state is unusable"):
         resume(run, epochs=2, progress=False, log=_quiet, data=mnist)
+
+
+def _light(data):
+    """``data`` with 1,000 validation and 1,000 test images: fast evaluations for tests that train many runs."""
+    return dataclasses.replace(data, val_x=data.val_x[:1000], val_y=data.val_y[:1000], test_x=data.test_x[:1000],
+                               test_y=data.test_y[:1000])
+
+
+def _augmented(data, stop_at: int | None = None, signum: int = signal.SIGINT):
+    """``data`` with a training transform that draws from both the run's augmentation generator and PyTorch's
+    global generator (tiny noise: it changes the losses, not what is learnt), and that sends ``signum`` to
+    this process at global step ``stop_at``."""
+    calls = {"n": 0}
+
+    def transform(x, generator):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            os.kill(os.getpid(), signum)
+        noise = torch.rand(len(x), generator=generator).view(-1, *[1] * (x.dim() - 1))
+        return x + 1e-3 * noise + 1e-3 * torch.rand(())
+
+    return dataclasses.replace(data, train_transform=transform)
+
+
+def test_stops_at_epoch_boundaries_and_generator_draws_resume_exactly(tmp_path, mnist, one_thread):
+    """3 epochs of 6 steps; Ctrl-C at global step 6 (the last step of epoch 1: a checkpoint at step 6 of 6) and
+    7 (the first step of epoch 2: one step into a new permutation, at a learning rate that is neither the
+    first nor the last), with a training transform drawing from the augmentation generator and from
+    PyTorch's global one: each stopped run, resumed, ends bit-identical to the uninterrupted run (every
+    checkpoint tensor, both generators included, metrics and model). A resume that redrew the permutation of
+    a started epoch, missed it in the checkpoint, took another learning rate for it, or left a generator as
+    the seed made it would not."""
+    config = _small(binarization="stochastic", train_subset=600, epochs=3)
+    reference = tmp_path / "reference"
+    mnist = _light(mnist)
+    fit(config, reference, progress=False, log=_quiet, data=_augmented(mnist))
+    for stop_at, epoch, step in ((6, 1, 6), (7, 2, 1)):
+        run = tmp_path / f"run{stop_at}"
+        with pytest.raises(TrainingInterrupted, match=rf"stopped by SIGINT at epoch {epoch}, step {step};"):
+            fit(config, run, progress=False, log=_quiet, data=_augmented(mnist, stop_at))
+        assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == stop_at
+        resume(run, progress=False, log=_quiet, data=_augmented(mnist))
+        _assert_same_run(run, reference)
+
+
+def test_a_signal_during_the_evaluation_stops_after_the_epoch_with_its_checkpoint(tmp_path, mnist, one_thread,
+                                                                                   monkeypatch):
+    """SIGTERM while epoch 1 is evaluated (no step left to finish): the epoch is completed, logged and
+    checkpointed at its end, although the 30 s between epoch-end checkpoints have not passed, and the run
+    stops with exit code 143 "after epoch 1"; resumed, it ends as the uninterrupted run."""
+    from binaryconnect import train
+
+    config = _small()
+    fit(config, tmp_path / "reference", progress=False, log=_quiet, data=mnist)
+    real_evaluate, calls = train.evaluate, {"n": 0}
+
+    def evaluate_with_a_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_with_a_signal)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after epoch 1;") as info:
+        fit(config, run, progress=False, log=_quiet, data=mnist)
+    assert info.value.exit_code == 143
+    state = read_checkpoint_state(run / CHECKPOINT_NAME)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 0, 20)
+    assert [r["epoch"] for r in state["history"]] == [1]
+    monkeypatch.undo()
+    resume(run, progress=False, log=_quiet, data=mnist)
+    _assert_same_run(run, tmp_path / "reference")
+
+
+def test_a_second_signal_of_another_kind_does_not_change_the_stop(tmp_path, mnist, one_thread, monkeypatch):
+    """Ctrl-C, then SIGTERM while the checkpoint is being written: the second signal is noted and ignored; the
+    stop remains the first one's (SIGINT, exit code 130) and the checkpoint is complete."""
+    from binaryconnect import checkpoint as checkpoint_module
+
+    real_fsync, sent = os.fsync, {"first": False, "second": False}
+
+    def fsync_then_sigterm(fd):
+        real_fsync(fd)
+        if sent["first"] and not sent["second"]:
+            sent["second"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def first_ctrl_c():
+        sent["first"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 1, step 3") as info:
+        fit(_small(epochs=1), run, progress=False, log=_quiet, data=_call_hook(mnist, 3, first_ctrl_c))
+    monkeypatch.undo()
+    assert sent["second"] and info.value.exit_code == 130 and info.value.signum == signal.SIGINT
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == 3
+
+
+def test_resume_refuses_fewer_epochs_than_a_stopped_run_has_begun(tmp_path, mnist, one_thread):
+    """A run stopped in the middle of epoch 2 has begun 2 epochs: resuming it with --epochs 1 is refused
+    (there is no way to end epoch 2 within 1 epoch), and nothing is written."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        fit(_small(epochs=3), run, progress=False, log=_quiet, data=_call_hook(mnist, 25, _sigint))
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    with pytest.raises(ConfigError, match="the run has already trained 2 epochs; ask for at least that many "
+                                          r"\(--epochs\), got 1"):
+        resume(run, progress=False, log=_quiet, data=mnist, epochs=1)
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+
+def _sigint():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_clears_stale_temporary_files_and_a_finished_runs_summary(tmp_path, mnist, one_thread):
+    """Resuming removes the ``.<name>.*.tmp`` files a crash during a write left, and the summary of a finished
+    run continued for more epochs: until it ends again, the run is not finished (a crash in epoch 2 leaves
+    no summary that claims it was)."""
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    stale = [run / ".checkpoint.safetensors.abc123.tmp", run / ".model.safetensors.def456.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+
+    def crash_in_epoch_2(line):
+        if line.startswith("epoch    2/"):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        resume(run, progress=False, log=crash_in_epoch_2, data=mnist, epochs=3)
+    assert not any(path.exists() for path in stale)
+    assert not (run / "summary.json").exists()
+
+
+def test_resume_puts_back_the_checkpoints_best_model_before_training(tmp_path, mnist, one_thread):
+    """model.safetensors may hold a model newer than the checkpoint (the best model written on the way out of
+    a failed run, from epochs the checkpoint does not have): a resume, which trains those epochs again,
+    first writes the checkpoint's own best model, so that a crash right after it starts leaves that one."""
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    (run / "model.safetensors").write_bytes((run / CHECKPOINT_NAME).read_bytes())  # something else
+
+    def crash_when_training_starts(line):
+        if line.startswith("training "):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        resume(run, progress=False, log=crash_when_training_starts, data=mnist, epochs=2)
+    written = load_tensors(run / "model.safetensors")[0]
+    best = {k[len("best."):]: v for k, v in load_checkpoint(run / CHECKPOINT_NAME)[0].items() if k.startswith("best.")}
+    assert best and written.keys() == best.keys() and all(torch.equal(written[k], best[k]) for k in best)
+
+
+def test_resume_refuses_other_training_images_with_the_same_labels(tmp_path, mnist, one_thread):
+    """The data fingerprint covers the training images, not only the labels and shapes: one changed pixel of
+    the first training image is other training data, refused."""
+    run = tmp_path / "run"
+    fit(_small(epochs=1), run, progress=False, log=_quiet, data=mnist)
+    train_x = mnist.train_x.clone()
+    train_x[0].view(-1)[300] += 0.5
+    with pytest.raises(CheckpointError, match="training data differ from those the run was started with"):
+        resume(run, progress=False, log=_quiet, data=dataclasses.replace(mnist, train_x=train_x), epochs=2)
+
+
+class _Clock:
+    """Stands for the ``time`` module in train.py: ``perf_counter`` reads a clock that moves only when told."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    @staticmethod
+    def strftime(fmt: str) -> str:
+        return time.strftime(fmt)
+
+
+def test_checkpoint_seconds_counts_from_the_last_checkpoint_and_wall_time_adds_up_over_resumes(
+        tmp_path, mnist, one_thread, monkeypatch):
+    """A clock that moves only at the epoch log lines, checkpoint_seconds 10: epoch 1 ends at t=10 (10 s since
+    the start's checkpoint: written, the bound included), epoch 2 at t=13 (3 s since the last: skipped), epoch
+    3 at t=20 (10 s since epoch 1's, not since the start: written). The run crashes when epoch 4 is logged; its
+    checkpoint holds 20 s of training. Resumed on a clock that reads 1000 and logging epoch 4 5 s later, the
+    last epoch is written and the summary's wall time is 20 + 5 s: earlier processes' time is kept."""
+    from binaryconnect import train
+
+    written, save = [], train._save
+    monkeypatch.setattr(train, "_save", lambda path, p, *a: (written.append(p.global_step), save(path, p, *a)))
+    clock = _Clock()
+    monkeypatch.setattr(train, "time", clock)
+    advance = {"epoch    1/": 10, "epoch    2/": 3, "epoch    3/": 7, "epoch    4/": 5}
+
+    def log(line):
+        clock.now += advance.get(line[:11], 0)
+        if line.startswith("epoch    4/") and clock.now < 1000:
+            raise RuntimeError("crash")
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(_small(epochs=4, checkpoint_seconds=10, train_subset=600), run, progress=False, log=log,
+            data=_light(mnist))
+    assert written == [0, 6, 18]  # global steps: 6 per epoch
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["seconds"] == 20
+
+    clock.now = 1000.0
+    summary = resume(run, progress=False, log=log, data=_light(mnist))
+    assert written == [0, 6, 18, 24]
+    assert summary["wall_seconds"] == 25
+
+
+def test_the_best_model_file_follows_each_checkpoint(tmp_path, mnist, one_thread, monkeypatch):
+    """Checkpoints at every epoch end and validation errors that keep falling (evaluate scripted): after each
+    checkpoint model.safetensors holds that epoch's model, each new best written in turn, not only the
+    first one; when an epoch is logged, the file still holds the previous checkpoint's best."""
+    from binaryconnect import train
+
+    snapshots, calls = [], {"n": 0}
+
+    def scripted(model, x, y, batch_size=1000, samples=1):
+        calls["n"] += 1
+        if calls["n"] % 2:  # validation: errors 0.3, 0.2, 0.1
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return 0.4 - 0.1 * len(snapshots), 0.0
+        return 0.5, 0.0
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    run, seen = tmp_path / "run", []
+
+    def log(line):
+        if line.startswith("epoch "):
+            path = run / "model.safetensors"
+            seen.append(load_tensors(path)[1]["epoch"] if path.exists() else None)
+
+    fit(_small(epochs=3, checkpoint_seconds=0), run, progress=False, log=log, data=mnist)
+    assert seen == [None, "1", "2"]
+    written, metadata = load_tensors(run / "model.safetensors")
+    assert metadata["epoch"] == "3" and all(torch.equal(written[k], snapshots[2][k]) for k in snapshots[2])
+
+
+# every option of TrainConfig with another valid value (and what it needs to validate): a new option must be
+# added here, which decides whether it may change on resume
+_OTHER_VALUES = {
+    "dataset": {"dataset": "cifar10"}, "model": {"model": "cnn"}, "model_kwargs": {"model_kwargs": {"depth": 2}},
+    "dataset_kwargs": {"dataset_kwargs": {"preprocess": "center"}}, "binarization": {"binarization": "stochastic"},
+    "H": {"H": 0.5}, "ste": {"ste": "clipped"}, "stochastic_eval": {"stochastic_eval": "sample"},
+    "eval_samples": {"eval_samples": 4}, "lr_scale": {"lr_scale": "none"}, "epochs": {"epochs": 300},
+    "batch_size": {"batch_size": 50}, "lr_start": {"lr_start": 2e-3}, "lr_end": {"lr_end": 1e-6},
+    "val_size": {"val_size": 5000}, "train_subset": {"train_subset": 500}, "seed": {"seed": 1},
+    "device": {"device": "cpu"}, "deterministic": {"deterministic": True}, "compile": {"compile": True},
+    "compile_mode": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, "amp": {"amp": "bf16"},
+    "channels_last": {"channels_last": True}, "cuda_graph": {"cuda_graph": True}, "eval_batch_size":
+    {"eval_batch_size": 500}, "recipe": {"recipe": "mnist-float"}, "data_dir": {"data_dir": "/elsewhere"},
+    "download": {"download": False}, "checkpoint_every": {"checkpoint_every": 50},
+    "checkpoint_seconds": {"checkpoint_seconds": 5.0},
+}
+# how long it trains, where and how fast, how often it checkpoints: never what is trained (config.py)
+_MAY_CHANGE = {"epochs", "device", "checkpoint_every", "checkpoint_seconds", "eval_batch_size", "data_dir", "download",
+               "deterministic", "compile", "compile_mode", "amp", "channels_last", "cuda_graph"}
+
+
+def test_only_options_that_leave_what_is_trained_unchanged_may_change_on_resume():
+    """Each option of the configuration, changed alone when resuming (``resume_config``, no training): those of
+    the list above are accepted and reported as changes; every other one (the model, the data and their
+    preprocessing, the binarization, the optimizer's schedule and scales, the evaluation, the seed) is refused
+    with a message naming it. An option given with the run's own value, or a model option given alone, is no
+    change."""
+    from binaryconnect.config import TrainConfig, resume_config
+
+    assert set(_OTHER_VALUES) == {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = recipe_config("mnist-deterministic")
+    for name, overrides in _OTHER_VALUES.items():
+        if name in _MAY_CHANGE:
+            config, changes = resume_config(saved, **copy.deepcopy(overrides))
+            assert changes[name] == [getattr(saved, name), getattr(config, name)], name
+            assert set(changes) <= _MAY_CHANGE
+        else:
+            with pytest.raises(ConfigError, match=rf"the run was started with a different {name} \(run: "):
+                resume_config(saved, **copy.deepcopy(overrides))
+    same = {"model_kwargs": {"hidden": 1024}, "seed": 0, "binarization": "deterministic", "epochs": 250}
+    assert resume_config(saved, **same) == (saved, {})
