@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from binaryconnect.cli import main
+from binaryconnect.config import recipe_config
 from binaryconnect.data import load_dataset
+from binaryconnect.errors import ConfigError
 from binaryconnect.layers import set_generator, set_stochastic_eval
 from binaryconnect.train import evaluate, load_run
 from helpers import assert_one_line_error
@@ -179,3 +181,158 @@ def test_errors_and_warnings_print_as_one_line(monkeypatch, capsys):
     # warnings (the JPEG copy of CIFAR-10 gives one) print as one line, without the source line
     assert cli._one_line_warning("a library's\nwarning", UserWarning, "lib.py", 7, "warn(...)") == (
         "binaryconnect: warning: a library's warning\n")
+
+
+def test_every_train_option_reaches_the_configuration():
+    """Each ``train`` option, given on the command line, is the configuration's value (the recipe's other
+    values kept): none is dropped on the way from argparse to TrainConfig."""
+    from binaryconnect.cli import _new_run_config, build_parser
+
+    argv = ["train", "mnist-float", "--data-dir", "/d", "--no-download", "--binarization", "stochastic", "--H", "0.5",
+            "--ste", "clipped", "--stochastic-eval", "sample", "--eval-samples", "3", "--lr-scale", "none",
+            "--epochs", "7", "--batch-size", "64", "--lr-start", "0.002", "--lr-end", "0.0001", "--hidden", "32",
+            "--depth", "0", "--val-size", "5000", "--train-subset", "900", "--dataset", "mnist", "--preprocess",
+            "center", "--augment", "crop", "--dataset-option", "verify=false", "--compile-mode",
+            "max-autotune-no-cudagraphs", "--amp", "bf16", "--channels-last", "--cuda-graph", "--seed", "9",
+            "--device", "cuda:1", "--deterministic", "--checkpoint-every", "50", "--checkpoint-seconds", "0"]
+    config = _new_run_config(build_parser().parse_args(argv)).to_dict()
+    assert config == {
+        "dataset": "mnist", "model": "mlp", "model_kwargs": {"hidden": 32, "depth": 0, "bn_momentum": 0.15},
+        "dataset_kwargs": {"verify": False, "preprocess": "center", "augment": "crop"}, "binarization": "stochastic",
+        "H": 0.5, "ste": "clipped", "stochastic_eval": "sample", "eval_samples": 3, "lr_scale": "none", "epochs": 7,
+        "batch_size": 64, "lr_start": 0.002, "lr_end": 0.0001, "val_size": 5000, "train_subset": 900, "seed": 9,
+        "device": "cuda:1", "deterministic": True, "compile": True, "compile_mode": "max-autotune-no-cudagraphs",
+        "amp": "bf16", "channels_last": True, "cuda_graph": True, "eval_batch_size": 1000, "recipe": "mnist-float",
+        "data_dir": "/d", "download": False, "checkpoint_every": 50, "checkpoint_seconds": 0.0}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "mnist-float", "--lr-start", "inf"], "argument --lr-start: expected a positive number, got 'inf'"),
+    (["train", "mnist-float", "--checkpoint-seconds", "inf"], "argument --checkpoint-seconds: expected a non-negative"),
+    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "0"], "argument --deadline: expected a positive number"),
+    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "inf"], "argument --deadline: expected a positive number"),
+    (["sweep", "mnist-float", "--seeds", "0", "-j", "0"], "argument -j/--jobs: expected a positive integer, got '0'"),
+    (["sweep", "mnist-float", "--seeds", "0,-1"], "argument --seeds: expected a non-negative integer, got '-1'"),
+    (["report", "/r", "--json", "--markdown"], "argument --markdown: not allowed with argument --json"),
+    (["evaluate", "/r", "--samples", "0"], "argument --samples: expected a positive integer"),
+])
+def test_option_types_refuse_what_they_must(argv, message, capsys):
+    assert_one_line_error(argv, message, capsys)
+
+
+def test_option_defaults_and_the_edges_they_accept():
+    """Defaults of sweep and evaluate, and the smallest values the number types accept: 0 seconds between
+    checkpoints, 0 hidden layers, seed 0; a trailing comma in --seeds is no seed."""
+    from pathlib import Path
+
+    from binaryconnect.cli import build_parser
+
+    parse = build_parser().parse_args
+    s = parse(["sweep", "mnist-float", "--seeds", "2, 0,"])
+    assert (s.seeds, s.jobs, s.out, s.deadline, s.markdown) == ([2, 0], 1, Path("runs") / "sweep", None, False)
+    assert parse(["sweep", "mnist-float", "--seeds", "0", "--deadline", "0.5", "-j", "3"]).deadline == 0.5
+    e = parse(["evaluate", "r"])
+    assert (e.split, e.samples, e.seed, e.batch_size, e.device, e.stochastic_eval, e.json) == (
+        "test", 1, 0, 1000, "auto", None, False)
+    t = parse(["train", "mnist-float", "--checkpoint-seconds", "0", "--depth", "0", "--seed", "0"])
+    assert (t.checkpoint_seconds, t.depth, t.seed) == (0.0, 0, 0)
+    assert all(getattr(t, name) is None for name in ("epochs", "batch_size", "lr_start", "H", "compile", "download"))
+
+
+def test_recipes_table_gives_each_recipes_schedule(capsys):
+    """`binaryconnect recipes`: one line per recipe with its dataset, model, binarization, epochs, batch size
+    and learning rates (the paper's values, written out here)."""
+    assert main(["recipes"]) == 0
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert len(lines) == 15
+    assert lines["mnist-deterministic"] == ["mnist", "mlp", "deterministic", "epochs", "250", "batch", "100", "lr",
+                                            "0.001", "->", "3e-06"]
+    assert lines["cifar10-float"] == ["cifar10", "convnet", "none", "epochs", "500", "batch", "50", "lr", "0.003",
+                                      "->", "2e-06"]
+    assert lines["svhn-stochastic"] == ["svhn", "convnet", "stochastic", "epochs", "200", "batch", "50", "lr", "0.01",
+                                        "->", "3e-06"]
+
+
+def test_train_run_directory_default_and_an_empty_one(tmp_path, monkeypatch, capsys):
+    """Without -o the run goes to runs/<recipe>-s<seed>-<date>-<time> (the seed the configuration has,
+    0 unless given); an existing empty directory is used, not refused. fit is replaced by a recorder."""
+    import re
+
+    from binaryconnect import train
+
+    dirs = []
+    monkeypatch.setattr(train, "fit", lambda config, run_dir, **kw: dirs.append(run_dir) or {"test_error": 0.5})
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "mnist-float", "-q"]) == 0
+    assert main(["train", "mnist-stochastic", "--seed", "4", "-q"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "mnist-float", "-o", "empty", "-q"]) == 0
+    assert re.fullmatch(r"runs/mnist-float-s0-\d{8}-\d{6}", str(dirs[0]))
+    assert re.fullmatch(r"runs/mnist-stochastic-s4-\d{8}-\d{6}", str(dirs[1]))
+    assert str(dirs[2]) == "empty"
+    assert capsys.readouterr().out.splitlines() == ['{"test_error": 0.5}'] * 3  # -q: the summary, as JSON
+
+
+def test_interrupt_and_os_error_exit_codes(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in a command: exit code 130 and one line; an unwritable path: exit code 1 and one line naming
+    the path (not 2, which says the input was wrong)."""
+    from binaryconnect import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def unwritable(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+    monkeypatch.setattr(cli, "_cmd_recipes", interrupted)
+    assert main(["recipes"]) == 130 and capsys.readouterr().err == "binaryconnect: interrupted\n"
+    monkeypatch.setattr(cli, "_cmd_recipes", unwritable)
+    assert main(["recipes"]) == 1
+    assert capsys.readouterr().err == (f"binaryconnect: error: Permission denied: {tmp_path / 'x'} (check the path, "
+                                       "its permissions and the free space)\n")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+    ({"epochs": True}, "epochs must be a positive integer, got True"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer, got 0"),
+    ({"eval_samples": 0}, "eval_samples must be a positive integer, got 0"),
+    ({"val_size": 0}, "val_size must be a positive integer, got 0"),
+    ({"train_subset": 0}, "train_subset must be a positive integer, got 0"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be a positive integer, got 0"),
+    ({"checkpoint_seconds": float("inf")}, "checkpoint_seconds must be a non-negative number, got inf"),
+    ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),
+    ({"seed": -1}, "seed must be an integer from 0 to 4294967295, got -1"),
+    ({"seed": True}, "seed must be an integer from 0 to 4294967295, got True"),
+    ({"H": 1.1754943508222874e-38 / 2}, "H must lie in float32's normal range"),
+    ({"H": 3.41e38}, "H must lie in float32's normal range"),
+    ({"lr_end": 1.0000001e-3}, "lr_end (0.0010000001) must not exceed lr_start (0.001)"),
+    ({"device": "cuda:"}, "device must be one of auto, cpu, cuda or cuda:N, got 'cuda:'"),
+    ({"dataset_kwargs": {"root": "/d"}}, "root is not a dataset option here but a training option: use --data-dir"),
+    ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+])
+def test_every_bound_of_the_configuration_is_checked(options, message):
+    with pytest.raises(ConfigError) as info:
+        recipe_config("mnist-float", **options)
+    assert message in str(info.value)
+
+
+def test_the_edges_of_the_configuration_are_accepted():
+    """The limits themselves are valid: seed 0 and 2**32 - 1, H at float32's smallest and largest normal
+    numbers, lr_end equal to lr_start, batch size 2, 0 seconds between checkpoints, cuda:0."""
+    for options in ({"seed": 0}, {"seed": 2**32 - 1}, {"H": 1.1754943508222875e-38}, {"H": 3.4028234663852886e38},
+                    {"lr_end": 1e-3}, {"batch_size": 2, "epochs": 1, "val_size": 1}, {"checkpoint_seconds": 0},
+                    {"device": "cuda:0"}):
+        config = recipe_config("mnist-float", **options)
+        assert all(getattr(config, k) == v for k, v in options.items())
+
+
+def test_options_merge_into_the_recipes_mappings():
+    """A model or dataset option replaces that key of the recipe's mapping and keeps the others; None
+    keeps the recipe's value."""
+    assert recipe_config("mnist-float", model_kwargs={"hidden": 32}).model_kwargs == {
+        "hidden": 32, "depth": 3, "bn_momentum": 0.15}
+    assert recipe_config("cifar10-float", dataset_kwargs={"augment": "crop"}).dataset_kwargs == {
+        "preprocess": "gcn-zca", "augment": "crop"}
+    assert recipe_config("svhn-float", epochs=None, model_kwargs=None).epochs == 200

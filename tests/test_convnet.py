@@ -245,3 +245,84 @@ def test_fit_with_channels_last_and_bf16(tmp_path):
             "amp": options.get("amp", "none"), "channels_last": options.get("channels_last", False), "compile": False}
     assert losses["cl"][0] == pytest.approx(losses["ref"][0], rel=1e-4)
     assert losses["bf16"][0] == pytest.approx(losses["ref"][0], rel=0.05)
+
+
+#: The paper's settings (and this project's MNIST epochs), written out here rather than read from RECIPES:
+#: dataset, model options, dataset options, epochs, batch size, Adam's first and last learning rates, and
+#: the training examples held out for validation (CIFAR-10: 45,000 / 5,000; SVHN: README's 6,000).
+PAPER = {
+    "mnist": ("mnist", "mlp", {"hidden": 1024, "depth": 3, "bn_momentum": 0.15}, {}, 250, 100, 1e-3, 3e-6, 10_000),
+    "cifar10": ("cifar10", "convnet", {"channels": [128, 256, 512], "hidden": 1024, "fc_depth": 2, "bn_momentum": 0.1},
+                {"preprocess": "gcn-zca"}, 500, 50, 3e-3, 2e-6, 5_000),
+    "cifar10-gcn": ("cifar10", "convnet",
+                    {"channels": [128, 256, 512], "hidden": 1024, "fc_depth": 2, "bn_momentum": 0.1},
+                    {"preprocess": "gcn"}, 500, 50, 3e-3, 2e-6, 5_000),
+    "cifar10-augmented": ("cifar10", "convnet",
+                          {"channels": [128, 256, 512], "hidden": 1024, "fc_depth": 2, "bn_momentum": 0.1},
+                          {"preprocess": "gcn", "augment": "crop-flip"}, 500, 50, 3e-3, 2e-6, 5_000),
+    "svhn": ("svhn", "convnet", {"channels": [64, 128, 256], "hidden": 1024, "fc_depth": 2, "bn_momentum": 0.1},
+             {"preprocess": "gcn-lcn", "extra": True}, 200, 50, 1e-2, 3e-6, 6_000),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PAPER))
+@pytest.mark.parametrize("binarization", ["float", "deterministic", "stochastic"])
+def test_every_recipe_is_the_papers_setting(family, binarization):
+    """Each of the 15 recipes against the paper's table above, option by option (model options whole:
+    a batch-norm momentum or a width changed shows), with the paper's defaults for what it leaves alone."""
+    c = recipe_config(f"{family}-{binarization}")
+    assert (c.dataset, c.model, c.model_kwargs, c.dataset_kwargs, c.epochs, c.batch_size, c.lr_start, c.lr_end,
+            c.val_size) == PAPER[family]
+    assert (c.binarization, c.recipe) == ("none" if binarization == "float" else binarization,
+                                          f"{family}-{binarization}")
+    assert (c.H, c.ste, c.stochastic_eval, c.lr_scale) == (1.0, "identity", "real", "glorot")
+    assert sorted(RECIPES) == sorted(f"{f}-{b}" for f in PAPER for b in ("float", "deterministic", "stochastic"))
+
+
+@pytest.mark.parametrize("recipe, input_shape, dense, convs, momentum", [
+    ("mnist-deterministic", (1, 28, 28), [(784, 1024), (1024, 1024), (1024, 1024), (1024, 10)], [], 0.15),
+    ("cifar10-deterministic", (3, 32, 32), [(8192, 1024), (1024, 1024), (1024, 10)],
+     [(3, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)], 0.1),
+    ("svhn-deterministic", (3, 32, 32), [(4096, 1024), (1024, 1024), (1024, 10)],
+     [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)], 0.1),
+])
+def test_recipes_build_the_papers_networks(recipe, input_shape, dense, convs, momentum):
+    """The network a recipe builds: the paper's layer sizes, and batch norm with epsilon 1e-4 and momentum
+    0.15 (MNIST) or 0.1 (CIFAR-10, SVHN) after every binary layer."""
+    model = build_model(recipe_config(recipe), input_shape, 10)
+    assert [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, BinaryLinear)] == dense
+    assert [(m.in_channels, m.out_channels) for m in model.modules() if isinstance(m, BinaryConv2d)] == convs
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == len(dense) + len(convs)
+    assert all(b.eps == 1e-4 and b.momentum == momentum for b in bns)
+
+
+def test_channels_last_also_converts_the_input_batches():
+    """With channels_last, the first convolution receives its NCHW batch stored NHWC (same values)."""
+    model = _small()
+    seen = []
+    model.features[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 32, 32)
+    training_forward(model, channels_last=True)(x)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(seen[0], x)
+
+
+@pytest.mark.parametrize("mode, graph_steps", [("default", 0), ("reduce-overhead", 2), ("max-autotune", 2),
+                                               ("max-autotune-no-cudagraphs", 0)])
+def test_compile_options_reach_torch_compile(monkeypatch, mode, graph_steps):
+    """torch.compile gets the mode asked for (None for "default", its own default); with the modes that
+    record CUDA graphs each call starts a new graph step; compiling detaches stochastic layers from their
+    dedicated generator (Dynamo cannot trace a torch.Generator). torch.compile is replaced by a recorder."""
+    modes, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = _small("stochastic")
+    set_generator(model, torch.Generator().manual_seed(0))
+    forward = training_forward(model, compile=True, compile_mode=mode)
+    x = torch.randn(2, 3, 32, 32)
+    forward(x)
+    forward(x)
+    assert modes == [None if mode == "default" else mode] and len(steps) == graph_steps
+    assert all(layer.generator is None for layer in binary_layers(model))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 
@@ -11,7 +12,7 @@ import pytest
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 from binaryconnect.errors import ConfigError
-from binaryconnect.report import format_report, group_runs, read_run
+from binaryconnect.report import format_report, group_runs, read_run, report_dict
 from binaryconnect.train import fit
 from helpers import quiet
 
@@ -212,3 +213,154 @@ def test_plot_keeps_zeros_on_a_linear_axis(runs, tmp_path):
     error_axis, loss_axis = plot_curves([read_run(run)], tmp_path / "c.png").axes
     assert error_axis.get_yscale() == "linear" and loss_axis.get_yscale() == "log"
     assert list(error_axis.lines[0].get_ydata()) == [100 * r["val_error"] for r in rows]
+
+
+def _synthetic_run(path, recipe="mnist-deterministic", summary=None, metrics=(), environment=None, **options):
+    """A run directory as ``train`` writes it, made here without training: config.json (the recipe's
+    configuration with ``options``), summary.json if ``summary`` is given (test errors as fractions),
+    metrics.jsonl from ``metrics`` (epoch, validation error, test error) rows."""
+    path.mkdir(parents=True)
+    config = recipe_config(recipe, **options).to_dict()
+    environment = {"device": "cpu", "threads": 2, "torch": "2.x"} if environment is None else environment
+    (path / "config.json").write_text(json.dumps({"config": config, "environment": environment}))
+    (path / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "val_error": v, "test_error": t, "train_loss": 0.5 / e}) + "\n" for e, v, t in metrics))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps({"best_epoch": 1, "best_val_error": 0.02, **summary}))
+    return path
+
+
+def test_options_that_do_not_define_the_experiment_do_not_split_a_group(tmp_path):
+    """Seeds run on another device, from another data folder, with other checkpointing, evaluation batch
+    size, determinism, torch.compile (and mode), channels-last or CUDA graphs are one experiment (the
+    module's documented list): one group of every run."""
+    others = [{"device": "cuda"}, {"data_dir": "/elsewhere"}, {"download": False}, {"checkpoint_every": 7},
+              {"checkpoint_seconds": 0}, {"eval_batch_size": 250}, {"deterministic": True}, {"compile": True},
+              {"compile": True, "compile_mode": "reduce-overhead"}, {"channels_last": True}, {"cuda_graph": True}]
+    runs = [read_run(_synthetic_run(tmp_path / "base", seed=0, summary={"test_error": 0.01}))]
+    for seed, option in enumerate(others, 1):
+        runs.append(read_run(_synthetic_run(tmp_path / f"s{seed}", seed=seed, summary={"test_error": 0.01}, **option)))
+    [group] = group_runs(runs)
+    assert group.label == "mnist-deterministic" and [r.config["seed"] for r in group.runs] == list(range(12))
+
+
+@pytest.mark.parametrize("recipe, option", [
+    ("mnist-deterministic", {"binarization": "stochastic"}),  # the same recipe told to binarize otherwise
+    ("mnist-float", {"binarization": "deterministic"}),  # mnist-deterministic's options under another recipe name
+    ("mnist-deterministic", {"amp": "bf16"}),  # bf16 rounds the activations: another experiment
+    ("mnist-deterministic", {"H": 0.5}),
+    ("mnist-deterministic", {"lr_start": 3e-3}),
+    ("mnist-deterministic", {"model_kwargs": {"hidden": 2048}}),
+    ("mnist-deterministic", {"dataset_kwargs": {"preprocess": "center"}}),
+    ("mnist-deterministic", {"val_size": 5000}),
+])
+def test_options_that_define_the_experiment_split_groups(tmp_path, recipe, option):
+    """Two seeds of mnist-deterministic and one run that differs in an option of the experiment (or only
+    in its recipe's name): two groups, the second labelled by its recipe and, where the recipes agree,
+    by the option."""
+    runs = [read_run(_synthetic_run(tmp_path / f"a{s}", seed=s, summary={"test_error": 0.01})) for s in (0, 1)]
+    runs.append(read_run(_synthetic_run(tmp_path / "b", recipe=recipe, seed=0, summary={"test_error": 0.02},
+                                        **option)))
+    groups = group_runs(runs)
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert groups[1].label.startswith(recipe) and groups[1].errors == [2.0]
+    if recipe == "mnist-deterministic":  # same label: the option that differs is named in both
+        [name] = option
+        assert f" {name}=" in groups[0].label and f" {name}=" in groups[1].label
+    else:
+        assert [g.label for g in groups] == ["mnist-deterministic", "mnist-float"]
+
+
+def test_without_a_recipe_the_label_is_model_and_binarization(tmp_path):
+    """Runs configured without a recipe (recipe_config(None, ...)) are labelled by model and binarization."""
+    runs = [read_run(_synthetic_run(tmp_path / b, recipe=None, binarization=b, summary={"test_error": 0.01}))
+            for b in ("deterministic", "stochastic")]
+    assert [g.label for g in group_runs(runs)] == ["mlp deterministic", "mlp stochastic"]
+
+
+def test_seeds_are_ordered_by_number_not_by_directory_name(tmp_path):
+    """Within a group the runs are in seed order (10 after 2), whatever the directories are called."""
+    for name, seed, error in (("a", 10, 0.03), ("b", 2, 0.02), ("c", 1, 0.01)):
+        _synthetic_run(tmp_path / name, seed=seed, summary={"test_error": error})
+    runs = [read_run(tmp_path / n) for n in ("a", "b", "c")]
+    [group] = group_runs(runs)
+    assert [r.config["seed"] for r in group.runs] == [1, 2, 10]
+    assert group.errors == pytest.approx([1.0, 2.0, 3.0])
+    assert "s1 1.00, s2 2.00, s10 3.00" in format_report(runs)
+
+
+def test_mean_and_sample_sd_against_hand_computed_values(tmp_path):
+    """Test errors 1.25%, 1.50%, 1.10%: mean 1.2833, sample standard deviation (n - 1) 0.2021 (the
+    population one would be 0.1650), printed to two decimals."""
+    runs = [read_run(_synthetic_run(tmp_path / f"s{s}", seed=s, summary={"test_error": e}))
+            for s, e in enumerate((0.0125, 0.0150, 0.0110))]
+    [group] = group_runs(runs)
+    errors = [1.25, 1.50, 1.10]
+    mean = sum(errors) / 3
+    sd = math.sqrt(sum((e - mean) ** 2 for e in errors) / 2)
+    assert group.mean == pytest.approx(mean) and group.sd == pytest.approx(sd) and round(sd, 4) == 0.2021
+    assert "| mnist-deterministic | 3 | s0 1.25, s1 1.50, s2 1.10 | 1.28 ± 0.20 |" in format_report(runs, markdown=True)
+
+
+def test_json_report_holds_every_number_of_the_table(tmp_path):
+    """``report --json``: per group n, mean, sample sd (None for one run), and per run its seed, test and
+    best validation errors in %, best epoch, wall time and environment; unfinished runs with the epochs
+    done and the epochs asked for, each once."""
+    _synthetic_run(tmp_path / "s0", seed=0, environment={"device": "cuda:0", "threads": 4, "torch": "2.9"},
+                   summary={"test_error": 0.011, "best_val_error": 0.013, "best_epoch": 7, "wall_seconds": 12.5})
+    _synthetic_run(tmp_path / "s1", seed=1, summary={"test_error": 0.015, "best_val_error": 0.012, "best_epoch": 9})
+    _synthetic_run(tmp_path / "sto", binarization="stochastic", seed=0, summary={"test_error": 0.02})
+    _synthetic_run(tmp_path / "stopped", seed=2, epochs=5, metrics=[(1, 0.1, 0.11), (2, 0.05, 0.06)])
+    runs = [read_run(tmp_path / n) for n in ("s0", "s1", "sto", "stopped", "stopped")]
+    data = report_dict(runs)
+    first, second = data["groups"]
+    assert (first["n"], second["n"], second["sd_test_error"]) == (2, 1, None)
+    assert first["mean_test_error"] == pytest.approx(1.3)
+    assert first["sd_test_error"] == pytest.approx(math.sqrt(2 * 0.2**2))
+    run = first["runs"][0]
+    assert run["run"] == str(tmp_path / "s0") and run["seed"] == 0 and run["best_epoch"] == 7
+    assert run["test_error"] == pytest.approx(1.1) and run["best_val_error"] == pytest.approx(1.3)
+    assert (run["wall_seconds"], run["device"], run["threads"], run["torch"]) == (12.5, "cuda:0", 4, "2.9")
+    assert first["runs"][1]["wall_seconds"] is None
+    assert data["unfinished"] == [{"run": str(tmp_path / "stopped"), "epochs_done": 2, "epochs": 5}]
+
+
+def test_unfinished_run_shows_progress_and_the_best_validation_epoch_so_far(tmp_path):
+    """An unfinished run: epochs done of those asked for, and the test error of the epoch with the lowest
+    validation error so far (the later epoch on a tie), not the lowest test error."""
+    _synthetic_run(tmp_path / "done", seed=0, summary={"test_error": 0.01})
+    _synthetic_run(tmp_path / "stopped", seed=1, epochs=5,
+                   metrics=[(1, 0.10, 0.03), (2, 0.05, 0.09), (3, 0.05, 0.08)])
+    text = format_report([read_run(tmp_path / "done"), read_run(tmp_path / "stopped")])
+    assert text.endswith(f"\n  {tmp_path / 'stopped'}: 3/5 epochs, best so far 8.00% at epoch 3")
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    ([42.2], "42 s"), ([100.4, 250.6], "100-251 s"), ([99.6, 100.4], "100 s"), ([None, 61.0], "61 s"), ([None], "?")])
+def test_wall_time_column_is_the_range_over_seeds(tmp_path, seconds, shown):
+    """The wall time per run: one number when the seeds' times round alike, else the range min-max; runs
+    without a recorded time are left out ("?" if none has one)."""
+    runs = []
+    for seed, s in enumerate(seconds):
+        summary = {"test_error": 0.01} if s is None else {"test_error": 0.01, "wall_seconds": s}
+        runs.append(read_run(_synthetic_run(tmp_path / f"s{seed}", seed=seed, summary=summary)))
+    row = format_report(runs, markdown=True).splitlines()[2]
+    assert row.endswith(f"| {shown} |")
+
+
+@pytest.mark.parametrize("key, value", [("best_val_error", None), ("best_val_error", "0.1"), ("test_error", True)])
+def test_a_summary_without_numeric_errors_is_refused(tmp_path, key, value):
+    """summary.json must hold the validation error as a number too, and a boolean is not a number."""
+    run = _synthetic_run(tmp_path / "r", summary={"test_error": 0.01, key: value})
+    with pytest.raises(ConfigError, match="lacks the test error, best epoch or validation error"):
+        read_run(run)
+
+
+def test_double_dash_ends_the_options_of_report(tmp_path, monkeypatch, capsys):
+    """``binaryconnect report -- -odd-name``: ``--`` ends the options as in any command (only sweep gives
+    what follows it to its train commands)."""
+    monkeypatch.chdir(tmp_path)
+    _synthetic_run(tmp_path / "-odd-name", seed=3, summary={"test_error": 0.0125})
+    assert main(["report", "--json", "--", "-odd-name"]) == 0
+    [group] = json.loads(capsys.readouterr().out)["groups"]
+    assert [r["seed"] for r in group["runs"]] == [3]
