@@ -11,6 +11,7 @@ import pytest
 
 from binaryconnect import sweep
 from binaryconnect.cli import main
+from binaryconnect.config import recipe_config
 from helpers import assert_one_line_error
 
 TINY = ["--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu"]
@@ -147,3 +148,158 @@ def test_sweep_checks_what_every_run_would_refuse_before_starting_any(argv, mess
     cut = argv.index("--seeds") + 2
     assert_one_line_error([*argv[:cut], "-o", str(tmp_path / "s"), *argv[cut:]], message, capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_plan_runs_every_recipes_first_seed_before_any_second_seed(tmp_path):
+    """With fewer slots than jobs, every recipe gets its first seed before any recipe its second: the
+    jobs go seed by seed, recipes in the order given, each in OUT/<recipe>-s<seed> with its log beside it."""
+    jobs = sweep.plan(["mnist-float", "mnist-deterministic"], [3, 0], tmp_path)
+    assert [(j.recipe, j.seed) for j in jobs] == [("mnist-float", 3), ("mnist-deterministic", 3),
+                                                  ("mnist-float", 0), ("mnist-deterministic", 0)]
+    assert [j.run_dir for j in jobs] == [tmp_path / n for n in ("mnist-float-s3", "mnist-deterministic-s3",
+                                                                "mnist-float-s0", "mnist-deterministic-s0")]
+    assert all(j.log == j.run_dir.parent / (j.run_dir.name + ".log") and j.state == "pending" for j in jobs)
+
+
+def test_train_command_starts_a_new_run_or_resumes_a_checkpoint(tmp_path):
+    """A job without a checkpoint starts its recipe with its seed and directory; one with a checkpoint is
+    resumed in place; the sweep's train options and --no-progress go to both."""
+    [job] = sweep.plan(["mnist-float"], [5], tmp_path)
+    assert sweep.train_command(job, ["--epochs", "2"]) == [
+        sys.executable, "-m", "binaryconnect", "train", "mnist-float", "--seed", "5", "-o",
+        str(tmp_path / "mnist-float-s5"), "--epochs", "2", "--no-progress"]
+    assert not job.resumed
+    job.run_dir.mkdir()
+    (job.run_dir / "checkpoint.safetensors").write_bytes(b"")
+    assert sweep.train_command(job, ["--epochs", "2"]) == [
+        sys.executable, "-m", "binaryconnect", "train", "--resume", str(job.run_dir), "--epochs", "2", "--no-progress"]
+    assert job.resumed
+
+
+def _echo_threads(job, args):
+    return [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
+
+
+@pytest.mark.parametrize("slots, jobs, given, expected", [(4, 2, None, "4"), (3, 5, None, "2"), (16, 1, None, "8"),
+                                                          (2, 2, "7", "7")])
+def test_cpu_threads_are_shared_out_between_the_runs_side_by_side(tmp_path, monkeypatch, slots, jobs, given,
+                                                                    expected):
+    """8 CPUs: each run gets 8 // (runs at the same time) threads, the runs at the same time being the
+    fewer of slots and jobs; an OMP_NUM_THREADS the user set is kept."""
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    monkeypatch.setattr(sweep, "train_command", _echo_threads)
+    done = sweep.run_jobs(sweep.plan(["a"], list(range(jobs)), tmp_path), [], slots=slots, log=lambda *a: None,
+                          poll=0.02)
+    assert [j.state for j in done] == ["finished"] * jobs
+    assert all(j.log.read_text() == f"threads {expected}\n" for j in done)
+
+
+
+def test_threads_are_shared_among_the_runs_that_start_not_the_skipped_ones(tmp_path, monkeypatch):
+    """A repeated sweep with one run left of two (the other finished): that run gets all 8 CPUs, not 8 // 2."""
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep, "train_command", _echo_threads)
+    jobs = sweep.plan(["a", "b"], [0], tmp_path)
+    jobs[0].run_dir.mkdir(parents=True)
+    (jobs[0].run_dir / "summary.json").write_text("{}")
+    done = sweep.run_jobs(jobs, [], slots=2, log=lambda *a: None, poll=0.02)
+    assert [j.state for j in done] == ["skipped", "finished"]
+    assert done[1].log.read_text() == "threads 8\n"
+
+@pytest.mark.parametrize("child, state", [
+    ("raise SystemExit(0)", "finished"),
+    ("raise SystemExit(130)", "stopped"),  # train stopped by Ctrl-C, with a checkpoint
+    ("raise SystemExit(143)", "stopped"),  # train stopped by SIGTERM, with a checkpoint
+    ("import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGINT)",
+     "stopped"),  # killed by the signal itself
+    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "stopped"),
+    ("raise SystemExit(1)", "failed"),
+    ("raise SystemExit(2)", "failed"),
+])
+def test_exit_codes_of_a_stop_are_stopped_others_failed(tmp_path, monkeypatch, child, state):
+    """130 and 143 (train's exit codes after SIGINT and SIGTERM) and death by either signal mean the run
+    stopped and a repeat resumes it; any other non-zero code is a failure."""
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child])
+    [job] = sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lambda *a: None, poll=0.02)
+    assert job.state == state
+
+
+def test_sigterm_on_the_sweep_stops_its_runs_like_ctrl_c(tmp_path):
+    """A sweep process sent SIGTERM (a batch system's time limit) passes SIGINT to its runs, starts no
+    more and returns; run in its own process, so that a SIGTERM not handled ends only that process."""
+    code = f"""
+import os, pathlib, signal, sys, threading
+from binaryconnect import sweep
+child = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); time.sleep(60)"
+sweep.train_command = lambda job, args: [sys.executable, "-c", child]
+jobs = sweep.plan(["a", "b"], [0], pathlib.Path({str(tmp_path)!r}))
+threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+sweep.run_jobs(jobs, [], slots=1, poll=0.05)
+print("states", *[j.state for j in jobs])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "stopping on SIGTERM: 1 running get SIGINT" in result.stdout
+    assert result.stdout.splitlines()[-1] == "states stopped not started"
+
+
+def test_run_jobs_restores_the_signal_handlers_it_replaced(tmp_path, monkeypatch):
+    """After the sweep, SIGINT and SIGTERM are handled as before it (a program calling run_jobs keeps
+    its Ctrl-C)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", "pass"])
+    sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lambda *a: None, poll=0.02)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_error_in_the_sweep_leaves_no_run_behind(tmp_path, monkeypatch):
+    """If the loop itself fails (here the log callback), the runs it started are stopped and waited for
+    before the error propagates."""
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def log(line):
+        if "started" in line:
+            raise RuntimeError("log failed")
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen)
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(RuntimeError, match="log failed"):
+            sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=log, poll=0.02)
+        assert len(started) == 1 and started[0].poll() is not None
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_stopped_sweep_reports_its_unfinished_runs_and_exits_1(tmp_path, monkeypatch, capsys):
+    """The sweep's table lists a run that stopped (config.json, no summary) as unfinished with its
+    progress, and says on stderr which runs did not finish; exit code 1."""
+    def stopped_run(jobs, train_args, slots, deadline=None, log=print, poll=0.5):
+        [job] = jobs
+        job.run_dir.mkdir(parents=True)
+        config = json.loads(json.dumps({**recipe_config("mnist-float", epochs=3).to_dict(), "seed": job.seed}))
+        (job.run_dir / "config.json").write_text(json.dumps({"config": config, "environment": {}}))
+        (job.run_dir / "metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "val_error": 0.2, "test_error": 0.25, "train_loss": 0.5}) + "\n")
+        job.state, job.returncode = "stopped", 130
+        return jobs
+
+    monkeypatch.setattr(sweep, "run_jobs", stopped_run)
+    out = tmp_path / "s"
+    assert main(["sweep", "mnist-float", "--seeds", "4", "-o", str(out), "--", "--epochs", "3"]) == 1
+    captured = capsys.readouterr()
+    assert "no finished runs" in captured.out
+    assert f"{out / 'mnist-float-s4'}: 1/3 epochs, best so far 25.00% at epoch 1" in captured.out
+    assert "1 of 1 runs did not finish: mnist-float-s4 (stopped)" in captured.err

@@ -41,7 +41,7 @@ class Job:
 
 
 def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
-    """The (recipe, seed) jobs in order, recipes outer: with fewer slots than jobs, every recipe's first
+    """The (recipe, seed) jobs in order, seeds outer: with fewer slots than jobs, every recipe's first
     seed runs before any second seed."""
     return [Job(r, s, out / f"{r}-s{s}", out / f"{r}-s{s}.log") for s in seeds for r in recipes]
 
@@ -61,9 +61,6 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
     sweep gets SIGINT/SIGTERM: then the running ones get SIGINT (they checkpoint and stop) and are
     waited for. Each job ends ``finished``, ``failed``, ``stopped`` (checkpointed: a repeat resumes it),
     ``not started`` or ``skipped`` (finished before)."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:  # CPU threads shared out between the processes side by side
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(slots, max(1, len(jobs)))))
     start = time.monotonic()
     pending = []
     for job in jobs:
@@ -72,6 +69,9 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
             log(f"{job.run_dir.name}: already finished, skipped")
         else:
             pending.append(job)
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # CPU threads shared out between the processes side by side (skipped ones
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(slots, max(1, len(pending)))))  # not)
     running: dict[Job, subprocess.Popen] = {}
     stop = {"why": None, "signalled": False}
 
