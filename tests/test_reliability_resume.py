@@ -175,6 +175,26 @@ def _call_hook(data, at: int, action):
     return dataclasses.replace(data, train_transform=transform)
 
 
+def _second_signal_during_the_save(monkeypatch, signum):
+    """``(first_ctrl_c, second)``: ``first_ctrl_c()`` sends SIGINT; the checkpoint write it causes then gets
+    ``signum`` between its temporary file's fsync and its rename (``second["sent"]`` says it was sent)."""
+    from binaryconnect import checkpoint as checkpoint_module
+
+    real_fsync, second = os.fsync, {"armed": False, "sent": False}
+
+    def fsync_then_signal(fd):
+        real_fsync(fd)
+        if second["armed"] and not second["sent"]:
+            second["sent"] = True
+            os.kill(os.getpid(), signum)
+
+    def first_ctrl_c():
+        second["armed"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_signal)
+    return first_ctrl_c, second
+
 def test_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path, mnist, monkeypatch, capfd, one_thread):
     config = _small(binarization="stochastic")
     reference = tmp_path / "reference"
@@ -182,21 +202,7 @@ def test_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path, mnist, monk
 
     # first Ctrl-C during step 7; the second one arrives in the middle of writing the checkpoint, between
     # the temporary file's fsync and its rename
-    from binaryconnect import checkpoint as checkpoint_module
-
-    real_fsync, second = os.fsync, {"armed": False, "sent": False}
-
-    def fsync_then_ctrl_c(fd):
-        real_fsync(fd)
-        if second["armed"] and not second["sent"]:
-            second["sent"] = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def first_ctrl_c():
-        second["armed"] = True
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_ctrl_c)
+    first_ctrl_c, second = _second_signal_during_the_save(monkeypatch, signal.SIGINT)
     run = tmp_path / "run"
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 1, step 7") as info:
@@ -474,26 +480,12 @@ def test_a_signal_during_the_evaluation_stops_after_the_epoch_with_its_checkpoin
 def test_a_second_signal_of_another_kind_does_not_change_the_stop(tmp_path, mnist, one_thread, monkeypatch):
     """Ctrl-C, then SIGTERM while the checkpoint is being written: the second signal is noted and ignored; the
     stop remains the first one's (SIGINT, exit code 130) and the checkpoint is complete."""
-    from binaryconnect import checkpoint as checkpoint_module
-
-    real_fsync, sent = os.fsync, {"first": False, "second": False}
-
-    def fsync_then_sigterm(fd):
-        real_fsync(fd)
-        if sent["first"] and not sent["second"]:
-            sent["second"] = True
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def first_ctrl_c():
-        sent["first"] = True
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_then_sigterm)
+    first_ctrl_c, second = _second_signal_during_the_save(monkeypatch, signal.SIGTERM)
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 1, step 3") as info:
         fit(_small(epochs=1), run, progress=False, log=_quiet, data=_call_hook(mnist, 3, first_ctrl_c))
     monkeypatch.undo()
-    assert sent["second"] and info.value.exit_code == 130 and info.value.signum == signal.SIGINT
+    assert second["sent"] and info.value.exit_code == 130 and info.value.signum == signal.SIGINT
     assert read_checkpoint_state(run / CHECKPOINT_NAME)["global_step"] == 3
 
 
