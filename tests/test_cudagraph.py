@@ -223,11 +223,12 @@ def test_each_replay_draws_fresh_stochastic_weights():
     assert max(losses["deterministic"]) - min(losses["deterministic"]) < 1e-4
 
 
-def _speed_step_losses(model, forward, batches, capture):
+def _speed_step_losses(model, forward, batches, capture, optimizer=None):
     """Losses of training ``model`` through ``forward`` (speed.training_forward) on ``batches``, eagerly or
-    recorded; PyTorch's global generators seeded first (compiled stochastic layers draw from them)."""
+    recorded, with ``optimizer`` (default: a new one); PyTorch's global generators seeded first (compiled
+    stochastic layers draw from them)."""
     torch.manual_seed(11)
-    optimizer = make_optimizer(model, 1e-2)
+    optimizer = optimizer or make_optimizer(model, 1e-2)
     model.train()
     if capture is None:
         losses = []
@@ -353,24 +354,7 @@ def test_warm_up_gives_back_pytorchs_global_generator(one_thread):
         torch.manual_seed(3)
         model = torch.nn.Sequential(torch.nn.Dropout(0.3), _mlp("deterministic"))
         optimizer = make_optimizer(model, 1e-2)
-        model.train()
-        torch.manual_seed(9)
-        if capture is None:
-            losses = []
-            for x, y in batches:
-                loss = square_hinge_loss(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-        else:
-            step = GraphedStep(lambda a, b, m=model: square_hinge_loss(m(a), b), model, optimizer, *batches[0],
-                               capture=False)
-            losses = []
-            for x, y in batches:
-                step.load(x, y)
-                losses.append(step.forward_backward().item())
-                step.step()
+        losses = _speed_step_losses(model, model, batches, capture, optimizer)
         runs[capture] = losses, model, optimizer, torch.get_rng_state()
     (losses_e, eager, opt_e, rng_e), (losses_g, graphed, opt_g, rng_g) = runs[None], runs[False]
     assert losses_g == losses_e
