@@ -128,16 +128,9 @@ def test_ctrl_c_while_pytorch_imports_ends_with_one_line(monkeypatch, capsys):
     assert entry.main(["recipes"]) == 0 and "mnist-deterministic" in capsys.readouterr().out
 
 
-def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
-    """`binaryconnect recipes | head -3`: the closed pipe ends the command with SIGPIPE's exit code (141)
-    and nothing on stderr, where it printed an error about paths and free space."""
-    from binaryconnect import cli
-
-    def reader_gone(args):
-        raise BrokenPipeError(32, "Broken pipe")
-
-    monkeypatch.setattr(cli, "_cmd_recipes", reader_gone)
-    assert main(["recipes"]) == 141 and capsys.readouterr().err == ""
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`binaryconnect recipes | head -3`, in a real process: the closed pipe ends the command with SIGPIPE's
+    exit code (141) and nothing on stderr, where it printed an error about paths and free space."""
     proc = subprocess.Popen([sys.executable, "-m", "binaryconnect", "recipes"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.close()  # before the command writes: it is still importing PyTorch
@@ -273,9 +266,10 @@ def test_train_run_directory_default_and_an_empty_one(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.splitlines() == ['{"test_error": 0.5}'] * 3  # -q: the summary, as JSON
 
 
-def test_interrupt_and_os_error_exit_codes(monkeypatch, capsys, tmp_path):
+def test_interrupt_os_error_and_closed_pipe_exit_codes(monkeypatch, capsys, tmp_path):
     """Ctrl-C in a command: exit code 130 and one line; an unwritable path: exit code 1 and one line naming
-    the path (not 2, which says the input was wrong)."""
+    the path (not 2, which says the input was wrong); the output's reader gone (a BrokenPipeError, itself an
+    OSError): exit code 141 and nothing on stderr."""
     from binaryconnect import cli
 
     def interrupted(args):
@@ -284,12 +278,17 @@ def test_interrupt_and_os_error_exit_codes(monkeypatch, capsys, tmp_path):
     def unwritable(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
 
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
     monkeypatch.setattr(cli, "_cmd_recipes", interrupted)
     assert main(["recipes"]) == 130 and capsys.readouterr().err == "binaryconnect: interrupted\n"
     monkeypatch.setattr(cli, "_cmd_recipes", unwritable)
     assert main(["recipes"]) == 1
     assert capsys.readouterr().err == (f"binaryconnect: error: Permission denied: {tmp_path / 'x'} (check the path, "
                                        "its permissions and the free space)\n")
+    monkeypatch.setattr(cli, "_cmd_recipes", reader_gone)
+    assert main(["recipes"]) == 141 and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("options, message", [
