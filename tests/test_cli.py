@@ -187,7 +187,8 @@ def test_every_train_option_reaches_the_configuration():
             "--depth", "0", "--val-size", "5000", "--train-subset", "900", "--dataset", "mnist", "--preprocess",
             "center", "--augment", "crop", "--dataset-option", "verify=false", "--compile-mode",
             "max-autotune-no-cudagraphs", "--amp", "bf16", "--channels-last", "--cuda-graph", "--seed", "9",
-            "--device", "cuda:1", "--deterministic", "--checkpoint-every", "50", "--checkpoint-seconds", "0"]
+            "--device", "cuda:1", "--deterministic", "--checkpoint-every", "50", "--checkpoint-seconds", "0",
+            "--time-budget", "540"]
     config = _new_run_config(build_parser().parse_args(argv)).to_dict()
     assert config == {
         "dataset": "mnist", "model": "mlp", "model_kwargs": {"hidden": 32, "depth": 0, "bn_momentum": 0.15},
@@ -196,7 +197,8 @@ def test_every_train_option_reaches_the_configuration():
         "batch_size": 64, "lr_start": 0.002, "lr_end": 0.0001, "val_size": 5000, "train_subset": 900, "seed": 9,
         "device": "cuda:1", "deterministic": True, "compile": True, "compile_mode": "max-autotune-no-cudagraphs",
         "amp": "bf16", "channels_last": True, "cuda_graph": True, "eval_batch_size": 1000, "recipe": "mnist-float",
-        "data_dir": "/d", "download": False, "checkpoint_every": 50, "checkpoint_seconds": 0.0}
+        "data_dir": "/d", "download": False, "checkpoint_every": 50, "checkpoint_seconds": 0.0,
+        "time_budget": 540.0}
 
 
 @pytest.mark.parametrize("argv, message", [

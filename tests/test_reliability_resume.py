@@ -646,7 +646,7 @@ _OTHER_VALUES = {
     "channels_last": {"channels_last": True}, "cuda_graph": {"cuda_graph": True}, "eval_batch_size":
     {"eval_batch_size": 500}, "recipe": {"recipe": "mnist-float"}, "data_dir": {"data_dir": "/elsewhere"},
     "download": {"download": False}, "checkpoint_every": {"checkpoint_every": 50},
-    "checkpoint_seconds": {"checkpoint_seconds": 5.0},
+    "checkpoint_seconds": {"checkpoint_seconds": 5.0}, "time_budget": {"time_budget": 600.0},
 }
 # how long it trains, where and how fast, how often it checkpoints: never what is trained (config.py)
 _MAY_CHANGE = {"epochs", "device", "checkpoint_every", "checkpoint_seconds", "eval_batch_size", "data_dir", "download",

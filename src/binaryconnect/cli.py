@@ -70,7 +70,10 @@ def _add_train(sub) -> None:
                    help="stochastic models at test time: real weights (paper) or sampled binary weights")
     p.add_argument("--eval-samples", type=_positive_int, help="with --stochastic-eval sample: average N samples")
     p.add_argument("--lr-scale", choices=LR_SCALES, help="per-layer learning-rate scale (paper: glorot)")
-    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--epochs", type=_positive_int, help="epochs to train (with --time-budget: at most this many)")
+    p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                   help="train for about SECONDS: after the first epoch, as many epochs as fit (at most --epochs) "
+                        "are planned, and the learning rate decays from --lr-start to --lr-end over them")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr-start", type=_positive_float)
     p.add_argument("--lr-end", type=_positive_float)
@@ -158,7 +161,7 @@ def _new_run_config(args):
 #: ``train`` options that map one to one onto TrainConfig fields.
 _TRAIN_OPTIONS = ("data_dir", "download", "binarization", "H", "ste", "stochastic_eval", "eval_samples", "lr_scale",
                   "epochs", "batch_size", "lr_start", "lr_end", "val_size", "train_subset", "seed", "device",
-                  "deterministic", "checkpoint_every", "checkpoint_seconds")
+                  "deterministic", "checkpoint_every", "checkpoint_seconds", "time_budget")
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -514,7 +517,10 @@ def _check_existing_run(job, config) -> None:
         changes = "; ".join(f"{k} (run: {saved.get(k)!r}, asked: {wanted.get(k)!r})" for k in differ)
         raise ConfigError(f"{job.run_dir} holds a run with other options: {changes}; choose another -o, or "
                           "delete that run directory to train it anew")
+    planned = saved.get("time_budget") is not None  # (then the same budget: time_budget may not change)
     if (job.run_dir / "summary.json").is_file() and saved.get("epochs") != wanted["epochs"]:
+        if planned and wanted["epochs"] > saved.get("epochs", 0):
+            return  # the budget planned fewer epochs than the cap the sweep asks for again: the run is done
         if wanted["epochs"] < saved.get("epochs", 0):
             raise ConfigError(f"{job.run_dir} has trained {saved['epochs']} epochs; ask for at least that many "
                               f"(--epochs), got {wanted['epochs']}")

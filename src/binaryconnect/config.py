@@ -55,6 +55,8 @@ class TrainConfig:
     download: bool = True
     checkpoint_every: int | None = None  # also checkpoint every N optimizer steps
     checkpoint_seconds: float = 30.0  # at epoch ends, checkpoint only if this long since the last (0: always)
+    time_budget: float | None = None  # seconds of training: after the first epoch, plan the epochs (at most
+    # `epochs`) that fit in it; `epochs` then becomes the planned number (train.py, plan_epochs)
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first invalid option and what is allowed; return self."""
@@ -90,6 +92,10 @@ class TrainConfig:
         if not (isinstance(self.checkpoint_seconds, (int, float)) and not isinstance(self.checkpoint_seconds, bool)
                 and math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
             raise ConfigError(f"checkpoint_seconds must be a non-negative number, got {self.checkpoint_seconds!r}")
+        if self.time_budget is not None and not (
+                isinstance(self.time_budget, (int, float)) and not isinstance(self.time_budget, bool)
+                and math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         for name in ("H", "lr_start", "lr_end"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

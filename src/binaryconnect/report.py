@@ -136,8 +136,16 @@ def unique_runs(runs: list[Run]) -> list[Run]:
     return unique
 
 
+def _experiment(config: dict) -> dict:
+    """The options that make the experiment: not the seed, device, speed options ..., not the epochs a
+    time budget planned (they differ from run to run of one experiment), and not options left at None (a
+    run directory written before an option existed lacks it: the same experiment)."""
+    skip = NOT_THE_EXPERIMENT + (("epochs",) if config.get("time_budget") is not None else ())
+    return {k: v for k, v in config.items() if k not in skip and v is not None}
+
+
 def _key(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
+    return json.dumps(_experiment(config), sort_keys=True)
 
 
 def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]:
@@ -153,8 +161,7 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
         key = _key(run.config)
         if key not in groups:
             c = run.config
-            groups[key] = Group(c.get("recipe") or f"{c.get('model')} {c.get('binarization')}",
-                                {k: v for k, v in c.items() if k not in NOT_THE_EXPERIMENT})
+            groups[key] = Group(c.get("recipe") or f"{c.get('model')} {c.get('binarization')}", _experiment(c))
         groups[key].runs.append(run)
     result = list(groups.values())
     base = [g.label for g in result]
@@ -164,7 +171,8 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
         differs = sorted({k for o in same_label for k in g.config.keys() | o.config.keys()
                           if g.config.get(k) != o.config.get(k)})
         if differs:
-            g.label += " " + " ".join(f"{k}={json.dumps(g.config.get(k), sort_keys=True)}" for k in differs)
+            g.label += " " + " ".join(f"{k}={json.dumps(g.config.get(k), sort_keys=True)}" for k in differs
+                                      if k in g.config)  # (a budget's planned epochs are not in it)
     return result
 
 

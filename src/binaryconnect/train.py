@@ -28,6 +28,7 @@ bad step is still named exactly, and no weight it touched is ever saved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -143,6 +144,71 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+#: The share of a time budget that planned epochs may fill: the rest absorbs epoch-to-epoch variation.
+BUDGET_MARGIN = 0.98
+
+
+def plan_epochs(budget: float, elapsed: float, epoch_seconds: float, final_seconds: float, cap: int,
+                margin: float = BUDGET_MARGIN) -> int:
+    """The number of epochs, the first (already trained) included, that a run with a time budget trains:
+    as many as fit, at ``epoch_seconds`` each, in ``margin * budget`` seconds after the ``elapsed`` ones and
+    the ``final_seconds`` of the last checkpoint; at least 1, at most ``cap`` (the configured epochs)."""
+    if epoch_seconds <= 0:
+        return cap
+    room = margin * budget - elapsed - final_seconds
+    return max(1, min(cap, 1 + math.floor(room / epoch_seconds)))
+
+
+class _FirstEpochTimer:
+    """Times the first epoch of a run with a time budget, for ``plan_epochs``: the steps of its second half
+    (the first ones pay for compilation and cuDNN's autotuning), then what follows the steps (evaluation,
+    the best model's copy, metrics). The device is synchronized at each mark: queued GPU work counts."""
+
+    def __init__(self, steps: int, first_step: int, device: torch.device) -> None:
+        self.steps, self.device = steps, device
+        self.mark = max(first_step, steps // 2)  # steps done when the clock starts
+        self.t_mark = self._now() if first_step >= self.mark else None
+        self.t_trained = math.nan
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def after_step(self, steps_done: int) -> None:
+        if steps_done == self.mark and self.t_mark is None:
+            self.t_mark = self._now()
+
+    def trained(self) -> None:
+        self.t_trained = self._now()
+
+    def epoch_seconds(self, checkpoint_seconds: float, config: TrainConfig, elapsed: float) -> float:
+        """Seconds per epoch from now on: the steps at the second half's rate, the rest as measured, and the
+        checkpoints written per epoch (``checkpoint_seconds`` each) at the configured intervals. A run resumed
+        after the epoch's last step timed none of them: its steps count as the ``elapsed`` seconds of the run
+        so far (an overestimate: they include its start)."""
+        timed = self.steps - self.mark
+        train = (self.t_trained - self.t_mark) / timed * self.steps if timed > 0 else elapsed
+        base = train + (time.perf_counter() - self.t_trained)
+        writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, base / config.checkpoint_seconds)
+        if config.checkpoint_every:
+            writes += self.steps / config.checkpoint_every
+        return base + writes * checkpoint_seconds
+
+
+def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, log) -> int:
+    """The epochs a run with a time budget trains, planned at the end of its first epoch (``elapsed`` seconds
+    of training so far), and a line saying why."""
+    per_epoch = timer.epoch_seconds(checkpoint_seconds, config, elapsed)
+    cap = config.epochs
+    epochs = plan_epochs(config.time_budget, elapsed, per_epoch, checkpoint_seconds, cap)
+    log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s so far, {per_epoch:.2f} s per epoch from now on "
+        f"(checkpoint {checkpoint_seconds:.2f} s): {epochs} epoch{'s' * (epochs != 1)}"
+        + (" (all of the --epochs cap)" if epochs == cap else f" of at most {cap}")
+        + (f"; the first epoch alone took {elapsed:.0f} s of the budget" if epochs == 1 < cap else ""))
+    return epochs
 
 
 @dataclass
@@ -262,8 +328,11 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
 
     ``overrides`` are configuration options as for ``recipe_config`` (None: unchanged). Only those in
     ``config.RESUME_MAY_CHANGE`` (epochs, device ...) may differ from the run's; they are recorded in
-    ``config.json``. Anything else that differs (architecture, binarization, dataset, seed ...), or training
-    data that differ from the run's, is refused with a message saying what differs.
+    ``config.json``. A run with a time budget has planned its epochs after the first: given with the same
+    ``time_budget`` again, ``epochs`` is the cap of that plan (a larger one changes nothing); given without
+    it, ``epochs`` is the new number of epochs as for any run. Anything else that differs (architecture,
+    binarization, dataset, seed ...), or training data that differ from the run's, is refused with a message
+    saying what differs.
     """
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT_NAME
@@ -275,6 +344,9 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
         saved = TrainConfig.from_dict(state["config"]).validate()
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an unusable configuration ({exc})") from None
+    if (saved.time_budget is not None and state.get("epoch", 0) >= 1 and overrides.get("epochs") is not None
+            and overrides.get("time_budget") == saved.time_budget and overrides["epochs"] >= saved.epochs):
+        overrides["epochs"] = None  # the cap the budget planned under (a sweep repeats its options): the plan stands
     try:
         config, changes = resume_config(saved, **overrides)
     except ConfigError as exc:
@@ -308,6 +380,7 @@ def _check_cuda_graph(config: TrainConfig, device: torch.device) -> None:
 def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
          checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None) -> dict:
     """The training run behind ``fit`` (``checkpoint`` None) and ``resume`` (a loaded checkpoint)."""
+    config = dataclasses.replace(config)  # a time budget sets its epochs: the caller's object stays as it was
     device = resolve_device(config.device)
     _check_cuda_graph(config, device)
     if progress is None:
@@ -383,6 +456,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         )
 
     best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
+    checkpoint_cost = 0.0  # seconds the last checkpoint (and best model) took to write: a time budget plans them
 
     def write_best_model() -> None:
         """model.safetensors := the best model so far, if it changed since it was last written."""
@@ -392,12 +466,14 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             best_written = p.best_model
 
     def write_checkpoint(epoch: int) -> None:
-        nonlocal last_saved, saved_at
+        nonlocal last_saved, saved_at, checkpoint_cost
         check_finite(epoch, before_step=False)
-        _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + time.perf_counter() - start)
+        t = time.perf_counter()
+        _save(checkpoint_path, p, info, model, optimizer, generators, p.seconds + t - start)
         last_saved = f"epoch {p.epoch + 1}, step {p.step}"
         write_best_model()  # the checkpoint's best model
         saved_at = time.perf_counter()
+        checkpoint_cost = saved_at - t
 
     if checkpoint is None:
         write_checkpoint(p.epoch)  # at step 0: a run can be resumed from its very start
@@ -407,9 +483,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     write_best_model()  # resuming: the checkpoint's best model (a crash may have left another one)
     (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it says so
     n_params = sum(prm.numel() for prm in model.parameters())
+    planning = config.time_budget is not None and p.epoch == 0  # the epochs are planned after the first
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
-        f"{config.epochs} epochs, device {device}, run dir {run_dir}")
+        + (f"at most {config.epochs} epochs in {config.time_budget:g} s (planned after the first)" if planning
+           else f"{config.epochs} epochs") + f", device {device}, run dir {run_dir}")
 
     # a run that fails (a NaN loss, an error) leaves the best model of its finished epochs: each passed the
     # NaN/Inf check before it was evaluated, so no weight a bad step touched is in it
@@ -422,8 +500,10 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
                                 data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
 
-        for epoch in range(p.epoch, config.epochs):
+        epoch = p.epoch
+        while epoch < config.epochs:  # (a time budget sets config.epochs after the first epoch)
             t0 = time.perf_counter()
+            timer = _FirstEpochTimer(steps, p.step, device) if planning else None
             if p.step == 0:  # a new epoch: its learning rate, its permutation of the training set
                 p.lr = exponential_lr(epoch, config.epochs, config.lr_start, config.lr_end)
                 p.perm = torch.randperm(n_train, generator=generators["shuffle"])
@@ -455,6 +535,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 graph.step() if graph is not None else optimizer.step()  # also clips the latent weights to [-H, H]
                 loss_sum += loss.detach()
                 p.step, p.global_step = step + 1, p.global_step + 1
+                if timer is not None:
+                    timer.after_step(p.step)
                 every = config.checkpoint_every
                 if stop.signum or (every and p.global_step % every == 0 and p.step < steps):
                     p.loss_sum = loss_sum
@@ -463,6 +545,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                         raise _interrupted(stop.signum, f"at epoch {epoch + 1}, step {p.step}", checkpoint_path)
             p.loss_sum = loss_sum
             check_finite(epoch, before_step=False)  # the epoch's last losses, before evaluating and saving
+            if timer is not None:
+                timer.trained()
 
             # --- evaluate; keep the best-validation model ---
             val_error, _ = evaluate(model, data.val_x, data.val_y, config.eval_batch_size, config.eval_samples)
@@ -479,6 +563,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             p.history.append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if timer is not None:  # the time budget: how many epochs fit, this one included
+                config.epochs = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, log)
+                info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
+                atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
+                planning, timer = False, None
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
@@ -488,6 +577,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 write_checkpoint(epoch)  # count of --checkpoint-every that ends an epoch is written here)
             if stop.signum:
                 raise _interrupted(stop.signum, f"after epoch {epoch + 1}", checkpoint_path)
+            epoch += 1
 
     best = p.best
     summary = {"recipe": config.recipe, "binarization": config.binarization, "seed": config.seed,

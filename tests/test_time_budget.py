@@ -1,0 +1,274 @@
+"""``time_budget`` (``--time-budget SECONDS``): after the first epoch a run plans how many epochs fit in its
+budget (at most ``epochs``), and from then on is the run of that many epochs: same learning-rate schedule,
+same weights. Tests run real MNIST on the CPU; where the number of epochs must be known, ``plan_epochs`` is
+replaced by one that records its arguments and returns a chosen number (the timing itself is not tested
+here: speed lives in benchmarks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from binaryconnect import train
+from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_tensors, read_checkpoint_state
+from binaryconnect.cli import main
+from binaryconnect.errors import ConfigError, TrainingInterrupted
+from binaryconnect.optim import exponential_lr
+from binaryconnect.report import format_report, group_runs, read_run
+from binaryconnect.train import fit, plan_epochs, resume
+from helpers import assert_one_line_error, quiet, small_config
+
+
+def _light(data, stop_at: int | None = None):
+    """``data`` with 1,000 validation and test images (fast evaluations) and, with ``stop_at``, a training
+    transform that changes nothing but sends SIGINT to this process at global step ``stop_at``."""
+    calls = {"n": 0}
+
+    def transform(x, generator):  # noqa: ARG001
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return x
+
+    return dataclasses.replace(data, val_x=data.val_x[:1000], val_y=data.val_y[:1000], test_x=data.test_x[:1000],
+                               test_y=data.test_y[:1000], train_transform=transform if stop_at else None)
+
+
+def _config(**kw):
+    return small_config(train_subset=600, **{"epochs": 8, "time_budget": 60.0, **kw})
+
+
+def _planned(monkeypatch, epochs: int) -> list[tuple]:
+    """Make every plan ``epochs`` epochs (capped as the real one caps); return the list its calls go to."""
+    calls = []
+
+    def fake(budget, elapsed, epoch_seconds, final_seconds, cap, margin=train.BUDGET_MARGIN):
+        calls.append((budget, elapsed, epoch_seconds, final_seconds, cap))
+        return min(epochs, cap)
+
+    monkeypatch.setattr(train, "plan_epochs", fake)
+    return calls
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("budget, elapsed, epoch_seconds, final_seconds, cap, margin, want", [
+    (100, 10, 5, 1, 1000, 0.98, 18),  # room 98 - 10 - 1 = 87: 17 more epochs of 5 s, and the first
+    (100, 10, 5, 1, 1000, 1.0, 18),   # room 89: still 17 more
+    (100, 10, 5, 0, 1000, 1.0, 19),   # room 90: exactly 18 more
+    (100, 10, 5, 1, 12, 0.98, 12),    # the cap
+    (100, 99, 5, 1, 1000, 0.98, 1),   # no room: the first epoch only
+    (100, 150, 5, 1, 1000, 0.98, 1),  # the first epoch alone overran the budget
+    (100, 10, 0.0, 1, 7, 0.98, 7),    # an epoch that took no measurable time: the cap
+])
+def test_plan_epochs_fits_whole_epochs_into_the_margin_of_the_budget(budget, elapsed, epoch_seconds,
+                                                                     final_seconds, cap, margin, want):
+    assert plan_epochs(budget, elapsed, epoch_seconds, final_seconds, cap, margin) == want
+    assert train.BUDGET_MARGIN == 0.98  # the default margin the README states
+
+
+def test_a_planned_run_is_the_run_of_that_many_epochs(tmp_path, mnist, monkeypatch, one_thread):
+    """A budget that plans 3 epochs of at most 8 gives, tensor for tensor, the run of ``epochs=3`` without a
+    budget: the first epoch (trained before the plan, at ``lr_start`` either way) and the schedule after it
+    are those of 3 epochs. The run directory says 3 epochs, and the budget it was planned under."""
+    calls = _planned(monkeypatch, 3)
+    data = _light(mnist)
+    lines = []
+    summary = fit(_config(), tmp_path / "budget", progress=False, log=lines.append, data=data)
+    fit(_config(epochs=3, time_budget=None), tmp_path / "plain", progress=False, log=quiet, data=data)
+    [(budget, elapsed, epoch_seconds, final_seconds, cap)] = calls  # planned once, after the first epoch
+    assert (budget, cap) == (60.0, 8) and elapsed > 0 and epoch_seconds > 0 and final_seconds > 0
+    got, _ = load_checkpoint(tmp_path / "budget" / CHECKPOINT_NAME)
+    want, _ = load_checkpoint(tmp_path / "plain" / CHECKPOINT_NAME)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    (model, _), (plain_model, _) = (load_tensors(tmp_path / r / "model.safetensors") for r in ("budget", "plain"))
+    assert all(torch.equal(model[k], plain_model[k]) for k in plain_model)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "budget")]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "plain")]
+    assert [r["lr"] for r in strip] == [exponential_lr(e, 3, 1e-3, 3e-6) for e in range(3)]
+    config = json.loads((tmp_path / "budget" / "config.json").read_text())["config"]
+    assert (config["epochs"], config["time_budget"], summary["epochs"]) == (3, 60.0, 3)
+    assert "at most 8 epochs in 60 s (planned after the first)" in lines[0]
+    [plan] = [line for line in lines if line.startswith("time budget")]
+    assert plan.startswith("time budget 60 s: ") and plan.endswith(": 3 epochs of at most 8")
+    assert lines.index(plan) == 1 and lines[2].startswith("epoch    1/3 ")  # planned before epoch 1's line
+
+
+def test_the_caller_s_configuration_is_left_as_it_was(tmp_path, mnist, monkeypatch):
+    _planned(monkeypatch, 2)
+    config = _config()
+    fit(config, tmp_path / "run", progress=False, log=quiet, data=_light(mnist))
+    assert config.epochs == 8 and config.time_budget == 60.0
+
+
+def test_the_real_plan_with_a_large_and_a_tiny_budget(tmp_path, mnist, one_thread):
+    """Unpatched: a budget of a day trains all of the cap (3 epochs); one of a microsecond stops after the
+    first epoch, which alone took more, and says so."""
+    data = _light(mnist)
+    lines = []
+    fit(_config(epochs=3, time_budget=86_400.0), tmp_path / "day", progress=False, log=lines.append, data=data)
+    assert any(line.endswith(": 3 epochs (all of the --epochs cap)") for line in lines)
+    assert len(_metrics(tmp_path / "day")) == 3
+    lines = []
+    summary = fit(_config(time_budget=1e-6), tmp_path / "tiny", progress=False, log=lines.append, data=data)
+    assert summary["epochs"] == 1 and len(_metrics(tmp_path / "tiny")) == 1
+    [plan] = [line for line in lines if line.startswith("time budget")]
+    assert ": 1 epoch of at most 8; the first epoch alone took " in plan
+    state = read_checkpoint_state(tmp_path / "tiny" / CHECKPOINT_NAME)
+    assert (state["epoch"], state["step"], state["config"]["epochs"]) == (1, 0, 1)  # the final checkpoint
+
+
+def test_the_plan_s_measurements_come_from_the_run(tmp_path, mnist, monkeypatch, one_thread):
+    """What the plan is given: the budget, the run's seconds so far (at least its first epoch's), seconds per
+    epoch no larger than the whole first epoch (whose first steps pay for warming up) and positive, and the
+    checkpoint's write time; and an epoch's time times the planned epochs fits the margin of the budget."""
+    seen = []
+    real = train.plan_epochs
+
+    def spy(*args, **kwargs):
+        seen.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "plan_epochs", spy)
+    summary = fit(_config(epochs=1000, time_budget=4.0), tmp_path / "run", progress=False, log=quiet,
+                  data=_light(mnist))
+    [(budget, elapsed, epoch_seconds, final_seconds, cap)] = seen
+    first = _metrics(tmp_path / "run")[0]["seconds"]
+    assert budget == 4.0 and cap == 1000 and elapsed >= first and 0 < final_seconds < 4.0
+    assert 0 < epoch_seconds <= first + final_seconds
+    planned = summary["epochs"]
+    assert planned == real(budget, elapsed, epoch_seconds, final_seconds, cap)
+    assert 1 <= planned < 1000 and elapsed + (planned - 1) * epoch_seconds + final_seconds <= 0.98 * 4.0
+
+
+def test_a_planned_run_stopped_and_resumed_keeps_its_plan(tmp_path, mnist, monkeypatch, one_thread):
+    """Ctrl-C in epoch 2 of a run planned to 3 epochs; resumed as a repeated sweep resumes it (the same budget
+    and cap again), it ends as the uninterrupted run: the plan stands. Resumed with --epochs and no budget,
+    the finished run trains on to the new number, as any run."""
+    _planned(monkeypatch, 3)
+    config = _config()
+    fit(config, tmp_path / "reference", progress=False, log=quiet, data=_light(mnist))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 2, step 2"):
+        fit(config, run, progress=False, log=quiet, data=_light(mnist, stop_at=8))  # 6 steps per epoch
+    assert read_checkpoint_state(run / CHECKPOINT_NAME)["config"]["epochs"] == 3
+    resume(run, progress=False, log=quiet, data=_light(mnist), epochs=8, time_budget=60.0)
+    got, want = (load_checkpoint(r / CHECKPOINT_NAME)[0] for r in (run, tmp_path / "reference"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert len(_metrics(run)) == 3
+    lines = []
+    summary = resume(run, progress=False, log=lines.append, data=_light(mnist), epochs=8, time_budget=60.0)
+    assert summary["epochs"] == 3 and "already finished its 3 epochs" in lines[0]
+    summary = resume(run, progress=False, log=quiet, data=_light(mnist), epochs=4)
+    assert summary["epochs"] == 4 and len(_metrics(run)) == 4
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch; after the last of its 6 steps
+def test_a_run_stopped_in_its_first_epoch_plans_when_resumed(tmp_path, mnist, monkeypatch, one_thread, stop_at):
+    calls = _planned(monkeypatch, 2)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=f"stopped by SIGINT at epoch 1, step {stop_at}"):
+        fit(_config(), run, progress=False, log=quiet, data=_light(mnist, stop_at=stop_at))
+    assert calls == [] and read_checkpoint_state(run / CHECKPOINT_NAME)["config"]["epochs"] == 8
+    summary = resume(run, progress=False, log=quiet, data=_light(mnist))
+    [(_, elapsed, epoch_seconds, _, cap)] = calls
+    assert cap == 8 and summary["epochs"] == 2 and elapsed > 0 and epoch_seconds > 0
+    if stop_at == 6:  # no step left to time: the run so far stands for them
+        assert epoch_seconds >= elapsed
+
+
+def test_a_different_budget_is_refused_when_resuming(tmp_path, mnist, monkeypatch):
+    _planned(monkeypatch, 2)
+    fit(_config(), tmp_path / "run", progress=False, log=quiet, data=_light(mnist))
+    with pytest.raises(ConfigError, match=r"different time_budget \(run: 60.0, asked: 30.0\)"):
+        resume(tmp_path / "run", progress=False, log=quiet, data=_light(mnist), time_budget=30.0)
+
+
+@pytest.mark.parametrize("value", [0, -5.0, math.nan, math.inf, True, "60"])
+def test_time_budget_is_validated(value):
+    with pytest.raises(ConfigError, match="time_budget must be a positive number of seconds, got "):
+        small_config(time_budget=value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_cli_time_budget_is_validated(value, capsys):
+    assert_one_line_error(["train", "mnist-float", "--time-budget", value], "--time-budget", capsys)
+
+
+def test_cli_trains_with_a_time_budget_and_a_sweep_repeat_skips_the_planned_run(tmp_path, data_root, capsys):
+    """The command line passes --time-budget through; a repeated sweep with the same options finds the
+    run finished (its planned epochs are fewer than the cap it asks for again) and skips it."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "mnist-float", "--seeds", "0", "-o", str(out), "--", "--data-dir", str(data_root),
+            "--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu", "--epochs", "500",
+            "--time-budget", "1e-6"]
+    assert main(argv) == 0
+    config = json.loads((out / "mnist-float-s0" / "config.json").read_text())["config"]
+    assert (config["epochs"], config["time_budget"]) == (1, 1e-6)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "mnist-float-s0: already finished, skipped" in capsys.readouterr().out
+
+
+def test_report_puts_the_seeds_of_a_budgeted_experiment_in_one_row(tmp_path, mnist, monkeypatch):
+    """Two seeds planned to different numbers of epochs are one experiment (the budget is the experiment,
+    not the epochs it planned); plain runs with different epochs stay two."""
+    data = _light(mnist)
+    for seed, epochs in ((0, 2), (1, 3)):
+        _planned(monkeypatch, epochs)
+        fit(_config(seed=seed), tmp_path / f"b{seed}", progress=False, log=quiet, data=data)
+    for seed, epochs in ((0, 1), (1, 2)):
+        fit(_config(seed=seed, epochs=epochs, time_budget=None), tmp_path / f"p{seed}", progress=False, log=quiet,
+            data=data)
+    groups = group_runs([read_run(tmp_path / r) for r in ("b0", "b1", "p0", "p1")])
+    assert [[r.path.name for r in g.runs] for g in groups] == [["b0", "b1"], ["p0"], ["p1"]]
+    assert groups[0].label == "mnist-deterministic time_budget=60.0"  # not the epochs it planned
+    assert [g.label for g in groups[1:]] == [f"mnist-deterministic epochs={e}" for e in (1, 2)]
+    old = tmp_path / "p1" / "config.json"  # a run directory from before time budgets: no such key, same row
+    saved = json.loads(old.read_text())
+    del saved["config"]["time_budget"]
+    old.write_text(json.dumps(saved))
+    fit(_config(seed=0, epochs=2, time_budget=None), tmp_path / "p0b", progress=False, log=quiet, data=data)
+    groups = group_runs([read_run(tmp_path / r) for r in ("p0b", "p1")])
+    assert [[r.path.name for r in g.runs] for g in groups] == [["p0b", "p1"]]
+    assert "s0 " in format_report([read_run(tmp_path / r) for r in ("b0", "b1")]).splitlines()[1]
+
+
+@pytest.mark.parametrize("checkpoint_seconds, checkpoint_every, first_step, want", [
+    (30.0, None, 0, 12.0 + 0.4 * 2.0),     # 10 steps at the second half's 1 s, 2 s after them; a checkpoint
+    (0.0, None, 0, 12.0 + 2.0),            # every 30 s (0.4 per epoch) or, with 0, every epoch
+    (30.0, 5, 0, 12.0 + 2.4 * 2.0),        # and two more per epoch every 5 steps
+    (30.0, None, 7, 12.0 + 0.4 * 2.0),     # resumed at step 7: the clock starts there
+])
+def test_first_epoch_timer_rates_the_second_half_of_the_steps(monkeypatch, checkpoint_seconds, checkpoint_every,
+                                                                 first_step, want):
+    """The first steps (compilation, autotuning: 50 s here) do not count: the steps after the middle do
+    (or after a resume's first step, when it is later), at their rate, then what followed them as it was."""
+    mark = max(first_step, 5)
+    ticks = iter([50.0 + mark, 60.0, 62.0])  # the clock at the mark, after the last step, at the plan
+    monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    timer = train._FirstEpochTimer(10, first_step, torch.device("cpu"))
+    for done in range(first_step + 1, 11):
+        timer.after_step(done)
+    timer.trained()
+    config = _config(checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every)
+    assert timer.epoch_seconds(2.0, config, 99.0) == pytest.approx(want)
+    assert next(ticks, None) is None  # each mark read the clock once
+
+
+def test_a_run_resumed_after_its_first_epoch_s_last_step_counts_the_run_so_far(monkeypatch):
+    """Stopped after the last step of epoch 1 (a checkpoint at step 10 of 10), resumed: no step is left to
+    time, so the steps count as the run's seconds so far; evaluation and checkpoints are added as measured."""
+    ticks = iter([60.0, 60.0, 62.0])
+    monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    timer = train._FirstEpochTimer(10, 10, torch.device("cpu"))
+    timer.trained()
+    assert timer.epoch_seconds(2.0, _config(checkpoint_seconds=0.0), 40.0) == pytest.approx(40.0 + 2.0 + 2.0)
