@@ -137,3 +137,20 @@ def test_hard_sigmoid_is_the_probability_of_plus_H_in_closed_form():
     wb = binarize_stochastic(w, 1.0, torch.Generator().manual_seed(3))
     p = 0.75
     assert abs(wb.mean().item() - (2 * p - 1)) <= 6 * 2 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_ties_u_equal_p_give_minus_H(device):
+    """Where the uniform number equals the probability exactly (``W = 2u - 1``, H = 1, so ``p = u`` with no
+    rounding), ``u < p`` is false: -H; one ulp of W above, +H wherever that ulp survives in p. A kernel that
+    took ``u - p <= 0`` or the sign of ``p - u`` (zero as +H) for the comparison gets the ties wrong."""
+    u = torch.rand(100_000, generator=torch.Generator(device).manual_seed(3), device=device)
+    w = 2 * u - 1
+    assert torch.equal((w + 1) * 0.5, u)  # the ties are exact
+    tie = binarize_stochastic(w, 1.0, torch.Generator(device).manual_seed(3))
+    assert torch.equal(tie, torch.full_like(w, -1.0))
+    w = torch.nextafter(w, torch.full_like(w, 2.0))
+    above = binarize_stochastic(w, 1.0, torch.Generator(device).manual_seed(3))
+    broken = u < (w + 1) * 0.5  # p above u where W + 1 keeps W's last bit: at least for W < -1/2
+    assert broken[w < -0.5].all() and broken.float().mean() > 0.2
+    assert torch.equal(above, torch.where(broken, 1.0, -1.0))

@@ -36,8 +36,22 @@ def plus_minus(condition: torch.Tensor, H: float, dtype: torch.dtype) -> torch.T
     return condition.to(dtype).mul_(2.0 * H).sub_(H)
 
 
+def _eager_cpu(w: torch.Tensor) -> bool:
+    """Whether ``w`` takes the CPU kernels below (not while torch.compile traces: Inductor fuses either form)."""
+    return w.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def binarize_deterministic(w: torch.Tensor, H: float = 1.0) -> torch.Tensor:
-    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``)."""
+    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``).
+
+    On the CPU as ``copysign(H, W + 0)`` in one new tensor: adding +0 turns -0.0 into +0.0 (IEEE 754
+    round-to-nearest), so every zero gets +H; two vectorized passes over the weights instead of the four
+    (and two allocations) of comparing and converting, 1.6-1.8x faster (``bench/bench_train_step.py``,
+    BENCHMARKS.md). A NaN weight (a diverged run: training stops at its NaN loss) gets the sign of its sign bit.
+    """
+    if _eager_cpu(w):
+        out = w.detach() + 0.0
+        return torch.copysign(torch.tensor(H, dtype=w.dtype), out, out=out)
     return plus_minus(w >= 0, H, w.dtype)
 
 
@@ -52,6 +66,11 @@ def binarize_stochastic(
     # u < hard_sigmoid(x) is u < (x + 1) / 2 for u in [0, 1): the clip changes no comparison, so it is skipped
     p = (w.detach() / H).add_(1.0).mul_(0.5)
     u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+    if _eager_cpu(w) and w.dtype == torch.float32:
+        # u - p < 0 exactly where u < p (two different floats never subtract to zero; u == p gives +0.0), so
+        # -copysign(H, u - p) is +H there and -H elsewhere: in u's memory, three passes instead of four and
+        # two fewer allocations
+        return torch.copysign(torch.tensor(H, dtype=torch.float32), u.sub_(p), out=u).neg_()
     return plus_minus(u < p, H, w.dtype)
 
 
