@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from binaryconnect import optim
 from binaryconnect.layers import BinaryConv2d, BinaryLinear
 from binaryconnect.optim import (
     clip_latent_,
@@ -111,13 +112,19 @@ def test_adam_is_pytorch_adam_with_its_defaults():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-def test_clip_respects_H_and_skips_float_layers():
+@pytest.mark.parametrize("foreach", [None, False, True])  # the device's choice (CPU: per weight), and each way
+def test_clip_respects_H_and_skips_float_layers(foreach):
+    def clip(model):  # the public function, or the private one made to go each way
+        if foreach is None:
+            return clip_latent_(model)
+        return optim._clip_(optim._latent_weights_by_H(model), foreach)
+
     a = BinaryLinear(4, 4, H=0.5)
     b = BinaryLinear(4, 4, binarization="none")
     with torch.no_grad():
         a.weight.fill_(3.0)
         b.weight.fill_(3.0)
-    clip_latent_(nn.Sequential(a, b))
+    clip(nn.Sequential(a, b))
     assert torch.all(a.weight == 0.5)
     assert torch.all(b.weight == 3.0)
 
@@ -127,7 +134,7 @@ def test_clip_respects_H_and_skips_float_layers():
             layer.weight.normal_(0.0, 3.0)
             layer.weight[0, :3] = torch.tensor([float("inf"), -float("inf"), -0.0])
     expected = [layer.weight.detach().clamp(-layer.H, layer.H) for layer in layers]
-    clip_latent_(nn.Sequential(*layers))
+    clip(nn.Sequential(*layers))
     for layer, want in zip(layers, expected, strict=True):
         assert torch.equal(layer.weight, want)
         assert torch.equal(torch.signbit(layer.weight), torch.signbit(want))  # -0.0 stays -0.0, as clamp_ leaves it

@@ -69,12 +69,20 @@ def _latent_weights_by_H(model: nn.Module) -> list[tuple[float, list[torch.Tenso
 
 
 @torch.no_grad()
-def _clip_(groups: list[tuple[float, list[torch.Tensor]]]) -> None:
-    # min(max(w, -H), H) as clamp_(-H, H) computes it, for all weights of one H at once: on a GPU two
-    # multi-tensor launches instead of one clamp per layer (the step of a small network is launch-bound)
+def _clip_(groups: list[tuple[float, list[torch.Tensor]]], foreach: bool | None = None) -> None:
+    """min(max(w, -H), H), as clamp_(-H, H) computes it. ``foreach`` (default: off the CPU) clamps all
+    weights of one H at once, two multi-tensor launches instead of one clamp per layer (on a GPU the step of
+    a small network is launch-bound); else one clamp_ per weight, one pass over it instead of two (on the
+    CPU half the time, measured)."""
     for H, weights in groups:
-        torch._foreach_clamp_min_(weights, -H)
-        torch._foreach_clamp_max_(weights, H)
+        if foreach is None:
+            foreach = weights[0].device.type != "cpu"
+        if foreach:
+            torch._foreach_clamp_min_(weights, -H)
+            torch._foreach_clamp_max_(weights, H)
+        else:
+            for w in weights:
+                w.clamp_(-H, H)
 
 
 def clip_latent_(model: nn.Module) -> None:
