@@ -94,8 +94,12 @@ def test_a_planned_run_is_the_run_of_that_many_epochs(tmp_path, mnist, monkeypat
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "budget")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "plain")]
     assert [r["lr"] for r in strip] == [exponential_lr(e, 3, 1e-3, 3e-6) for e in range(3)]
-    config = json.loads((tmp_path / "budget" / "config.json").read_text())["config"]
+    written = json.loads((tmp_path / "budget" / "config.json").read_text())
+    config, plan = written["config"], written["plan"]
     assert (config["epochs"], config["time_budget"], summary["epochs"]) == (3, 60.0, 3)
+    assert plan == {"epochs": 3, "cap": 8, "time_budget": 60.0, "elapsed_seconds": elapsed,
+                    "epoch_seconds": plan["epoch_seconds"], "checkpoint_seconds": final_seconds}
+    assert "plan" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "at most 8 epochs in 60 s (planned after the first)" in lines[0]
     [plan] = [line for line in lines if line.startswith("time budget")]
     assert plan.startswith("time budget 60 s: ") and plan.endswith(": 3 epochs of at most 8")
@@ -179,10 +183,26 @@ def test_a_run_stopped_in_its_first_epoch_plans_when_resumed(tmp_path, mnist, mo
         fit(_config(), run, progress=False, log=quiet, data=_light(mnist, stop_at=stop_at))
     assert calls == [] and read_checkpoint_state(run / CHECKPOINT_NAME)["config"]["epochs"] == 8
     summary = resume(run, progress=False, log=quiet, data=_light(mnist))
-    [(_, elapsed, epoch_seconds, _, cap)] = calls
+    [(_, elapsed, epoch_seconds, checkpoint_seconds, cap)] = calls
     assert cap == 8 and summary["epochs"] == 2 and elapsed > 0 and epoch_seconds > 0
+    assert checkpoint_seconds > 0  # the resumed process wrote a checkpoint first, to know what one costs
     if stop_at == 6:  # no step left to time: the run so far stands for them
         assert epoch_seconds >= elapsed
+
+
+def test_a_plan_that_took_its_whole_cap_trains_on_when_resumed_with_more_epochs(tmp_path, mnist, monkeypatch,
+                                                                              one_thread):
+    """Planned to all of its cap (2), resumed with the same budget and another --epochs (5): that is the new
+    number of epochs, as for any run; with the cap again, nothing to do."""
+    _planned(monkeypatch, 100)
+    run = tmp_path / "run"
+    assert fit(_config(epochs=2), run, progress=False, log=quiet, data=_light(mnist))["epochs"] == 2
+    lines = []
+    assert resume(run, progress=False, log=lines.append, data=_light(mnist), epochs=2, time_budget=60.0)["epochs"] == 2
+    assert "already finished its 2 epochs" in lines[0]
+    assert resume(run, progress=False, log=quiet, data=_light(mnist), epochs=5, time_budget=60.0)["epochs"] == 5
+    assert len(_metrics(run)) == 5
+    assert json.loads((run / "config.json").read_text())["plan"]["cap"] == 2  # the plan is kept as it was made
 
 
 def test_a_different_budget_is_refused_when_resuming(tmp_path, mnist, monkeypatch):
@@ -203,19 +223,26 @@ def test_cli_time_budget_is_validated(value, capsys):
     assert_one_line_error(["train", "mnist-float", "--time-budget", value], "--time-budget", capsys)
 
 
-def test_cli_trains_with_a_time_budget_and_a_sweep_repeat_skips_the_planned_run(tmp_path, data_root, capsys):
-    """The command line passes --time-budget through; a repeated sweep with the same options finds the
-    run finished (its planned epochs are fewer than the cap it asks for again) and skips it."""
-    out = tmp_path / "sweep"
-    argv = ["sweep", "mnist-float", "--seeds", "0", "-o", str(out), "--", "--data-dir", str(data_root),
-            "--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu", "--epochs", "500",
-            "--time-budget", "1e-6"]
-    assert main(argv) == 0
-    config = json.loads((out / "mnist-float-s0" / "config.json").read_text())["config"]
+def test_cli_trains_with_a_time_budget_and_a_sweep_repeat_keeps_the_plan(tmp_path, data_root, capsys):
+    """The command line passes --time-budget through. A repeated sweep with the same options finds the run
+    finished (planned to 1 epoch under the cap of 500 it asks for again) and skips it; a plan that took its
+    whole cap (1 epoch in a day), asked again with --epochs 2, is resumed to 2 epochs."""
+
+    def sweep(out, epochs, budget):
+        return main(["sweep", "mnist-float", "--seeds", "0", "-o", str(out), "--", "--data-dir", str(data_root),
+                     "--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu",
+                     "--epochs", epochs, "--time-budget", budget])
+
+    assert sweep(tmp_path / "tiny", "500", "1e-6") == 0
+    config = json.loads((tmp_path / "tiny" / "mnist-float-s0" / "config.json").read_text())["config"]
     assert (config["epochs"], config["time_budget"]) == (1, 1e-6)
     capsys.readouterr()
-    assert main(argv) == 0
+    assert sweep(tmp_path / "tiny", "500", "1e-6") == 0
     assert "mnist-float-s0: already finished, skipped" in capsys.readouterr().out
+    assert sweep(tmp_path / "day", "1", "86400") == 0
+    assert sweep(tmp_path / "day", "2", "86400") == 0
+    assert "mnist-float-s0: resumed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "day" / "mnist-float-s0" / "summary.json").read_text())["epochs"] == 2
 
 
 def test_report_puts_the_seeds_of_a_budgeted_experiment_in_one_row(tmp_path, mnist, monkeypatch):
@@ -242,23 +269,29 @@ def test_report_puts_the_seeds_of_a_budgeted_experiment_in_one_row(tmp_path, mni
     assert "s0 " in format_report([read_run(tmp_path / r) for r in ("b0", "b1")]).splitlines()[1]
 
 
-@pytest.mark.parametrize("checkpoint_seconds, checkpoint_every, first_step, want", [
-    (30.0, None, 0, 12.0 + 0.4 * 2.0),     # 10 steps at the second half's 1 s, 2 s after them; a checkpoint
-    (0.0, None, 0, 12.0 + 2.0),            # every 30 s (0.4 per epoch) or, with 0, every epoch
-    (30.0, 5, 0, 12.0 + 2.4 * 2.0),        # and two more per epoch every 5 steps
-    (30.0, None, 7, 12.0 + 0.4 * 2.0),     # resumed at step 7: the clock starts there
+@pytest.mark.parametrize("checkpoint_seconds, checkpoint_every, first_step, mark, written, want", [
+    (30.0, None, 0, 5, 0.0, 12.0 + 0.4 * 2.0),  # 10 steps at the timed ones' 1 s, 2 s after them; a checkpoint
+    (0.0, None, 0, 5, 0.0, 12.0 + 2.0),         # every 30 s (0.4 per epoch) or, with 0, every epoch
+    (30.0, 5, 0, 5, 0.0, 12.0 + (0.4 + 1.8) * 2.0),  # and every 5 steps: 9 / 5 before the epoch's last step
+    (30.0, 5, 0, 5, 1.0, 12.0 + (0.4 + 1.8) * 2.0),  # a write among the timed steps does not slow them
+    (30.0, None, 6, 8, 0.0, 12.0 + 0.4 * 2.0),  # resumed at step 6: the second half of its 4 steps is timed
 ])
-def test_first_epoch_timer_rates_the_second_half_of_the_steps(monkeypatch, checkpoint_seconds, checkpoint_every,
-                                                                 first_step, want):
-    """The first steps (compilation, autotuning: 50 s here) do not count: the steps after the middle do
-    (or after a resume's first step, when it is later), at their rate, then what followed them as it was."""
-    mark = max(first_step, 5)
-    ticks = iter([50.0 + mark, 60.0, 62.0])  # the clock at the mark, after the last step, at the plan
+def test_first_epoch_timer_rates_the_timed_steps(monkeypatch, checkpoint_seconds, checkpoint_every, first_step,
+                                                 mark, written, want):
+    """The first steps (compilation, autotuning) are not timed: the steps after the middle are (in a run
+    resumed later, the second half of those it trains), at their rate, less the checkpoints written among
+    them (1 s each here); then what followed them as it was."""
+    ticks = iter([60.0 - (10 - mark) - written, 60.0, 62.0])  # the clock at the mark, after the steps, at the plan
     monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     timer = train._FirstEpochTimer(10, first_step, torch.device("cpu"))
+    assert timer.mark == mark and not timer.untimed
+    timer.wrote(5.0)  # before the mark: not among the timed steps
     for done in range(first_step + 1, 11):
         timer.after_step(done)
+        if done == 9:
+            timer.wrote(written)
     timer.trained()
+    timer.wrote(7.0)  # after the steps (the epoch's end): not among them either
     config = _config(checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every)
     assert timer.epoch_seconds(2.0, config, 99.0) == pytest.approx(want)
     assert next(ticks, None) is None  # each mark read the clock once

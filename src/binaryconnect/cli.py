@@ -112,7 +112,8 @@ def _add_train(sub) -> None:
                    help="continue RUN_DIR from its checkpoint; only --epochs, --device, --checkpoint-every, "
                         "--checkpoint-seconds, "
                         "--data-dir, --no-download, --deterministic and the speed options may differ from the "
-                        "run's")
+                        "run's (a run whose time budget planned its epochs keeps them when given its --time-budget "
+                        "and --epochs again; another --epochs is the new number of epochs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line")
     p.set_defaults(handler=_cmd_train)
@@ -505,9 +506,10 @@ def _check_existing_run(job, config) -> None:
     from .config import RESUME_MAY_CHANGE
 
     try:
-        saved = json.loads((job.run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        saved = None
+        written = json.loads((job.run_dir / "config.json").read_text())
+        saved, plan = written["config"], written.get("plan")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        saved = plan = None
     if not isinstance(saved, dict):
         return  # none yet, or damaged: the checkpoint decides when the run is resumed
     wanted = json.loads(json.dumps({**config.to_dict(), "seed": job.seed}))  # as JSON holds it
@@ -517,10 +519,9 @@ def _check_existing_run(job, config) -> None:
         changes = "; ".join(f"{k} (run: {saved.get(k)!r}, asked: {wanted.get(k)!r})" for k in differ)
         raise ConfigError(f"{job.run_dir} holds a run with other options: {changes}; choose another -o, or "
                           "delete that run directory to train it anew")
-    planned = saved.get("time_budget") is not None  # (then the same budget: time_budget may not change)
     if (job.run_dir / "summary.json").is_file() and saved.get("epochs") != wanted["epochs"]:
-        if planned and wanted["epochs"] > saved.get("epochs", 0):
-            return  # the budget planned fewer epochs than the cap the sweep asks for again: the run is done
+        if isinstance(plan, dict) and plan.get("cap") == wanted["epochs"]:
+            return  # a time budget planned its epochs under the cap the sweep asks for again: the run is done
         if wanted["epochs"] < saved.get("epochs", 0):
             raise ConfigError(f"{job.run_dir} has trained {saved['epochs']} epochs; ask for at least that many "
                               f"(--epochs), got {wanted['epochs']}")

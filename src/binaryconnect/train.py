@@ -163,14 +163,19 @@ def plan_epochs(budget: float, elapsed: float, epoch_seconds: float, final_secon
 
 class _FirstEpochTimer:
     """Times the first epoch of a run with a time budget, for ``plan_epochs``: the steps of its second half
-    (the first ones pay for compilation and cuDNN's autotuning), then what follows the steps (evaluation,
-    the best model's copy, metrics). The device is synchronized at each mark: queued GPU work counts."""
+    (the first ones pay for compilation, CUDA-graph recording and cuDNN's autotuning; in a run resumed past
+    the middle, the second half of the steps this process trains), without the checkpoints written among
+    them, then what follows the steps (evaluation, the best model's copy, metrics). The device is
+    synchronized at each mark: queued GPU work counts."""
 
     def __init__(self, steps: int, first_step: int, device: torch.device) -> None:
         self.steps, self.device = steps, device
-        self.mark = max(first_step, steps // 2)  # steps done when the clock starts
+        self.mark = max(steps // 2, first_step + (steps - first_step) // 2)  # steps done when the clock starts
+        # resumed with at most one step to go: no warmed-up step to time (the run so far stands for them)
+        self.untimed = first_step > 0 and self.mark == first_step
         self.t_mark = self._now() if first_step >= self.mark else None
         self.t_trained = math.nan
+        self.writing = 0.0  # seconds of checkpoint writes between the mark and the end of the steps
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -181,34 +186,49 @@ class _FirstEpochTimer:
         if steps_done == self.mark and self.t_mark is None:
             self.t_mark = self._now()
 
+    def wrote(self, seconds: float) -> None:
+        """A checkpoint took ``seconds`` to write; those among the timed steps are taken out of their time."""
+        if self.t_mark is not None and math.isnan(self.t_trained):
+            self.writing += seconds
+
     def trained(self) -> None:
         self.t_trained = self._now()
 
     def epoch_seconds(self, checkpoint_seconds: float, config: TrainConfig, elapsed: float) -> float:
-        """Seconds per epoch from now on: the steps at the second half's rate, the rest as measured, and the
-        checkpoints written per epoch (``checkpoint_seconds`` each) at the configured intervals. A run resumed
-        after the epoch's last step timed none of them: its steps count as the ``elapsed`` seconds of the run
-        so far (an overestimate: they include its start)."""
+        """Seconds per epoch from now on: the steps at the timed ones' rate, the rest as measured, and the
+        checkpoints an epoch writes (``checkpoint_seconds`` each): every ``checkpoint_every`` steps within it,
+        and at its end one every ``config.checkpoint_seconds`` seconds (0: every epoch). A run resumed with
+        no step left to time counts its steps as the ``elapsed`` seconds of the run so far (an overestimate:
+        they include the run's start)."""
         timed = self.steps - self.mark
-        train = (self.t_trained - self.t_mark) / timed * self.steps if timed > 0 else elapsed
+        if self.untimed or timed == 0:
+            train = elapsed
+        else:
+            train = (self.t_trained - self.t_mark - self.writing) / timed * self.steps
         base = train + (time.perf_counter() - self.t_trained)
         writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, base / config.checkpoint_seconds)
         if config.checkpoint_every:
-            writes += self.steps / config.checkpoint_every
+            writes += (self.steps - 1) / config.checkpoint_every  # those before the epoch's last step
         return base + writes * checkpoint_seconds
 
 
-def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, log) -> int:
-    """The epochs a run with a time budget trains, planned at the end of its first epoch (``elapsed`` seconds
-    of training so far), and a line saying why."""
+def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, log) -> dict:
+    """The plan of a run with a time budget, made at the end of its first epoch (``elapsed`` seconds of
+    training so far): the epochs it trains, the cap they were planned under, the measurements; and a line
+    saying why."""
     per_epoch = timer.epoch_seconds(checkpoint_seconds, config, elapsed)
     cap = config.epochs
     epochs = plan_epochs(config.time_budget, elapsed, per_epoch, checkpoint_seconds, cap)
     log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s so far, {per_epoch:.2f} s per epoch from now on "
-        f"(checkpoint {checkpoint_seconds:.2f} s): {epochs} epoch{'s' * (epochs != 1)}"
+        f"(checkpoint {checkpoint_seconds:.2f} s): {_epochs(epochs)}"
         + (" (all of the --epochs cap)" if epochs == cap else f" of at most {cap}")
         + (f"; the first epoch alone took {elapsed:.0f} s of the budget" if epochs == 1 < cap else ""))
-    return epochs
+    return {"epochs": epochs, "cap": cap, "time_budget": config.time_budget, "elapsed_seconds": elapsed,
+            "epoch_seconds": per_epoch, "checkpoint_seconds": checkpoint_seconds}
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' * (n != 1)}"
 
 
 @dataclass
@@ -328,9 +348,10 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
 
     ``overrides`` are configuration options as for ``recipe_config`` (None: unchanged). Only those in
     ``config.RESUME_MAY_CHANGE`` (epochs, device ...) may differ from the run's; they are recorded in
-    ``config.json``. A run with a time budget has planned its epochs after the first: given with the same
-    ``time_budget`` again, ``epochs`` is the cap of that plan (a larger one changes nothing); given without
-    it, ``epochs`` is the new number of epochs as for any run. Anything else that differs (architecture,
+    ``config.json``. A run with a time budget has planned its epochs after the first (``plan`` in
+    config.json): given again with the same budget and the cap the plan was made under (as a repeated sweep
+    gives them), ``epochs`` changes nothing; any other ``epochs`` is the new number of epochs, as for any
+    run. Anything else that differs (architecture,
     binarization, dataset, seed ...), or training data that differ from the run's, is refused with a message
     saying what differs.
     """
@@ -344,9 +365,10 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
         saved = TrainConfig.from_dict(state["config"]).validate()
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an unusable configuration ({exc})") from None
-    if (saved.time_budget is not None and state.get("epoch", 0) >= 1 and overrides.get("epochs") is not None
-            and overrides.get("time_budget") == saved.time_budget and overrides["epochs"] >= saved.epochs):
-        overrides["epochs"] = None  # the cap the budget planned under (a sweep repeats its options): the plan stands
+    plan = state.get("plan")
+    if (isinstance(plan, dict) and overrides.get("time_budget") == saved.time_budget
+            and overrides.get("epochs") == plan.get("cap")):
+        overrides["epochs"] = None  # the cap the plan was made under, given again (a repeated sweep): it stands
     try:
         config, changes = resume_config(saved, **overrides)
     except ConfigError as exc:
@@ -457,6 +479,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
     best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
     checkpoint_cost = 0.0  # seconds the last checkpoint (and best model) took to write: a time budget plans them
+    timer: _FirstEpochTimer | None = None  # a time budget's, during the first epoch
 
     def write_best_model() -> None:
         """model.safetensors := the best model so far, if it changed since it was last written."""
@@ -474,20 +497,22 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         write_best_model()  # the checkpoint's best model
         saved_at = time.perf_counter()
         checkpoint_cost = saved_at - t
+        if timer is not None:
+            timer.wrote(checkpoint_cost)
 
-    if checkpoint is None:
-        write_checkpoint(p.epoch)  # at step 0: a run can be resumed from its very start
-    atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
+    planning = config.time_budget is not None and p.epoch == 0  # the epochs are planned after the first
+    if checkpoint is None or planning:  # at step 0: a run can be resumed from its very start (and a plan to
+        write_checkpoint(p.epoch)  # come knows what a checkpoint costs, resumed or not)
+    atomic_write_json(run_dir / "config.json", _config_json(info))
     metrics_path = run_dir / "metrics.jsonl"
     atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in p.history).encode())
     write_best_model()  # resuming: the checkpoint's best model (a crash may have left another one)
     (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it says so
     n_params = sum(prm.numel() for prm in model.parameters())
-    planning = config.time_budget is not None and p.epoch == 0  # the epochs are planned after the first
     log(f"training {config.recipe or config.model} ({config.binarization}) on {config.dataset}: "
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
-        + (f"at most {config.epochs} epochs in {config.time_budget:g} s (planned after the first)" if planning
-           else f"{config.epochs} epochs") + f", device {device}, run dir {run_dir}")
+        + (f"at most {_epochs(config.epochs)} in {config.time_budget:g} s (planned after the first)" if planning
+           else _epochs(config.epochs)) + f", device {device}, run dir {run_dir}")
 
     # a run that fails (a NaN loss, an error) leaves the best model of its finished epochs: each passed the
     # NaN/Inf check before it was evaluated, so no weight a bad step touched is in it
@@ -564,9 +589,10 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if timer is not None:  # the time budget: how many epochs fit, this one included
-                config.epochs = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, log)
+                info["plan"] = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, log)
+                config.epochs = info["plan"]["epochs"]
                 info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
-                atomic_write_json(run_dir / "config.json", {k: info[k] for k in ("config", "environment", "resumes")})
+                atomic_write_json(run_dir / "config.json", _config_json(info))
                 planning, timer = False, None
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
@@ -589,6 +615,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         f"(val {100 * best['val_error']:.2f}%), {summary['wall_seconds']:.0f}s; "
         f"model in {run_dir / 'model.safetensors'}")
     return summary
+
+
+def _config_json(info: dict) -> dict:
+    """What config.json holds: the configuration, the environment, the resumes, and a time budget's plan."""
+    return {k: info[k] for k in ("config", "environment", "resumes", "plan") if k in info}
 
 
 def _interrupted(signum: int, where: str, path: Path) -> TrainingInterrupted:
@@ -669,7 +700,8 @@ def _restore(checkpoint: tuple[dict, dict], info: dict, changes: dict, model: nn
             raise KeyError("progress.perm")
         resumed = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "changed": changes,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": info["environment"]}
-        info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed]}
+        info = {**info, "environment": state["environment"], "resumes": [*state["resumes"], resumed],
+                **({"plan": state["plan"]} if "plan" in state else {})}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint is incomplete or inconsistent ({exc!r})") from None
     return p, info
