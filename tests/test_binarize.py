@@ -11,6 +11,7 @@ from binaryconnect.binarize import (
     binarize_stochastic,
     check_binarization,
     hard_sigmoid,
+    plus_minus,
 )
 
 #: The CPU, and a GPU where there is one: on a GPU ``plus_minus`` takes another path (one ``torch.where``).
@@ -154,3 +155,36 @@ def test_stochastic_ties_u_equal_p_give_minus_H(device):
     broken = u < (w + 1) * 0.5  # p above u where W + 1 keeps W's last bit: at least for W < -1/2
     assert broken[w < -0.5].all() and broken.float().mean() > 0.2
     assert torch.equal(above, torch.where(broken, 1.0, -1.0))
+
+
+def _special(dtype, H):
+    """Weights at the edges: signed zeros, the smallest subnormals, +-H and around it, infinities, and
+    200,000 uniform ones over [-3H, 3H]."""
+    info = torch.finfo(dtype)
+    edges = [0.0, -0.0, info.tiny * info.eps, -info.tiny * info.eps, info.tiny, -info.tiny, H, -H, 2 * H, -2 * H,
+             H / 2, -H / 2, math.inf, -math.inf]
+    rest = torch.empty(200_000, dtype=torch.float64).uniform_(-3 * H, 3 * H, generator=torch.Generator().manual_seed(9))
+    return torch.cat([torch.tensor(edges, dtype=dtype), rest.to(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [1.0, 0.7, 3.0])
+def test_training_forward_on_the_cpu_is_the_public_binarization_bit_for_bit(dtype, H):
+    """The straight-through layer's forward takes its own CPU kernels (``_binarize_cpu``): the same binary
+    weights as ``binarize_deterministic`` and, on the same uniform numbers, ``binarize_stochastic``, for every
+    value but NaN, ties ``u == p`` included (W = 2u - 1 for H = 1)."""
+    w = _special(dtype, H)
+    if H == 1.0 and dtype == torch.float32:
+        u = torch.rand(len(w), generator=torch.Generator().manual_seed(4))
+        w = torch.where(torch.arange(len(w)) % 2 == 0, w, 2 * u - 1)  # every other weight a tie
+    assert torch.equal(binarize_ste(w, "deterministic", H), binarize_deterministic(w, H))
+    assert torch.equal(torch.signbit(binarize_ste(w, "deterministic", H)), torch.signbit(binarize_deterministic(w, H)))
+    got = binarize_ste(w, "stochastic", H, generator=torch.Generator().manual_seed(4))
+    assert got.dtype == dtype and torch.equal(got, binarize_stochastic(w, H, torch.Generator().manual_seed(4)))
+
+
+def test_the_public_binarizations_work_under_vmap():
+    w = torch.randn(3, 50)
+    assert torch.equal(torch.func.vmap(binarize_deterministic)(w), binarize_deterministic(w))
+    halves = torch.func.vmap(lambda x: plus_minus(x > 0.5, 2.0, x.dtype))(w)
+    assert torch.equal(halves, plus_minus(w > 0.5, 2.0, w.dtype))

@@ -184,17 +184,22 @@ def test_options_reach_the_model_the_optimizer_and_the_evaluation(tmp_path, mnis
     from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     generators, samples = [], []
-    sampler, evaluator = binarize.binarize_stochastic, train.evaluate
+    sampler, training_sampler, evaluator = binarize.binarize_stochastic, binarize._binarize_cpu, train.evaluate
 
     def spy_sampler(w, H=1.0, generator=None):
         generators.append(generator)
         return sampler(w, H, generator)
+
+    def spy_training_sampler(w, mode, H, generator):  # the training forward's on the CPU
+        generators.append(generator)
+        return training_sampler(w, mode, H, generator)
 
     def spy_evaluate(model, x, y, batch_size=1000, samples_=1, **kw):
         samples.append(kw.get("samples", samples_))
         return evaluator(model, x, y, batch_size, kw.get("samples", samples_))
 
     monkeypatch.setattr(binarize, "binarize_stochastic", spy_sampler)
+    monkeypatch.setattr(binarize, "_binarize_cpu", spy_training_sampler)
     monkeypatch.setattr(train, "evaluate", spy_evaluate)
     config = _small(binarization="stochastic", H=0.5, ste="clipped", lr_scale="none", stochastic_eval="sample",
                     eval_samples=3, epochs=2, seed=7)

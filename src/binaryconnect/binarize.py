@@ -36,22 +36,8 @@ def plus_minus(condition: torch.Tensor, H: float, dtype: torch.dtype) -> torch.T
     return condition.to(dtype).mul_(2.0 * H).sub_(H)
 
 
-def _eager_cpu(w: torch.Tensor) -> bool:
-    """Whether ``w`` takes the CPU kernels below (not while torch.compile traces: Inductor fuses either form)."""
-    return w.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def binarize_deterministic(w: torch.Tensor, H: float = 1.0) -> torch.Tensor:
-    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``).
-
-    On the CPU as ``copysign(H, W + 0)`` in one new tensor: adding +0 turns -0.0 into +0.0 (IEEE 754
-    round-to-nearest), so every zero gets +H; two vectorized passes over the weights instead of the four
-    (and two allocations) of comparing and converting, 1.6-1.8x faster (``bench/bench_train_step.py``,
-    BENCHMARKS.md). A NaN weight (a diverged run: training stops at its NaN loss) gets the sign of its sign bit.
-    """
-    if _eager_cpu(w):
-        out = w.detach() + 0.0
-        return torch.copysign(torch.tensor(H, dtype=w.dtype), out, out=out)
+    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``)."""
     return plus_minus(w >= 0, H, w.dtype)
 
 
@@ -66,12 +52,28 @@ def binarize_stochastic(
     # u < hard_sigmoid(x) is u < (x + 1) / 2 for u in [0, 1): the clip changes no comparison, so it is skipped
     p = (w.detach() / H).add_(1.0).mul_(0.5)
     u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
-    if _eager_cpu(w) and w.dtype == torch.float32:
-        # u - p < 0 exactly where u < p (two different floats never subtract to zero; u == p gives +0.0), so
-        # -copysign(H, u - p) is +H there and -H elsewhere: in u's memory, three passes instead of four and
-        # two fewer allocations
-        return torch.copysign(torch.tensor(H, dtype=torch.float32), u.sub_(p), out=u).neg_()
     return plus_minus(u < p, H, w.dtype)
+
+
+def _binarize_cpu(w: torch.Tensor, mode: str, H: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The training forward's binarization on the CPU: the binary weights of ``binarize_deterministic`` /
+    ``binarize_stochastic``, bit for bit (NaN weights aside), in fewer passes over the weights and fewer new
+    tensors (``out=`` kernels, which ``torch.func`` transforms do not take: the public functions above
+    keep the portable form). BENCHMARKS.md has the timings.
+
+    - deterministic: ``copysign(H, W + 0)``, two passes and one new tensor instead of four and two; adding
+      +0 turns -0.0 into +0.0 (IEEE 754 round-to-nearest), so every zero gets +H;
+    - stochastic (float32): ``-copysign(H, u - p)`` in the uniform numbers' memory: ``u - p < 0`` exactly
+      where ``u < p`` (two different floats never subtract to zero, and ``u == p`` gives +0.0, so -H).
+    A NaN weight (a diverged run: training stops at its NaN loss) gets the sign its NaN carries."""
+    if mode == "deterministic":
+        out = w.detach() + 0.0
+        return torch.copysign(torch.tensor(H, dtype=w.dtype), out, out=out)
+    if w.dtype != torch.float32:
+        return binarize_stochastic(w, H, generator)
+    p = (w.detach() / H).add_(1.0).mul_(0.5)  # as binarize_stochastic computes it, then the same uniforms
+    u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+    return torch.copysign(torch.tensor(H, dtype=torch.float32), u.sub_(p), out=u).neg_()
 
 
 def binarize_ste(
@@ -119,7 +121,10 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, mode, H, ste, generator):  # runs without autograd: w is not tracked here
-        wb = binarize_deterministic(w, H) if mode == "deterministic" else binarize_stochastic(w, H, generator)
+        if w.device.type == "cpu":
+            wb = _binarize_cpu(w, mode, H, generator)
+        else:
+            wb = binarize_deterministic(w, H) if mode == "deterministic" else binarize_stochastic(w, H, generator)
         ctx.ste, ctx.H = ste, H
         if ste == "clipped":
             ctx.save_for_backward(w)
