@@ -75,9 +75,7 @@ def _clip_(groups: list[tuple[float, list[torch.Tensor]]], foreach: bool | None 
     a small network is launch-bound); else one clamp_ per weight, one pass over it instead of two (on the
     CPU half the time, measured)."""
     for H, weights in groups:
-        if foreach is None:
-            foreach = weights[0].device.type != "cpu"
-        if foreach:
+        if foreach if foreach is not None else weights[0].device.type != "cpu":
             torch._foreach_clamp_min_(weights, -H)
             torch._foreach_clamp_max_(weights, H)
         else:
