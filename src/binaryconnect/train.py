@@ -223,8 +223,8 @@ def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoi
         f"(checkpoint {checkpoint_seconds:.2f} s): {_epochs(epochs)}"
         + (" (all of the --epochs cap)" if epochs == cap else f" of at most {cap}")
         + (f"; the first epoch alone took {elapsed:.0f} s of the budget" if epochs == 1 < cap else ""))
-    return {"epochs": epochs, "cap": cap, "time_budget": config.time_budget, "elapsed_seconds": elapsed,
-            "epoch_seconds": per_epoch, "checkpoint_seconds": checkpoint_seconds}
+    return {"epochs": epochs, "cap": cap, "elapsed_seconds": elapsed, "epoch_seconds": per_epoch,
+            "checkpoint_seconds": checkpoint_seconds}
 
 
 def _epochs(n: int) -> str:
@@ -351,9 +351,8 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
     ``config.json``. A run with a time budget has planned its epochs after the first (``plan`` in
     config.json): given again with the same budget and the cap the plan was made under (as a repeated sweep
     gives them), ``epochs`` changes nothing; any other ``epochs`` is the new number of epochs, as for any
-    run. Anything else that differs (architecture,
-    binarization, dataset, seed ...), or training data that differ from the run's, is refused with a message
-    saying what differs.
+    run. Anything else that differs (architecture, binarization, dataset, seed ...), or training data that
+    differ from the run's, is refused with a message saying what differs.
     """
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT_NAME
