@@ -204,8 +204,8 @@ def test_every_train_option_reaches_the_configuration():
 @pytest.mark.parametrize("argv, message", [
     (["train", "mnist-float", "--lr-start", "inf"], "argument --lr-start: expected a positive number, got 'inf'"),
     (["train", "mnist-float", "--checkpoint-seconds", "inf"], "argument --checkpoint-seconds: expected a non-negative"),
-    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "0"], "argument --deadline: expected a positive number"),
-    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "inf"], "argument --deadline: expected a positive number"),
+    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "0"], "argument --deadline: expected a positive duration"),
+    (["sweep", "mnist-float", "--seeds", "0", "--deadline", "inf"], "argument --deadline: expected a positive duration"),
     (["sweep", "mnist-float", "--seeds", "0", "-j", "0"], "argument -j/--jobs: expected a positive integer, got '0'"),
     (["sweep", "mnist-float", "--seeds", "0,-1"], "argument --seeds: expected a non-negative integer, got '-1'"),
     (["report", "/r", "--json", "--markdown"], "argument --markdown: not allowed with argument --json"),

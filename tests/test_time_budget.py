@@ -218,9 +218,21 @@ def test_time_budget_is_validated(value):
         small_config(time_budget=value)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", "m", "5d", ""])
 def test_cli_time_budget_is_validated(value, capsys):
-    assert_one_line_error(["train", "mnist-float", "--time-budget", value], "--time-budget", capsys)
+    assert_one_line_error(["train", "mnist-float", "--time-budget", value],
+                          f"argument --time-budget: expected a positive duration (540, 540s, 9m, 1.5h), got {value!r}",
+                          capsys)
+
+
+@pytest.mark.parametrize("value, seconds", [("540", 540.0), ("540s", 540.0), ("9m", 540.0), ("9M", 540.0),
+                                            ("1.5h", 5400.0), ("2.5", 2.5), ("1e3", 1000.0)])
+def test_cli_durations_take_seconds_minutes_and_hours(value, seconds):
+    from binaryconnect.cli import build_parser
+
+    args = build_parser().parse_args(["train", "mnist-float", "--time-budget", value])
+    assert args.time_budget == seconds
+    assert build_parser().parse_args(["sweep", "mnist-float", "--seeds", "0", "--deadline", value]).deadline == seconds
 
 
 def test_cli_trains_with_a_time_budget_and_a_sweep_repeat_keeps_the_plan(tmp_path, data_root, capsys):

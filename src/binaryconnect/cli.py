@@ -46,6 +46,16 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negative number")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parse_duration(text: str) -> float:
+    """Seconds from ``540``, ``540s``, ``9m`` or ``1.5h``."""
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _UNITS else (text, "s")
+    return float(number) * _UNITS[unit.lower()]
+
+
+_duration = _number(_parse_duration, lambda v: 0 < v < float("inf"), "a positive duration (540, 540s, 9m, 1.5h)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,9 +81,10 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-samples", type=_positive_int, help="with --stochastic-eval sample: average N samples")
     p.add_argument("--lr-scale", choices=LR_SCALES, help="per-layer learning-rate scale (paper: glorot)")
     p.add_argument("--epochs", type=_positive_int, help="epochs to train (with --time-budget: at most this many)")
-    p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                   help="train for about SECONDS: after the first epoch, as many epochs as fit (at most --epochs) "
-                        "are planned, and the learning rate decays from --lr-start to --lr-end over them")
+    p.add_argument("--time-budget", type=_duration, metavar="SECONDS",
+                   help="train for about SECONDS (or 9m, 1.5h): after the first epoch, as many epochs as fit "
+                        "(at most --epochs) are planned, and the learning rate decays from --lr-start to --lr-end "
+                        "over them")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr-start", type=_positive_float)
     p.add_argument("--lr-end", type=_positive_float)
@@ -451,8 +462,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("runs") / "sweep", help="folder of the run directories "
                    "(default: runs/sweep)")
     p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="runs at the same time (default 1)")
-    p.add_argument("--deadline", type=_positive_float, metavar="SECONDS",
-                   help="after this long, stop the runs still going (they checkpoint) and start no more")
+    p.add_argument("--deadline", type=_duration, metavar="SECONDS",
+                   help="after this long (seconds, or 9m, 1.5h), stop the runs still going (they checkpoint) and "
+                        "start no more")
     p.add_argument("--markdown", action="store_true", help="print the report as a Markdown table")
     p.set_defaults(handler=_cmd_sweep, train_args=[])
 
