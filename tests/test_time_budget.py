@@ -281,19 +281,24 @@ def test_report_puts_the_seeds_of_a_budgeted_experiment_in_one_row(tmp_path, mni
     assert "s0 " in format_report([read_run(tmp_path / r) for r in ("b0", "b1")]).splitlines()[1]
 
 
+BASE = 10.0 + 0.5 * (500 + 1000) / 1000 + 0.5  # 10 steps at 1 s; the test set's 0.5 s rate for both sets; 0.5 s
+
+
 @pytest.mark.parametrize("checkpoint_seconds, checkpoint_every, first_step, mark, written, want", [
-    (30.0, None, 0, 5, 0.0, 12.0 + 0.4 * 2.0),  # 10 steps at the timed ones' 1 s, 2 s after them; a checkpoint
-    (0.0, None, 0, 5, 0.0, 12.0 + 2.0),         # every 30 s (0.4 per epoch) or, with 0, every epoch
-    (30.0, 5, 0, 5, 0.0, 12.0 + (0.4 + 1.8) * 2.0),  # and every 5 steps: 9 / 5 before the epoch's last step
-    (30.0, 5, 0, 5, 1.0, 12.0 + (0.4 + 1.8) * 2.0),  # a write among the timed steps does not slow them
-    (30.0, None, 6, 8, 0.0, 12.0 + 0.4 * 2.0),  # resumed at step 6: the second half of its 4 steps is timed
+    (30.0, None, 0, 5, 0.0, BASE + BASE / 30 * 2.0),  # a 2-s checkpoint every 30 s (BASE / 30 per epoch)
+    (0.0, None, 0, 5, 0.0, BASE + 2.0),               # or, with 0, every epoch
+    (30.0, 5, 0, 5, 0.0, BASE + (BASE / 30 + 1.8) * 2.0),  # and every 5 steps: 9 / 5 before the epoch's last
+    (30.0, 5, 0, 5, 1.0, BASE + (BASE / 30 + 1.8) * 2.0),  # a write among the timed steps does not slow them
+    (30.0, None, 6, 8, 0.0, BASE + BASE / 30 * 2.0),  # resumed at step 6: the second half of its 4 steps is timed
 ])
 def test_first_epoch_timer_rates_the_timed_steps(monkeypatch, checkpoint_seconds, checkpoint_every, first_step,
                                                  mark, written, want):
     """The first steps (compilation, autotuning) are not timed: the steps after the middle are (in a run
     resumed later, the second half of those it trains), at their rate, less the checkpoints written among
-    them (1 s each here); then what followed them as it was."""
-    ticks = iter([60.0 - (10 - mark) - written, 60.0, 62.0])  # the clock at the mark, after the steps, at the plan
+    them (1 s each here). The validation set's evaluation (1.5 s: it autotunes) is not timed either: both
+    sets are counted at the test set's rate (0.5 s for 1,000 examples). Then what followed, as it was."""
+    # the clock at the mark, after the steps, after validation, after the test set, at the plan
+    ticks = iter([60.0 - (10 - mark) - written, 60.0, 61.5, 62.0, 62.5])
     monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     timer = train._FirstEpochTimer(10, first_step, torch.device("cpu"))
     assert timer.mark == mark and not timer.untimed
@@ -303,17 +308,23 @@ def test_first_epoch_timer_rates_the_timed_steps(monkeypatch, checkpoint_seconds
         if done == 9:
             timer.wrote(written)
     timer.trained()
+    timer.validated()
+    timer.tested()
     timer.wrote(7.0)  # after the steps (the epoch's end): not among them either
     config = _config(checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every)
-    assert timer.epoch_seconds(2.0, config, 99.0) == pytest.approx(want)
+    assert timer.epoch_seconds(2.0, config, 99.0, 500, 1000) == pytest.approx(want)
     assert next(ticks, None) is None  # each mark read the clock once
 
 
 def test_a_run_resumed_after_its_first_epoch_s_last_step_counts_the_run_so_far(monkeypatch):
     """Stopped after the last step of epoch 1 (a checkpoint at step 10 of 10), resumed: no step is left to
     time, so the steps count as the run's seconds so far; evaluation and checkpoints are added as measured."""
-    ticks = iter([60.0, 60.0, 62.0])
+    ticks = iter([60.0, 60.0, 61.0, 61.5, 62.0])
     monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     timer = train._FirstEpochTimer(10, 10, torch.device("cpu"))
+    assert timer.untimed
     timer.trained()
-    assert timer.epoch_seconds(2.0, _config(checkpoint_seconds=0.0), 40.0) == pytest.approx(40.0 + 2.0 + 2.0)
+    timer.validated()
+    timer.tested()
+    assert timer.epoch_seconds(2.0, _config(checkpoint_seconds=0.0), 40.0, 1000, 1000) == pytest.approx(
+        40.0 + 1.0 + 0.5 + 2.0)

@@ -165,8 +165,9 @@ class _FirstEpochTimer:
     """Times the first epoch of a run with a time budget, for ``plan_epochs``: the steps of its second half
     (the first ones pay for compilation, CUDA-graph recording and cuDNN's autotuning; in a run resumed past
     the middle, the second half of the steps this process trains), without the checkpoints written among
-    them, then what follows the steps (evaluation, the best model's copy, metrics). The device is
-    synchronized at each mark: queued GPU work counts."""
+    them; the evaluation of the test set, which follows the validation set's and so finds its kernels
+    chosen (cuDNN autotunes each new shape once), for both sets; then what follows (the best model's copy,
+    metrics). The device is synchronized at each mark: queued GPU work counts."""
 
     def __init__(self, steps: int, first_step: int, device: torch.device) -> None:
         self.steps, self.device = steps, device
@@ -174,7 +175,7 @@ class _FirstEpochTimer:
         # resumed with at most one step to go: no warmed-up step to time (the run so far stands for them)
         self.untimed = first_step > 0 and self.mark == first_step
         self.t_mark = self._now() if first_step >= self.mark else None
-        self.t_trained = math.nan
+        self.t_trained = self.t_validated = self.t_tested = math.nan
         self.writing = 0.0  # seconds of checkpoint writes between the mark and the end of the steps
 
     def _now(self) -> float:
@@ -194,9 +195,17 @@ class _FirstEpochTimer:
     def trained(self) -> None:
         self.t_trained = self._now()
 
-    def epoch_seconds(self, checkpoint_seconds: float, config: TrainConfig, elapsed: float) -> float:
-        """Seconds per epoch from now on: the steps at the timed ones' rate, the rest as measured, and the
-        checkpoints an epoch writes (``checkpoint_seconds`` each): every ``checkpoint_every`` steps within it,
+    def validated(self) -> None:
+        self.t_validated = self._now()
+
+    def tested(self) -> None:
+        self.t_tested = self._now()
+
+    def epoch_seconds(self, checkpoint_seconds: float, config: TrainConfig, elapsed: float, n_val: int,
+                      n_test: int) -> float:
+        """Seconds per epoch from now on: the steps at the timed ones' rate, the ``n_val`` validation and
+        ``n_test`` test examples at the test set's rate, the rest as measured, and the checkpoints an epoch
+        writes (``checkpoint_seconds`` each): every ``checkpoint_every`` steps within it,
         and at its end one every ``config.checkpoint_seconds`` seconds (0: every epoch). A run resumed with
         no step left to time counts its steps as the ``elapsed`` seconds of the run so far (an overestimate:
         they include the run's start)."""
@@ -205,18 +214,20 @@ class _FirstEpochTimer:
             train = elapsed
         else:
             train = (self.t_trained - self.t_mark - self.writing) / timed * self.steps
-        base = train + (time.perf_counter() - self.t_trained)
+        evaluation = (self.t_tested - self.t_validated) / n_test * (n_val + n_test)
+        base = train + evaluation + (time.perf_counter() - self.t_tested)
         writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, base / config.checkpoint_seconds)
         if config.checkpoint_every:
             writes += (self.steps - 1) / config.checkpoint_every  # those before the epoch's last step
         return base + writes * checkpoint_seconds
 
 
-def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, log) -> dict:
+def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, data: Splits,
+          log) -> dict:
     """The plan of a run with a time budget, made at the end of its first epoch (``elapsed`` seconds of
     training so far): the epochs it trains, the cap they were planned under, the measurements; and a line
     saying why."""
-    per_epoch = timer.epoch_seconds(checkpoint_seconds, config, elapsed)
+    per_epoch = timer.epoch_seconds(checkpoint_seconds, config, elapsed, len(data.val_x), len(data.test_x))
     cap = config.epochs
     epochs = plan_epochs(config.time_budget, elapsed, per_epoch, checkpoint_seconds, cap)
     log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s so far, {per_epoch:.2f} s per epoch from now on "
@@ -574,7 +585,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
             # --- evaluate; keep the best-validation model ---
             val_error, _ = evaluate(model, data.val_x, data.val_y, config.eval_batch_size, config.eval_samples)
+            if timer is not None:
+                timer.validated()
             test_error, _ = evaluate(model, data.test_x, data.test_y, config.eval_batch_size, config.eval_samples)
+            if timer is not None:
+                timer.tested()
             record = {"epoch": epoch + 1, "lr": p.lr, "train_loss": loss_sum.item() / steps,
                       "val_error": val_error, "test_error": test_error, "seconds": time.perf_counter() - t0}
             if val_error <= p.best["val_error"]:  # ties go to the later epoch, as in the original code
@@ -588,7 +603,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if timer is not None:  # the time budget: how many epochs fit, this one included
-                info["plan"] = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, log)
+                info["plan"] = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, data,
+                                     log)
                 config.epochs = info["plan"]["epochs"]
                 info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
                 atomic_write_json(run_dir / "config.json", _config_json(info))
