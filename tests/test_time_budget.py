@@ -148,9 +148,15 @@ def test_the_plan_s_measurements_come_from_the_run(tmp_path, mnist, monkeypatch,
     first = _metrics(tmp_path / "run")[0]["seconds"]
     assert budget == 4.0 and cap == 1000 and elapsed >= first and 0 < final_seconds < 4.0
     assert 0 < epoch_seconds <= first + final_seconds
-    planned = summary["epochs"]
-    assert planned == real(budget, elapsed, epoch_seconds, final_seconds, cap)
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    plan = written["plan"]
+    planned = real(budget, elapsed, epoch_seconds, final_seconds, cap)
     assert 1 <= planned < 1000 and elapsed + (planned - 1) * epoch_seconds + final_seconds <= 0.98 * 4.0
+    assert summary["epochs"] == written["config"]["epochs"] == plan["epochs"] == len(_metrics(tmp_path / "run"))
+    # the first plan, or a shorter one if later epochs ran slower than the first promised (this CPU is shared)
+    replans = plan.get("replans", [])
+    assert [r["epochs"] for r in replans] == sorted((r["epochs"] for r in replans), reverse=True)
+    assert plan["epochs"] == (replans[-1]["epochs"] if replans else planned) <= planned
 
 
 def test_a_planned_run_stopped_and_resumed_keeps_its_plan(tmp_path, mnist, monkeypatch, one_thread):
@@ -203,6 +209,53 @@ def test_a_plan_that_took_its_whole_cap_trains_on_when_resumed_with_more_epochs(
     assert resume(run, progress=False, log=quiet, data=_light(mnist), epochs=5, time_budget=60.0)["epochs"] == 5
     assert len(_metrics(run)) == 5
     assert json.loads((run / "config.json").read_text())["plan"]["cap"] == 2  # the plan is kept as it was made
+
+
+@pytest.mark.parametrize("budget, elapsed, done, epochs, epoch_seconds, final_seconds, want", [
+    (100, 50, 10, 20, 4.0, 1.0, 20),   # 50 + 10 x 4 + 1 = 91 <= 100: on pace, the plan stands
+    (100, 50, 10, 20, 4.9, 1.0, 20),   # 50 + 49 + 1 = 100: still within the budget
+    (100, 50, 10, 20, 5.0, 1.0, 19),   # 101 > 100: as many as fit in 98 s, 47 s / 5 s = 9 more
+    (100, 50, 10, 20, 10.0, 1.0, 14),  # 4 more
+    (100, 99, 10, 20, 1.0, 1.0, 10),   # no room: stop now, with the epochs done
+    (100, 50, 10, 12, 100.0, 1.0, 10),
+])
+def test_replan_epochs_only_shortens_a_plan_that_would_overrun(budget, elapsed, done, epochs, epoch_seconds,
+                                                                final_seconds, want):
+    assert train.replan_epochs(budget, elapsed, done, epochs, epoch_seconds, final_seconds) == want
+
+
+def test_replan_takes_the_median_pace_of_recent_epochs_not_a_process_s_first():
+    """The pace is the median of the last epochs since ``since``: a slow first epoch of a resumed process
+    (index 3 here: 30 s) is left out by ``since=4``; taken in, it makes the plan shorter."""
+    config = _config(time_budget=100.0, checkpoint_seconds=0.0)
+    history = [{"seconds": s} for s in (50.0, 1.0, 1.0, 30.0)]  # 4 epochs done; 30 s of the budget used
+    plan = {"epochs": 20}
+    assert not train._replan(plan, config, history, 4, 10, 30.0, 0.5, quiet) and plan == {"epochs": 20}
+    plan = {"epochs": 20}
+    assert not train._replan(plan, config, history, 1, 10, 30.0, 0.5, quiet)  # median of 1, 1, 30: 1 s on pace
+    lines = []
+    assert train._replan(plan, config, history[:1] + history[3:], 1, 10, 30.0, 0.5, lines.append)
+    per_epoch = 30.0 + 0.5  # the pace, and a checkpoint every epoch
+    assert plan == {"epochs": 2 + 2, "replans": [{"after_epoch": 2, "epochs": 4, "elapsed_seconds": 30.0,
+                                                  "epoch_seconds": per_epoch}]}
+    assert lines == ["time budget 100 s: 30.0 s after 2 epochs, 30.50 s per epoch now: 4 epochs instead of 20"]
+
+
+def test_a_run_slower_than_its_plan_is_replanned_to_fewer_epochs(tmp_path, mnist, monkeypatch, one_thread):
+    """Planned to 6 epochs (forced) in a budget its first epoch already used up: at the end of epoch 2 the
+    run sees it cannot finish in time and stops there, the learning rate having followed the 6-epoch plan
+    until then; config.json, the checkpoint and the summary say 2 epochs, the plan records the replan."""
+    _planned(monkeypatch, 6)
+    lines = []
+    summary = fit(_config(time_budget=1e-3), tmp_path / "run", progress=False, log=lines.append, data=_light(mnist))
+    assert summary["epochs"] == 2 and [r["lr"] for r in _metrics(tmp_path / "run")] == [
+        exponential_lr(e, 6, 1e-3, 3e-6) for e in range(2)]
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["config"]["epochs"] == 2 and written["plan"]["epochs"] == 2
+    assert [(r["after_epoch"], r["epochs"]) for r in written["plan"]["replans"]] == [(2, 2)]
+    assert any(line.endswith(": 2 epochs instead of 6") for line in lines)
+    state = read_checkpoint_state(tmp_path / "run" / CHECKPOINT_NAME)
+    assert (state["epoch"], state["step"], state["config"]["epochs"], state["plan"]["epochs"]) == (2, 0, 2, 2)
 
 
 def test_a_different_budget_is_refused_when_resuming(tmp_path, mnist, monkeypatch):

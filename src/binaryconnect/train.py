@@ -216,10 +216,17 @@ class _FirstEpochTimer:
             train = (self.t_trained - self.t_mark - self.writing) / timed * self.steps
         evaluation = (self.t_tested - self.t_validated) / n_test * (n_val + n_test)
         base = train + evaluation + (time.perf_counter() - self.t_tested)
-        writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, base / config.checkpoint_seconds)
-        if config.checkpoint_every:
-            writes += (self.steps - 1) / config.checkpoint_every  # those before the epoch's last step
-        return base + writes * checkpoint_seconds
+        return base + _checkpoints_per_epoch(base, self.steps, config) * checkpoint_seconds
+
+
+def _checkpoints_per_epoch(epoch_seconds: float, steps: int, config: TrainConfig) -> float:
+    """How many checkpoints an epoch of ``epoch_seconds`` (writes aside) and ``steps`` steps writes: at its end
+    one every ``config.checkpoint_seconds`` seconds (0: every epoch), and every ``checkpoint_every`` steps
+    before its last step."""
+    writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, epoch_seconds / config.checkpoint_seconds)
+    if config.checkpoint_every:
+        writes += (steps - 1) / config.checkpoint_every
+    return writes
 
 
 def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, data: Splits,
@@ -236,6 +243,46 @@ def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoi
         + (f"; the first epoch alone took {elapsed:.0f} s of the budget" if epochs == 1 < cap else ""))
     return {"epochs": epochs, "cap": cap, "elapsed_seconds": elapsed, "epoch_seconds": per_epoch,
             "checkpoint_seconds": checkpoint_seconds}
+
+
+def replan_epochs(budget: float, elapsed: float, done: int, epochs: int, epoch_seconds: float,
+                  final_seconds: float, margin: float = BUDGET_MARGIN) -> int:
+    """A planned run's epochs after ``done`` of them, ``elapsed`` seconds in, its epochs now taking
+    ``epoch_seconds``: ``epochs`` (the plan) if the rest still ends within the budget, else as many as fit
+    in ``margin * budget`` (the margin keeps it from replanning at every epoch), at least ``done``. A plan is
+    only ever shortened: a run ahead of it leaves the rest of the budget unused."""
+    if elapsed + (epochs - done) * epoch_seconds + final_seconds <= budget:
+        return epochs
+    return max(done, min(epochs, done + math.floor((margin * budget - elapsed - final_seconds) / epoch_seconds)))
+
+
+#: Epochs whose median time a replan takes as the pace: enough to ignore one slow epoch, few enough to follow
+#: a lasting change (another process starting on the same device).
+REPLAN_WINDOW = 5
+
+
+def _replan(plan: dict, config: TrainConfig, history: list[dict], since: int, steps: int, elapsed: float,
+            checkpoint_seconds: float, log) -> bool:
+    """At the end of an epoch after the first of a planned run: if the epochs left, at the median pace of the
+    last ``REPLAN_WINDOW`` epochs from ``since`` on (0-based; not a process's first epoch, which pays for its
+    warm-up), would end past the budget, plan fewer (``plan["epochs"]``, each replan recorded in
+    ``plan["replans"]``). The learning rate then decays to ``lr_end`` at the new last epoch, as when a resumed
+    run is given fewer epochs. Return whether it did."""
+    recent = sorted(r["seconds"] for r in history[since:][-REPLAN_WINDOW:])
+    if not recent:
+        return False
+    pace = recent[len(recent) // 2]
+    per_epoch = pace + _checkpoints_per_epoch(pace, steps, config) * checkpoint_seconds
+    done = len(history)
+    epochs = replan_epochs(config.time_budget, elapsed, done, plan["epochs"], per_epoch, checkpoint_seconds)
+    if epochs >= plan["epochs"]:
+        return False
+    log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s after {_epochs(done)}, {per_epoch:.2f} s per epoch "
+        f"now: {_epochs(epochs)} instead of {plan['epochs']}")
+    plan.setdefault("replans", []).append({"after_epoch": done, "epochs": epochs, "elapsed_seconds": elapsed,
+                                           "epoch_seconds": per_epoch})
+    plan["epochs"] = epochs
+    return True
 
 
 def _epochs(n: int) -> str:
@@ -535,7 +582,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
                                 data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
 
-        epoch = p.epoch
+        epoch = first_epoch = p.epoch  # (the first epoch this process trains pays for its warm-up)
         while epoch < config.epochs:  # (a time budget sets config.epochs after the first epoch)
             t0 = time.perf_counter()
             timer = _FirstEpochTimer(steps, p.step, device) if planning else None
@@ -602,13 +649,18 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             p.history.append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            elapsed, planned = p.seconds + time.perf_counter() - start, False
             if timer is not None:  # the time budget: how many epochs fit, this one included
-                info["plan"] = _plan(config, timer, p.seconds + time.perf_counter() - start, checkpoint_cost, data,
-                                     log)
+                info["plan"] = _plan(config, timer, elapsed, checkpoint_cost, data, log)
+                planning, timer, planned = False, None, True
+            elif "plan" in info and info["plan"]["epochs"] == config.epochs > epoch + 1:  # on its plan (not given
+                # other --epochs when resumed), epochs to go: if off the plan's pace, fewer
+                planned = _replan(info["plan"], config, p.history, first_epoch + 1, steps, elapsed, checkpoint_cost,
+                                  log)
+            if planned:
                 config.epochs = info["plan"]["epochs"]
                 info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
                 atomic_write_json(run_dir / "config.json", _config_json(info))
-                planning, timer = False, None
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
