@@ -381,3 +381,27 @@ def test_a_run_resumed_after_its_first_epoch_s_last_step_counts_the_run_so_far(m
     timer.tested()
     assert timer.epoch_seconds(2.0, _config(checkpoint_seconds=0.0), 40.0, 1000, 1000) == pytest.approx(
         40.0 + 1.0 + 0.5 + 2.0)
+
+
+def test_a_resumed_process_s_first_epoch_does_not_set_the_pace(tmp_path, mnist, monkeypatch, one_thread):
+    """Planned to 6 epochs in 8 s, stopped in epoch 3, resumed by a process whose first step takes 3 s (its
+    warm-up): that epoch does not count towards the pace, so the plan stands. Counted, its 3 s per epoch
+    would have the run replanned to fewer epochs."""
+    import time as clock
+
+    _planned(monkeypatch, 6)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 3, step 2"):
+        fit(_config(time_budget=8.0), run, progress=False, log=quiet, data=_light(mnist, stop_at=14))
+    calls = {"n": 0}
+
+    def slow_first_step(x, generator):  # noqa: ARG001
+        calls["n"] += 1
+        if calls["n"] == 1:
+            clock.sleep(3.0)
+        return x
+
+    lines = []
+    data = dataclasses.replace(_light(mnist), train_transform=slow_first_step)
+    summary = resume(run, progress=False, log=lines.append, data=data)
+    assert summary["epochs"] == 6 and "replans" not in json.loads((run / "config.json").read_text())["plan"], lines
