@@ -146,8 +146,7 @@ def test_the_plan_s_measurements_come_from_the_run(tmp_path, mnist, monkeypatch,
                   data=_light(mnist))
     [(budget, elapsed, epoch_seconds, final_seconds, cap)] = seen
     first = _metrics(tmp_path / "run")[0]["seconds"]
-    assert budget == 4.0 and cap == 1000 and elapsed >= first and 0 < final_seconds < 4.0
-    assert 0 < epoch_seconds <= first + final_seconds
+    assert budget == 4.0 and cap == 1000 and elapsed >= first and 0 < final_seconds < 4.0 and epoch_seconds > 0
     written = json.loads((tmp_path / "run" / "config.json").read_text())
     plan = written["plan"]
     planned = real(budget, elapsed, epoch_seconds, final_seconds, cap)
@@ -224,21 +223,38 @@ def test_replan_epochs_only_shortens_a_plan_that_would_overrun(budget, elapsed, 
     assert train.replan_epochs(budget, elapsed, done, epochs, epoch_seconds, final_seconds) == want
 
 
-def test_replan_takes_the_median_pace_of_recent_epochs_not_a_process_s_first():
-    """The pace is the median of the last epochs since ``since``: a slow first epoch of a resumed process
-    (index 3 here: 30 s) is left out by ``since=4``; taken in, it makes the plan shorter."""
-    config = _config(time_budget=100.0, checkpoint_seconds=0.0)
-    history = [{"seconds": s} for s in (50.0, 1.0, 1.0, 30.0)]  # 4 epochs done; 30 s of the budget used
+def test_epoch_pace_is_the_lower_median_of_the_last_epochs_not_a_process_s_first():
+    def pace(seconds, first_epochs):
+        return train.epoch_pace([{"seconds": x} for x in seconds], first_epochs)
+
+    assert pace([50.0, 1.0, 1.0, 30.0, 1.0, 1.0], {0, 3}) == (1.0, 4)  # each process's first left out
+    assert pace([50.0, 1.0, 1.0, 30.0, 1.0, 1.0], {0}) == (1.0, 5)
+    assert pace([50.0, 2.0, 4.0], {0}) == (2.0, 2)  # lower median: one slow epoch of two does not set it
+    assert pace([9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0], set()) == (3.0, 5)  # the last 5 only
+    assert math.isnan(pace([50.0], {0})[0]) and pace([50.0], {0})[1] == 0
+
+
+def test_replan_needs_evidence_unless_the_budget_is_spent():
+    """Fewer than 3 epochs of pace: no replan, unless the budget is spent (then the run stops at the epochs
+    done). With 3 or more: the epochs that fit, each at the pace plus the epoch-end checkpoints (one every
+    ``checkpoint_seconds``; those within an epoch are in its time already, ``checkpoint_every`` adds none)."""
+    config = _config(time_budget=100.0, checkpoint_seconds=0.0, checkpoint_every=1)
+    slow = [{"seconds": x} for x in (50.0, 30.0, 30.0)]
     plan = {"epochs": 20}
-    assert not train._replan(plan, config, history, 4, 10, 30.0, 0.5, quiet) and plan == {"epochs": 20}
-    plan = {"epochs": 20}
-    assert not train._replan(plan, config, history, 1, 10, 30.0, 0.5, quiet)  # median of 1, 1, 30: 1 s on pace
+    assert not train._replan(plan, config, slow, {0}, 50.0, 0.5, quiet) and plan == {"epochs": 20}
     lines = []
-    assert train._replan(plan, config, history[:1] + history[3:], 1, 10, 30.0, 0.5, lines.append)
-    per_epoch = 30.0 + 0.5  # the pace, and a checkpoint every epoch
-    assert plan == {"epochs": 2 + 2, "replans": [{"after_epoch": 2, "epochs": 4, "elapsed_seconds": 30.0,
-                                                  "epoch_seconds": per_epoch}]}
-    assert lines == ["time budget 100 s: 30.0 s after 2 epochs, 30.50 s per epoch now: 4 epochs instead of 20"]
+    assert train._replan(plan, config, slow, {0}, 99.9, 0.5, lines.append)  # 99.9 + 0.5 > 100: spent
+    assert plan["epochs"] == 3 and plan["replans"][0]["after_epoch"] == 3
+    assert lines == ["time budget 100 s: 99.9 s after 3 epochs, 30.00 s per epoch now: 3 epochs instead of 20"]
+    plan = {"epochs": 20}
+    history = slow + [{"seconds": 30.0}]
+    assert train._replan(plan, config, history, {0}, 40.0, 0.5, quiet)
+    per_epoch = 30.0 + 0.5  # the pace, and a checkpoint at every epoch's end
+    assert plan == {"epochs": 4 + 1, "replans": [{"after_epoch": 4, "epochs": 5, "elapsed_seconds": 40.0,
+                                                  "epoch_seconds": per_epoch}]}  # floor((98 - 40.5) / 30.5) = 1
+    plan = {"epochs": 20}
+    fast = slow[:1] + [{"seconds": 1.0}] * 3
+    assert not train._replan(plan, config, fast, {0}, 40.0, 0.5, quiet) and plan == {"epochs": 20}  # on pace
 
 
 def test_a_run_slower_than_its_plan_is_replanned_to_fewer_epochs(tmp_path, mnist, monkeypatch, one_thread):
@@ -256,6 +272,8 @@ def test_a_run_slower_than_its_plan_is_replanned_to_fewer_epochs(tmp_path, mnist
     assert any(line.endswith(": 2 epochs instead of 6") for line in lines)
     state = read_checkpoint_state(tmp_path / "run" / CHECKPOINT_NAME)
     assert (state["epoch"], state["step"], state["config"]["epochs"], state["plan"]["epochs"]) == (2, 0, 2, 2)
+    _, metadata = load_tensors(tmp_path / "run" / "model.safetensors")
+    assert json.loads(metadata["config"])["epochs"] == 2  # the best model's file says so too
 
 
 def test_a_different_budget_is_refused_when_resuming(tmp_path, mnist, monkeypatch):
@@ -279,7 +297,8 @@ def test_cli_time_budget_is_validated(value, capsys):
 
 
 @pytest.mark.parametrize("value, seconds", [("540", 540.0), ("540s", 540.0), ("9m", 540.0), ("9M", 540.0),
-                                            ("1.5h", 5400.0), ("2.5", 2.5), ("1e3", 1000.0)])
+                                            ("1.5h", 5400.0), ("2.5", 2.5), ("1e3", 1000.0), ("4.1m", 246.0),
+                                            (" 9m ", 540.0)])
 def test_cli_durations_take_seconds_minutes_and_hours(value, seconds):
     from binaryconnect.cli import build_parser
 
@@ -383,25 +402,30 @@ def test_a_run_resumed_after_its_first_epoch_s_last_step_counts_the_run_so_far(m
         40.0 + 1.0 + 0.5 + 2.0)
 
 
-def test_a_resumed_process_s_first_epoch_does_not_set_the_pace(tmp_path, mnist, monkeypatch, one_thread):
-    """Planned to 6 epochs in 8 s, stopped in epoch 3, resumed by a process whose first step takes 3 s (its
-    warm-up): that epoch does not count towards the pace, so the plan stands. Counted, its 3 s per epoch
-    would have the run replanned to fewer epochs."""
-    import time as clock
-
+def test_each_process_s_first_epoch_is_left_out_of_the_pace(tmp_path, mnist, monkeypatch, one_thread):
+    """Planned to 6 epochs, stopped in epoch 3, resumed: the pace is taken without epoch 1 (the first
+    process's first) and epoch 3 (the second's, which pays for its warm-up), and the plan stands."""
     _planned(monkeypatch, 6)
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at epoch 3, step 2"):
-        fit(_config(time_budget=8.0), run, progress=False, log=quiet, data=_light(mnist, stop_at=14))
-    calls = {"n": 0}
+        fit(_config(), run, progress=False, log=quiet, data=_light(mnist, stop_at=14))
+    seen, pace = [], train.epoch_pace
 
-    def slow_first_step(x, generator):  # noqa: ARG001
-        calls["n"] += 1
-        if calls["n"] == 1:
-            clock.sleep(3.0)
-        return x
+    def spy(history, first_epochs):
+        seen.append((len(history), set(first_epochs)))
+        return pace(history, first_epochs)
 
-    lines = []
-    data = dataclasses.replace(_light(mnist), train_transform=slow_first_step)
-    summary = resume(run, progress=False, log=lines.append, data=data)
-    assert summary["epochs"] == 6 and "replans" not in json.loads((run / "config.json").read_text())["plan"], lines
+    costs, replan = [], train._replan
+
+    def spy_replan(plan, config, history, first_epochs, elapsed, checkpoint_seconds, log):
+        costs.append(checkpoint_seconds)
+        return replan(plan, config, history, first_epochs, elapsed, checkpoint_seconds, log)
+
+    monkeypatch.setattr(train, "epoch_pace", spy)
+    monkeypatch.setattr(train, "_replan", spy_replan)
+    summary = resume(run, progress=False, log=quiet, data=_light(mnist))
+    assert seen == [(3, {0, 2}), (4, {0, 2}), (5, {0, 2})]  # after epochs 3, 4 and 5 (not after the last)
+    # before the resumed process writes a checkpoint, a checkpoint costs what the plan measured, not nothing
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert costs[0] == plan["checkpoint_seconds"] > 0
+    assert summary["epochs"] == 6 and "replans" not in json.loads((run / "config.json").read_text())["plan"]

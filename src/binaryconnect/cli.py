@@ -50,9 +50,11 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _parse_duration(text: str) -> float:
-    """Seconds from ``540``, ``540s``, ``9m`` or ``1.5h``."""
+    """Seconds from ``540``, ``540s``, ``9m`` or ``1.5h``, to the microsecond (``4.1m`` is 246 s, not
+    245.99999999999997: the same budget given again must compare equal)."""
+    text = text.strip()
     number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _UNITS else (text, "s")
-    return float(number) * _UNITS[unit.lower()]
+    return round(float(number) * _UNITS[unit.lower()], 6)
 
 
 _duration = _number(_parse_duration, lambda v: 0 < v < float("inf"), "a positive duration (540, 540s, 9m, 1.5h)")

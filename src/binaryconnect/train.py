@@ -216,17 +216,15 @@ class _FirstEpochTimer:
             train = (self.t_trained - self.t_mark - self.writing) / timed * self.steps
         evaluation = (self.t_tested - self.t_validated) / n_test * (n_val + n_test)
         base = train + evaluation + (time.perf_counter() - self.t_tested)
-        return base + _checkpoints_per_epoch(base, self.steps, config) * checkpoint_seconds
+        within = (self.steps - 1) / config.checkpoint_every if config.checkpoint_every else 0.0
+        return base + (_epoch_end_checkpoints(base, config) + within) * checkpoint_seconds
 
 
-def _checkpoints_per_epoch(epoch_seconds: float, steps: int, config: TrainConfig) -> float:
-    """How many checkpoints an epoch of ``epoch_seconds`` (writes aside) and ``steps`` steps writes: at its end
-    one every ``config.checkpoint_seconds`` seconds (0: every epoch), and every ``checkpoint_every`` steps
-    before its last step."""
-    writes = 1.0 if config.checkpoint_seconds == 0 else min(1.0, epoch_seconds / config.checkpoint_seconds)
-    if config.checkpoint_every:
-        writes += (steps - 1) / config.checkpoint_every
-    return writes
+def _epoch_end_checkpoints(epoch_seconds: float, config: TrainConfig) -> float:
+    """Checkpoints per epoch written at epoch ends, for epochs of ``epoch_seconds``: one every
+    ``config.checkpoint_seconds`` seconds (0: every epoch). (Those every ``checkpoint_every`` steps come on
+    top, within the epochs.)"""
+    return 1.0 if config.checkpoint_seconds == 0 else min(1.0, epoch_seconds / config.checkpoint_seconds)
 
 
 def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, data: Splits,
@@ -251,30 +249,40 @@ def replan_epochs(budget: float, elapsed: float, done: int, epochs: int, epoch_s
     ``epoch_seconds``: ``epochs`` (the plan) if the rest still ends within the budget, else as many as fit
     in ``margin * budget`` (the margin keeps it from replanning at every epoch), at least ``done``. A plan is
     only ever shortened: a run ahead of it leaves the rest of the budget unused."""
-    if elapsed + (epochs - done) * epoch_seconds + final_seconds <= budget:
+    if not epoch_seconds > 0 or elapsed + (epochs - done) * epoch_seconds + final_seconds <= budget:
         return epochs
     return max(done, min(epochs, done + math.floor((margin * budget - elapsed - final_seconds) / epoch_seconds)))
 
 
-#: Epochs whose median time a replan takes as the pace: enough to ignore one slow epoch, few enough to follow
-#: a lasting change (another process starting on the same device).
-REPLAN_WINDOW = 5
+#: The epochs a replan takes the pace from: the last ones, at most this many, at least ``REPLAN_EVIDENCE``
+#: (fewer: no replan, unless the budget is already spent).
+REPLAN_WINDOW, REPLAN_EVIDENCE = 5, 3
 
 
-def _replan(plan: dict, config: TrainConfig, history: list[dict], since: int, steps: int, elapsed: float,
+def epoch_pace(history: list[dict], first_epochs: set[int]) -> tuple[float, int]:
+    """The pace of a run: the lower median of the seconds of its last ``REPLAN_WINDOW`` epochs (``history``,
+    0-based) that are not in ``first_epochs`` (the first epoch each process trained, which pays for its
+    warm-up); and how many epochs that took. The lower median: one slow epoch among two does not set it."""
+    recent = sorted([r["seconds"] for i, r in enumerate(history) if i not in first_epochs][-REPLAN_WINDOW:])
+    return (recent[(len(recent) - 1) // 2] if recent else math.nan), len(recent)
+
+
+def _replan(plan: dict, config: TrainConfig, history: list[dict], first_epochs: set[int], elapsed: float,
             checkpoint_seconds: float, log) -> bool:
-    """At the end of an epoch after the first of a planned run: if the epochs left, at the median pace of the
-    last ``REPLAN_WINDOW`` epochs from ``since`` on (0-based; not a process's first epoch, which pays for its
-    warm-up), would end past the budget, plan fewer (``plan["epochs"]``, each replan recorded in
-    ``plan["replans"]``). The learning rate then decays to ``lr_end`` at the new last epoch, as when a resumed
-    run is given fewer epochs. Return whether it did."""
-    recent = sorted(r["seconds"] for r in history[since:][-REPLAN_WINDOW:])
-    if not recent:
-        return False
-    pace = recent[len(recent) // 2]
-    per_epoch = pace + _checkpoints_per_epoch(pace, steps, config) * checkpoint_seconds
+    """At the end of an epoch after the first of a planned run: if the epochs left, at the run's pace
+    (``epoch_pace``; at least ``REPLAN_EVIDENCE`` epochs of it), would end past the budget, plan fewer
+    (``plan["epochs"]``, each replan recorded in ``plan["replans"]``); a run already past its budget stops.
+    The epochs left then decay to ``lr_end`` at the new last epoch, as when a resumed run is given fewer
+    epochs. Return whether it replanned."""
     done = len(history)
-    epochs = replan_epochs(config.time_budget, elapsed, done, plan["epochs"], per_epoch, checkpoint_seconds)
+    pace, n = epoch_pace(history, first_epochs)
+    if elapsed + checkpoint_seconds > config.time_budget:
+        epochs, per_epoch = done, pace  # spent: stop now, whatever the pace
+    elif n < REPLAN_EVIDENCE:
+        return False
+    else:  # (a metrics record's seconds hold the checkpoints written within its epoch, not the one at its end)
+        per_epoch = pace + _epoch_end_checkpoints(pace, config) * checkpoint_seconds
+        epochs = replan_epochs(config.time_budget, elapsed, done, plan["epochs"], per_epoch, checkpoint_seconds)
     if epochs >= plan["epochs"]:
         return False
     log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s after {_epochs(done)}, {per_epoch:.2f} s per epoch "
@@ -535,7 +543,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         )
 
     best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
-    checkpoint_cost = 0.0  # seconds the last checkpoint (and best model) took to write: a time budget plans them
+    # seconds the last checkpoint (and best model) took to write, for a time budget: a resumed run starts from
+    # what its plan measured
+    checkpoint_cost = float(info.get("plan", {}).get("checkpoint_seconds", 0.0))
     timer: _FirstEpochTimer | None = None  # a time budget's, during the first epoch
 
     def write_best_model() -> None:
@@ -582,7 +592,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
                                 data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
 
-        epoch = first_epoch = p.epoch  # (the first epoch this process trains pays for its warm-up)
+        epoch = p.epoch
         while epoch < config.epochs:  # (a time budget sets config.epochs after the first epoch)
             t0 = time.perf_counter()
             timer = _FirstEpochTimer(steps, p.step, device) if planning else None
@@ -655,12 +665,15 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 planning, timer, planned = False, None, True
             elif "plan" in info and info["plan"]["epochs"] == config.epochs > epoch + 1:  # on its plan (not given
                 # other --epochs when resumed), epochs to go: if off the plan's pace, fewer
-                planned = _replan(info["plan"], config, p.history, first_epoch + 1, steps, elapsed, checkpoint_cost,
-                                  log)
+                first_epochs = {0, *(r["epoch"] for r in info["resumes"])}  # each process's first
+                planned = _replan(info["plan"], config, p.history, first_epochs, elapsed, checkpoint_cost, log)
             if planned:
                 config.epochs = info["plan"]["epochs"]
                 info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
                 atomic_write_json(run_dir / "config.json", _config_json(info))
+                if p.best_metadata is not None:  # and the best model's file, when next written
+                    p.best_metadata = {**p.best_metadata, "config": json.dumps(info["config"], sort_keys=True)}
+                    best_written = None
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
                 f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
