@@ -49,10 +49,16 @@ def binarize_stochastic(
     ``u ~ U[0, 1)`` is drawn from ``generator`` (same device as ``w``), and ``Wb = +H`` where ``u < p``:
     so ``P(Wb = +H) = p`` exactly, ``W >= H`` always gives ``+H`` and ``W <= -H`` always gives ``-H``.
     """
-    # u < hard_sigmoid(x) is u < (x + 1) / 2 for u in [0, 1): the clip changes no comparison, so it is skipped
-    p = (w.detach() / H).add_(1.0).mul_(0.5)
-    u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+    p, u = _probability_and_uniforms(w, H, generator)
     return plus_minus(u < p, H, w.dtype)
+
+
+def _probability_and_uniforms(w: torch.Tensor, H: float, generator: torch.Generator | None):
+    """``(p, u)`` of eq. (2): ``p = (W / H + 1) / 2`` in W's dtype, and ``u ~ U[0, 1)`` (float32) from
+    ``generator``. ``u < hard_sigmoid(x)`` is ``u < (x + 1) / 2`` for u in [0, 1): the clip changes no
+    comparison, so it is skipped."""
+    p = (w.detach() / H).add_(1.0).mul_(0.5)
+    return p, torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
 
 
 def _binarize_cpu(w: torch.Tensor, mode: str, H: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -71,8 +77,7 @@ def _binarize_cpu(w: torch.Tensor, mode: str, H: float, generator: torch.Generat
         return torch.copysign(torch.tensor(H, dtype=w.dtype), out, out=out)
     if w.dtype != torch.float32:
         return binarize_stochastic(w, H, generator)
-    p = (w.detach() / H).add_(1.0).mul_(0.5)  # as binarize_stochastic computes it, then the same uniforms
-    u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+    p, u = _probability_and_uniforms(w, H, generator)
     return torch.copysign(torch.tensor(H, dtype=torch.float32), u.sub_(p), out=u).neg_()
 
 

@@ -157,8 +157,15 @@ def plan_epochs(budget: float, elapsed: float, epoch_seconds: float, final_secon
     the ``final_seconds`` of the last checkpoint; at least 1, at most ``cap`` (the configured epochs)."""
     if epoch_seconds <= 0:
         return cap
+    return _epochs_that_fit(budget, elapsed, 1, cap, epoch_seconds, final_seconds, margin)
+
+
+def _epochs_that_fit(budget: float, elapsed: float, done: int, most: int, epoch_seconds: float,
+                     final_seconds: float, margin: float) -> int:
+    """``done`` epochs and as many more, at ``epoch_seconds`` each, as fit in ``margin * budget`` seconds after
+    the ``elapsed`` ones and the ``final_seconds`` of the last checkpoint; from ``done`` to ``most``."""
     room = margin * budget - elapsed - final_seconds
-    return max(1, min(cap, 1 + math.floor(room / epoch_seconds)))
+    return max(done, min(most, done + math.floor(room / epoch_seconds)))
 
 
 class _FirstEpochTimer:
@@ -209,11 +216,10 @@ class _FirstEpochTimer:
         and at its end one every ``config.checkpoint_seconds`` seconds (0: every epoch). A run resumed with
         no step left to time counts its steps as the ``elapsed`` seconds of the run so far (an overestimate:
         they include the run's start)."""
-        timed = self.steps - self.mark
-        if self.untimed or timed == 0:
+        if self.untimed:  # (mark == steps only after a resume at the epoch's last step: untimed)
             train = elapsed
         else:
-            train = (self.t_trained - self.t_mark - self.writing) / timed * self.steps
+            train = (self.t_trained - self.t_mark - self.writing) / (self.steps - self.mark) * self.steps
         evaluation = (self.t_tested - self.t_validated) / n_test * (n_val + n_test)
         base = train + evaluation + (time.perf_counter() - self.t_tested)
         within = (self.steps - 1) / config.checkpoint_every if config.checkpoint_every else 0.0
@@ -251,7 +257,7 @@ def replan_epochs(budget: float, elapsed: float, done: int, epochs: int, epoch_s
     only ever shortened: a run ahead of it leaves the rest of the budget unused."""
     if not epoch_seconds > 0 or elapsed + (epochs - done) * epoch_seconds + final_seconds <= budget:
         return epochs
-    return max(done, min(epochs, done + math.floor((margin * budget - elapsed - final_seconds) / epoch_seconds)))
+    return _epochs_that_fit(budget, elapsed, done, epochs, epoch_seconds, final_seconds, margin)
 
 
 #: The epochs a replan takes the pace from: the last ones, at most this many, at least ``REPLAN_EVIDENCE``
