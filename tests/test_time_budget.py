@@ -106,6 +106,24 @@ def test_a_planned_run_is_the_run_of_that_many_epochs(tmp_path, mnist, monkeypat
     assert lines.index(plan) == 1 and lines[2].startswith("epoch    1/3 ")  # planned before epoch 1's line
 
 
+def test_the_progress_bar_of_the_first_epoch_gives_the_cap_as_an_upper_bound(tmp_path, mnist, monkeypatch):
+    """Before the plan the number of epochs is not known: the first epoch's bar says "at most" the cap, the
+    later ones the planned number; without a budget, the number of epochs."""
+    _planned(monkeypatch, 2)
+    labels = []
+
+    def progress(iterable, total, desc, enabled):  # noqa: ARG001
+        labels.append(desc)
+        return iterable
+
+    monkeypatch.setattr(train, "_progress", progress)
+    fit(_config(), tmp_path / "budget", progress=True, log=quiet, data=_light(mnist))
+    assert labels == ["epoch 1/at most 8, planned after this one", "epoch 2/2"]
+    labels.clear()
+    fit(_config(time_budget=None, epochs=2), tmp_path / "plain", progress=True, log=quiet, data=_light(mnist))
+    assert labels == ["epoch 1/2", "epoch 2/2"]
+
+
 def test_the_caller_s_configuration_is_left_as_it_was(tmp_path, mnist, monkeypatch):
     _planned(monkeypatch, 2)
     config = _config()

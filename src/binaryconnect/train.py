@@ -611,8 +611,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
             # --- train: shuffled mini-batches sliced on the device (last partial batch dropped) ---
             model.train()
-            for step in _progress(range(p.step, steps), steps - p.step, f"epoch {epoch + 1}/{config.epochs}",
-                                  progress):
+            of = f"at most {config.epochs}, planned after this one" if planning else config.epochs
+            for step in _progress(range(p.step, steps), steps - p.step, f"epoch {epoch + 1}/{of}", progress):
                 idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
                 if graph is not None:  # the batch into the graph's inputs, one replay for the passes
                     graph.gather(data.train_x, data.train_y, idx, data.train_transform, generators["augment"])
