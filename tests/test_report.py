@@ -335,6 +335,19 @@ def test_unfinished_run_shows_progress_and_the_best_validation_epoch_so_far(tmp_
     assert text.endswith(f"\n  {tmp_path / 'stopped'}: 3/5 epochs, best so far 8.00% at epoch 3")
 
 
+def test_an_unfinished_budgeted_run_counts_its_epochs_against_the_cap_until_planned(tmp_path):
+    """A run with a time budget stopped in its first epoch has no plan yet: its --epochs is only an upper
+    bound ("at most"); once planned, config.json holds the planned number, shown as any run's."""
+    run = _synthetic_run(tmp_path / "first", seed=0, epochs=8, time_budget=60.0)
+    assert format_report([read_run(run)]).endswith(f"\n  {run}: 0/at most 8 epochs")
+    info = json.loads((run / "config.json").read_text())
+    info["config"]["epochs"], info["plan"] = 3, {"epochs": 3, "cap": 8}
+    (run / "config.json").write_text(json.dumps(info))
+    record = {"epoch": 1, "val_error": 0.1, "test_error": 0.2, "train_loss": 0.5}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert format_report([read_run(run)]).endswith(f"\n  {run}: 1/3 epochs, best so far 20.00% at epoch 1")
+
+
 @pytest.mark.parametrize("seconds, shown", [
     ([42.2], "42 s"), ([100.4, 250.6], "100-251 s"), ([99.6, 100.4], "100 s"), ([None, 61.0], "61 s"), ([None], "?")])
 def test_wall_time_column_is_the_range_over_seeds(tmp_path, seconds, shown):

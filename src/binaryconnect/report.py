@@ -32,6 +32,7 @@ class Run:
     summary: dict | None  # None: not finished
     epochs_done: int = 0
     best_so_far: dict | None = None  # unfinished runs: the best-validation record so far
+    plan: dict | None = None  # a time budget's plan (config.json), once made after the first epoch
 
 
 @dataclass
@@ -90,7 +91,8 @@ def read_run(path: str | Path) -> Run:
                 or not all(_is_number(summary.get(k)) for k in ("test_error", "best_val_error"))):
             raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error (as "
                               "numbers): is the file damaged? `binaryconnect train --resume` rewrites it")
-    run = Run(path, info["config"], info.get("environment") or {}, summary)
+    run = Run(path, info["config"], info.get("environment") or {}, summary,
+              plan=info["plan"] if isinstance(info.get("plan"), dict) else None)
     if summary is None:
         records = read_metrics(path)
         run.epochs_done = len(records)
@@ -216,6 +218,8 @@ def format_report(runs: list[Run], markdown: bool = False) -> str:
         lines.append("unfinished (not in any mean):")
         for r in unfinished:
             total = r.config.get("epochs", "?")
+            if r.config.get("time_budget") is not None and r.plan is None:  # still in its first epoch
+                total = f"at most {total}"
             best = r.best_so_far
             note = (f", best so far {100 * best['test_error']:.2f}% at epoch {best['epoch']}" if best else "")
             lines.append(f"  {r.path}: {r.epochs_done}/{total} epochs{note}")
