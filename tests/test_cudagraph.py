@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import warnings
 
 import pytest
 import torch
 
 from binaryconnect.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from binaryconnect.config import recipe_config
-from binaryconnect.cudagraph import GraphedStep, tensor_learning_rates
+from binaryconnect.cudagraph import GraphedStep, register_generator, tensor_learning_rates
 from binaryconnect.errors import ConfigError
 from binaryconnect.layers import set_generator
 from binaryconnect.losses import square_hinge_loss
@@ -132,6 +133,32 @@ def test_recording_needs_a_cuda_device():
     x, y = _batches(1)[0]
     with pytest.raises(ConfigError, match="need a CUDA device; the training device is cpu"):
         GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, make_optimizer(model, 1e-3), x, y)
+
+
+def test_generators_are_registered_without_the_deprecation_warning_of_later_torch_versions():
+    """torch 2.14's ``CUDAGraph.register_generator_state`` is a no-op that warns (the message below is the one
+    in its libtorch_python); 2.11's does the work. The call is made either way, that warning is silenced,
+    any other warning gets through."""
+    class Graph:
+        def __init__(self, also=None):
+            self.registered, self.also = [], also
+
+        def register_generator_state(self, generator):
+            self.registered.append(generator)
+            warnings.warn("CUDAGraph.register_generator_state() is deprecated, and will be removed in a future "
+                          "PyTorch release. It is now a no-op and can be safely removed from your code.",
+                          DeprecationWarning, stacklevel=2)
+            if self.also:
+                warnings.warn(self.also, UserWarning, stacklevel=2)
+
+    g = torch.Generator()
+    graph = Graph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_generator(graph, g)
+    assert graph.registered == [g]
+    with pytest.warns(UserWarning, match="something else"):
+        register_generator(Graph(also="something else"), g)
 
 
 def test_set_lr_updates_a_tensor_learning_rate_in_place():

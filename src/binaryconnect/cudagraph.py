@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -56,6 +57,16 @@ def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device
         lr = group["lr"]
         value = float(lr.item() if torch.is_tensor(lr) else lr)
         group["lr"] = torch.tensor(value, dtype=dtype, device=device)
+
+
+def register_generator(graph, generator: torch.Generator) -> None:
+    """``graph.register_generator_state(generator)``: needed before recording where PyTorch registers only
+    its default generator (torch 2.11 and earlier); later versions register every generator a recorded
+    kernel draws from on its first use and keep the method as a no-op that warns of its deprecation. The
+    call stays for the former, without that warning for the latter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*register_generator_state\(\) is deprecated")
+        graph.register_generator_state(generator)
 
 
 class GraphedStep:
@@ -184,7 +195,7 @@ class GraphedStep:
         forward_backward = torch.cuda.CUDAGraph()
         for g in self.generators:
             if g.device.type == "cuda":
-                forward_backward.register_generator_state(g)
+                register_generator(forward_backward, g)
         with torch.cuda.graph(forward_backward):
             loss = self.loss_fn(self.x, self.y)
             loss.backward()
