@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
@@ -21,7 +22,7 @@ from torch import nn
 
 from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_tensors, read_checkpoint_state
 from binaryconnect.cli import main
-from binaryconnect.errors import TrainingDiverged
+from binaryconnect.errors import DIVERGED_NAME, TrainingDiverged
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binary_layers, set_generator
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.optim import make_optimizer
@@ -72,8 +73,13 @@ def test_nan_loss_stops_before_the_step_and_leaves_the_last_checkpoint_intact(tm
     assert (state["epoch"], state["step"], state["global_step"]) == (0, 15, 15)
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
     assert not (run / "summary.json").exists()
+    # where it diverged, for a repeated sweep (which does not resume such a run) and for report
+    marker = json.loads((run / DIVERGED_NAME).read_text())
+    assert (marker["epoch"], marker["step"], marker["loss"]) == (1, 18, "nan")
+    assert marker["message"] == str(info.value)
 
-    resume(run, progress=False, log=_quiet, data=mnist)
+    resume(run, progress=False, log=_quiet, data=mnist)  # tried again: the marker goes
+    assert not (run / DIVERGED_NAME).exists()
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     got, _ = load_checkpoint(run / CHECKPOINT_NAME)
     want, _ = load_checkpoint(reference / CHECKPOINT_NAME)
@@ -156,6 +162,7 @@ def test_diverging_run_exits_with_code_3_and_one_line(tmp_path, data_root):
                     r"optimizer step", proc.stderr), proc.stderr
     tensors, state = load_checkpoint(run / CHECKPOINT_NAME)  # the checkpoint written at the start
     assert state["global_step"] == 0
+    assert json.loads((run / DIVERGED_NAME).read_text())["step"] == 2
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 

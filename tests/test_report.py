@@ -322,7 +322,8 @@ def test_json_report_holds_every_number_of_the_table(tmp_path):
     assert run["test_error"] == pytest.approx(1.1) and run["best_val_error"] == pytest.approx(1.3)
     assert (run["wall_seconds"], run["device"], run["threads"], run["torch"]) == (12.5, "cuda:0", 4, "2.9")
     assert first["runs"][1]["wall_seconds"] is None
-    assert data["unfinished"] == [{"run": str(tmp_path / "stopped"), "epochs_done": 2, "epochs": 5}]
+    assert data["unfinished"] == [{"run": str(tmp_path / "stopped"), "epochs_done": 2, "epochs": 5,
+                                   "epochs_at_most": False, "diverged": None}]
 
 
 def test_unfinished_run_shows_progress_and_the_best_validation_epoch_so_far(tmp_path):
@@ -340,12 +341,34 @@ def test_an_unfinished_budgeted_run_counts_its_epochs_against_the_cap_until_plan
     bound ("at most"); once planned, config.json holds the planned number, shown as any run's."""
     run = _synthetic_run(tmp_path / "first", seed=0, epochs=8, time_budget=60.0)
     assert format_report([read_run(run)]).endswith(f"\n  {run}: 0/at most 8 epochs")
+    [entry] = report_dict([read_run(run)])["unfinished"]
+    assert (entry["epochs"], entry["epochs_at_most"]) == (8, True)  # --json says it too
     info = json.loads((run / "config.json").read_text())
     info["config"]["epochs"], info["plan"] = 3, {"epochs": 3, "cap": 8}
     (run / "config.json").write_text(json.dumps(info))
     record = {"epoch": 1, "val_error": 0.1, "test_error": 0.2, "train_loss": 0.5}
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     assert format_report([read_run(run)]).endswith(f"\n  {run}: 1/3 epochs, best so far 20.00% at epoch 1")
+    [entry] = report_dict([read_run(run)])["unfinished"]
+    assert (entry["epochs"], entry["epochs_at_most"]) == (3, False)
+
+
+@pytest.mark.parametrize("marker, shown, data", [
+    ({"epoch": 3, "step": 41, "loss": "nan", "message": "loss became nan ..."}, "; diverged at epoch 3, step 41 "
+     "(loss nan)", {"epoch": 3, "step": 41, "loss": "nan"}),
+    ({"epoch": 2, "step": 7}, "; diverged at epoch 2, step 7", {"epoch": 2, "step": 7}),
+    ("{not json", "; diverged", {}),  # damaged: it still says the run diverged
+    ({"epoch": True, "step": 7}, "; diverged", {}),
+])
+def test_a_run_that_diverged_is_listed_as_diverged_where_it_did(tmp_path, marker, shown, data):
+    """train writes diverged.json when the loss becomes NaN/Inf: the unfinished run's line says where, and
+    so does --json; a run without that file is not said to have diverged."""
+    run = _synthetic_run(tmp_path / "nan", seed=0, epochs=5, metrics=[(1, 0.1, 0.11), (2, 0.05, 0.06)])
+    (run / "diverged.json").write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    assert format_report([read_run(run)]).endswith(f"\n  {run}: 2/5 epochs, best so far 6.00% at epoch 2{shown}")
+    assert report_dict([read_run(run)])["unfinished"][0]["diverged"] == data
+    (run / "diverged.json").unlink()
+    assert format_report([read_run(run)]).endswith(f"\n  {run}: 2/5 epochs, best so far 6.00% at epoch 2")
 
 
 @pytest.mark.parametrize("seconds, shown", [

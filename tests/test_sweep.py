@@ -87,21 +87,48 @@ def test_deadline_stops_the_running_and_starts_no_more(tmp_path, monkeypatch):
 
 def test_a_run_that_fails_while_the_sweep_stops_is_failed_not_stopped(tmp_path, monkeypatch):
     """A run that exits with an error (3: diverged) after the deadline's SIGINT has no checkpoint of its
-    stop: it is "failed", not "stopped" (which tells the user a repeat resumes it)."""
+    stop: it is "diverged", not "stopped" (which tells the user a repeat resumes it)."""
     child = ("import signal, sys, time\n"
              "signal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
              "time.sleep(60)\n")
     monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child])
     jobs = sweep.plan(["a"], [0], tmp_path)
     sweep.run_jobs(jobs, [], slots=1, deadline=1.0, log=lambda *a: None, poll=0.05)
-    assert [(j.state, j.returncode) for j in jobs] == [("failed", 3)]
+    assert [(j.state, j.returncode) for j in jobs] == [("diverged", 3)]
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", "raise SystemExit(1)"])
     jobs = sweep.run_jobs(sweep.plan(["a"], [0, 1], tmp_path), [], slots=2, log=print, poll=0.05)
-    assert [(j.state, j.returncode) for j in jobs] == [("failed", 3), ("failed", 3)]
-    assert f"exit code 3, log {tmp_path / 'a-s0.log'}" in capsys.readouterr().out
+    assert [(j.state, j.returncode) for j in jobs] == [("failed", 1), ("failed", 1)]
+    assert f"exit code 1, log {tmp_path / 'a-s0.log'}" in capsys.readouterr().out
+
+
+def test_a_repeated_sweep_does_not_resume_a_run_that_diverged(tmp_path, data_root, capsys):
+    """Runs whose loss became NaN/Inf (a learning rate of 1e30) end "diverged", and a repeat does not resume
+    them: their last checkpoint, options and seed would bring the same NaN. The repeat starts no process
+    (the logs do not grow), says why, and the report names where each run diverged."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "mnist-deterministic", "--seeds", "0,1", "-o", str(out), "--", "--data-dir", str(data_root),
+            "--epochs", "1", *TINY, "--lr-start", "1e30", "--lr-end", "1e30"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "mnist-deterministic-s0: diverged (exit code 3" in captured.out
+    assert "2 of 2 runs did not finish: mnist-deterministic-s0 (diverged), mnist-deterministic-s1 (diverged); " \
+           "a repeat does not resume a diverged run" in captured.err
+    assert "repeat the same sweep command" not in captured.err  # it would change nothing
+    logs = {p: p.read_bytes() for p in out.glob("*.log")}
+    assert len(logs) == 2
+
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    for seed in (0, 1):
+        run = out / f"mnist-deterministic-s{seed}"
+        marker = json.loads((run / "diverged.json").read_text())
+        assert f"{run.name}: diverged before ({run / 'diverged.json'} says where), not resumed" in captured.out
+        assert f"{run}: 0/1 epochs; diverged at epoch 1, step {marker['step']} (loss {marker['loss']})" in captured.out
+    assert ": resumed (log" not in captured.out and ": started (log" not in captured.out
+    assert {p: p.read_bytes() for p in out.glob("*.log")} == logs  # no process ran
 
 
 @pytest.mark.parametrize(
@@ -220,6 +247,7 @@ def test_threads_are_shared_among_the_runs_that_start_not_the_skipped_ones(tmp_p
     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "stopped"),
     ("raise SystemExit(1)", "failed"),
     ("raise SystemExit(2)", "failed"),
+    ("raise SystemExit(3)", "diverged"),  # train's TrainingDiverged: a repeat does not resume it
 ])
 def test_exit_codes_of_a_stop_are_stopped_others_failed(tmp_path, monkeypatch, child, state):
     """130 and 143 (train's exit codes after SIGINT and SIGTERM) and death by either signal mean the run

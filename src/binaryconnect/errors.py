@@ -25,6 +25,12 @@ class TrainingDiverged(BinaryConnectError):
     exit_code = 3
 
 
+#: Written into the run directory of a run whose loss became NaN/Inf (epoch, step, loss, the message), removed
+#: when the run is tried again. A repeated sweep does not resume such a run: from its last checkpoint, with
+#: the same options and seed, it diverges again. (Here, not in checkpoint.py: ``report`` reads it without torch.)
+DIVERGED_NAME = "diverged.json"
+
+
 class TrainingInterrupted(BinaryConnectError):
     """SIGINT (Ctrl-C) or SIGTERM stopped training cleanly after a step, with a checkpoint written.
 

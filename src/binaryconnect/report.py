@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import DIVERGED_NAME, ConfigError
 
 #: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
 NOT_THE_EXPERIMENT = ("seed", "device", "data_dir", "download", "checkpoint_every", "checkpoint_seconds",
@@ -33,6 +33,17 @@ class Run:
     epochs_done: int = 0
     best_so_far: dict | None = None  # unfinished runs: the best-validation record so far
     plan: dict | None = None  # a time budget's plan (config.json), once made after the first epoch
+    diverged: dict | None = None  # unfinished runs whose loss became NaN/Inf: diverged.json (epoch, step, loss)
+
+    @property
+    def epochs_at_most(self) -> bool:
+        """Whether ``config["epochs"]`` is only a cap: a run with a time budget still in its first epoch."""
+        return self.config.get("time_budget") is not None and self.plan is None
+
+    def progress(self) -> str:
+        """An unfinished run's ``N/TOTAL epochs`` (``at most TOTAL`` before a time budget's plan)."""
+        total = self.config.get("epochs", "?")
+        return f"{self.epochs_done}/{'at most ' if self.epochs_at_most else ''}{total} epochs"
 
 
 @dataclass
@@ -98,7 +109,22 @@ def read_run(path: str | Path) -> Run:
         run.epochs_done = len(records)
         if records:
             run.best_so_far = min(reversed(records), key=lambda r: r["val_error"])  # ties: the later epoch
+        run.diverged = _read_diverged(path)
     return run
+
+
+def _read_diverged(path: Path) -> dict | None:
+    """``diverged.json`` of a run directory (train writes it when the loss becomes NaN/Inf): its epoch, step
+    and loss; None if there is none. A damaged one still says the run diverged."""
+    if not (path / DIVERGED_NAME).is_file():
+        return None
+    try:
+        record = json.loads((path / DIVERGED_NAME).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and _is_int(record.get("epoch")) and _is_int(record.get("step"))):
+        return {}
+    return {k: record[k] for k in ("epoch", "step", "loss") if k in record}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -181,7 +207,8 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
 def report_dict(runs: list[Run]) -> dict:
     """``group_runs(runs)`` and the unfinished runs, as JSON-ready data (``report --json``)."""
     return {"groups": [g.to_dict() for g in group_runs(runs)],
-            "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done, "epochs": r.config.get("epochs")}
+            "unfinished": [{"run": str(r.path), "epochs_done": r.epochs_done, "epochs": r.config.get("epochs"),
+                            "epochs_at_most": r.epochs_at_most, "diverged": r.diverged}
                            for r in unique_runs(runs) if r.summary is None]}
 
 
@@ -217,10 +244,11 @@ def format_report(runs: list[Run], markdown: bool = False) -> str:
         lines.append("")
         lines.append("unfinished (not in any mean):")
         for r in unfinished:
-            total = r.config.get("epochs", "?")
-            if r.config.get("time_budget") is not None and r.plan is None:  # still in its first epoch
-                total = f"at most {total}"
             best = r.best_so_far
             note = (f", best so far {100 * best['test_error']:.2f}% at epoch {best['epoch']}" if best else "")
-            lines.append(f"  {r.path}: {r.epochs_done}/{total} epochs{note}")
+            if r.diverged is not None:
+                where = (f" at epoch {r.diverged['epoch']}, step {r.diverged['step']}" if r.diverged else "")
+                loss = f" (loss {r.diverged['loss']})" if "loss" in r.diverged else ""
+                note += f"; diverged{where}{loss}"
+            lines.append(f"  {r.path}: {r.progress()}{note}")
     return "\n".join(lines)

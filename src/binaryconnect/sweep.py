@@ -10,7 +10,9 @@ about 1.5 s per epoch).
 A sweep can be repeated: a finished run (``summary.json``) is skipped (resumed if asked for more epochs:
 ``Job.more_epochs``, set by the command line, which refuses a run directory holding other options), a
 stopped or failed one (a checkpoint, no summary) is resumed with ``train --resume``, a missing one is
-started. ``deadline`` seconds after the
+started. A run that diverged (its loss became NaN/Inf: exit code 3, ``diverged.json`` in its directory) is
+not resumed: its last checkpoint, the same options and the same seed would lead it to the same NaN. It is
+listed as diverged; ``train --resume`` tries it again by hand. ``deadline`` seconds after the
 start, runs still going are stopped as Ctrl-C stops them (after a step, with a checkpoint), and no new
 one starts, so a time-limited machine loses at most one step per run.
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME
+from .errors import DIVERGED_NAME, TrainingDiverged
 
 
 @dataclass(eq=False)
@@ -34,7 +37,7 @@ class Job:
     seed: int
     run_dir: Path
     log: Path
-    state: str = "pending"  # pending | finished | failed | stopped | not started | skipped
+    state: str = "pending"  # pending | finished | failed | diverged | stopped | not started | skipped
     returncode: int | None = None
     resumed: bool = False
     more_epochs: bool = False  # finished, but asked for more epochs: resumed, not skipped
@@ -59,14 +62,20 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
              log=print, poll: float = 0.5) -> list[Job]:
     """Run ``jobs`` (``slots`` at a time) to completion, or until ``deadline`` seconds have passed or the
     sweep gets SIGINT/SIGTERM: then the running ones get SIGINT (they checkpoint and stop) and are
-    waited for. Each job ends ``finished``, ``failed``, ``stopped`` (checkpointed: a repeat resumes it),
-    ``not started`` or ``skipped`` (finished before)."""
+    waited for. Each job ends ``finished``, ``failed``, ``diverged`` (exit code 3 now, or ``diverged.json``
+    from before: not started again), ``stopped`` (checkpointed: a repeat resumes it), ``not started`` or
+    ``skipped`` (finished before)."""
     start = time.monotonic()
     pending = []
     for job in jobs:
         if (job.run_dir / "summary.json").is_file() and not job.more_epochs:
             job.state = "skipped"
             log(f"{job.run_dir.name}: already finished, skipped")
+        elif (job.run_dir / DIVERGED_NAME).is_file():
+            job.state = "diverged"
+            log(f"{job.run_dir.name}: diverged before ({job.run_dir / DIVERGED_NAME} says where), not resumed: it "
+                f"would diverge again from its last checkpoint; delete {job.run_dir} to train it anew (with other "
+                f"options), or try it again by hand with `binaryconnect train --resume {job.run_dir}`")
         else:
             pending.append(job)
     env = dict(os.environ)
@@ -107,9 +116,10 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                 del running[job]
                 job.returncode = code
                 # failed, not stopped, whatever stopped the sweep: a repeat resumes it from its last checkpoint
-                # like any unfinished run (and it may fail again: its log says why)
+                # like any unfinished run (and it may fail again: its log says why); diverged: not resumed
                 stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
-                job.state = "finished" if code == 0 else "stopped" if stopped else "failed"
+                job.state = ("finished" if code == 0 else "stopped" if stopped
+                             else "diverged" if code == TrainingDiverged.exit_code else "failed")
                 log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})"))
     finally:
         for process in running.values():  # only after an error in this loop: no run is left behind

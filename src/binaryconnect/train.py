@@ -63,7 +63,7 @@ from .checkpoint import (
 from .config import TrainConfig, resume_config
 from .cudagraph import GraphedStep
 from .data import Splits, load_dataset
-from .errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from .errors import DIVERGED_NAME, CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
@@ -518,6 +518,7 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
     # --- run directory: the checkpoint first, so that any run directory with files in it can be resumed ---
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DIVERGED_NAME).unlink(missing_ok=True)  # a diverged run tried again (if it diverges again: rewritten)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     start = time.perf_counter()
     last_saved = f"epoch {p.epoch + 1}, step {p.step}"
@@ -543,10 +544,14 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
             when = (f"detected {'before the optimizer step of' if before_step else 'after'} step {first + n} (on "
                     f"{device.type} the loss is checked every {check_every} steps, not to stall the device, and "
                     "before anything is written); nothing was saved since")
-        raise TrainingDiverged(
-            f"loss became {value} at {where}: {when}; the last good checkpoint ({last_saved}) is untouched in "
-            f"{checkpoint_path}. Lower the learning rate (--lr-start) or check the data."
-        )
+        message = (f"loss became {value} at {where}: {when}; the last good checkpoint ({last_saved}) is untouched "
+                   f"in {checkpoint_path}. Lower the learning rate (--lr-start) or check the data.")
+        try:  # what a repeated sweep reads, so as not to resume a run that would diverge again
+            atomic_write_json(run_dir / DIVERGED_NAME, {"epoch": epoch + 1, "step": first + bad + 1,
+                                                        "loss": str(value), "message": message})
+        except OSError as exc:
+            log(f"note: could not write {run_dir / DIVERGED_NAME} ({exc.strerror or exc})")
+        raise TrainingDiverged(message)
 
     best_written = None  # the best model model.safetensors holds (written with checkpoints, not per epoch)
     # seconds the last checkpoint (and best model) took to write, for a time budget: a resumed run starts from
