@@ -1,5 +1,11 @@
 """Helpers shared by test modules (importable because pytest puts tests/ on sys.path)."""
 
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 
@@ -24,3 +30,22 @@ def assert_one_line_error(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def png_bytes(value: int, size=(8, 8), seed=0) -> bytes:
+    """A PNG file of random RGB pixels, the same for the same ``value`` and ``seed``."""
+    rng = np.random.default_rng(value * 1000 + seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_image_tree(root: Path, classes=("cat", "dog", "emu"), n_train=6, n_test=2) -> Path:
+    """An ImageFolder tree ``root/{train,test}/<class>/NNN.png`` of 8 x 8 images, each different."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                value = ci * 100 + i + (50 if split == "test" else 0)
+                (root / split / c / f"{i:03d}.png").write_bytes(png_bytes(value))
+    return root

@@ -24,6 +24,7 @@ from binaryconnect.data import cache as cache_mod
 from binaryconnect.data import cifar, download_file, load_dataset
 from binaryconnect.data.augment import RandomCropFlip, crop_flip, make_augmentation
 from binaryconnect.errors import ConfigError, DataError
+from helpers import make_image_tree, png_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -154,24 +155,8 @@ def test_failed_download_leaves_no_partial_archive(tmp_path, monkeypatch):
 # ImageFolder trees and the cache
 
 
-def _png(value: int, size=(8, 8), seed=0) -> bytes:
-    rng = np.random.default_rng(value * 1000 + seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _make_tree(root: Path, classes=("cat", "dog", "emu"), n_train=6, n_test=2) -> Path:
-    for split, n in (("train", n_train), ("test", n_test)):
-        for ci, c in enumerate(classes):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                (root / split / c / f"{i:03d}.png").write_bytes(_png(ci * 100 + i + (50 if split == "test" else 0)))
-    return root
-
-
 def test_imagefolder_labels_order_and_split(tmp_path):
-    tree = _make_tree(tmp_path / "tree")
+    tree = make_image_tree(tmp_path / "tree")
     s = load_dataset("imagefolder", tmp_path, path="tree", val_size=3, preprocess="none", cache=False)
     assert s.num_classes == 3 and s.train_x.shape == (15, 3, 8, 8) and s.val_x.shape == (3, 3, 8, 8)
     # every training image appears once, with its class index (sorted class names), in a fixed mixed order
@@ -190,7 +175,7 @@ def test_imagefolder_labels_order_and_split(tmp_path):
 
 
 def test_imagefolder_cache_hit_and_invalidation(tmp_path, monkeypatch):
-    tree = _make_tree(tmp_path / "tree")
+    tree = make_image_tree(tmp_path / "tree")
     calls = []
     real = cifar.read_image_folder
 
@@ -212,7 +197,7 @@ def test_imagefolder_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert len(calls) == 1 and _entries(tmp_path) == ["decoded", "splits", "splits"]
 
     victim = tree / "train" / "dog" / "002.png"  # a changed source: a new key, decoded again
-    victim.write_bytes(_png(999))
+    victim.write_bytes(png_bytes(999))
     third = load_dataset("imagefolder", tmp_path, **kw)
     assert len(calls) == 2 and not torch.equal(third.train_x, first.train_x)
     load_dataset("imagefolder", tmp_path, **kw, cache=False)
@@ -240,7 +225,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path):
 
 
 def test_imagefolder_archive_and_unsafe_members(tmp_path):
-    tree = _make_tree(tmp_path / "tree")
+    tree = make_image_tree(tmp_path / "tree")
     archive = tmp_path / "tree.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname="top")
@@ -251,7 +236,7 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
     for bad in ("top/../../evil/train/cat/x.png", "/abs/train/cat/x.png"):
         evil = tmp_path / "evil.tar"
         with tarfile.open(evil, "w") as tar:
-            data = _png(1)
+            data = png_bytes(1)
             info = tarfile.TarInfo(bad)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -273,8 +258,8 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
 
 
 def test_imagefolder_errors(tmp_path):
-    tree = _make_tree(tmp_path / "tree")
-    (tree / "train" / "cat" / "big.png").write_bytes(_png(5, size=(9, 8)))
+    tree = make_image_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / "big.png").write_bytes(png_bytes(5, size=(9, 8)))
     with pytest.raises(DataError, match=r"all images of an ImageFolder dataset \(train and test\) must have one size"):
         load_dataset("imagefolder", tmp_path, path=str(tree), val_size=2, cache=False)
     (tree / "train" / "cat" / "big.png").write_bytes(b"not an image")
@@ -284,7 +269,7 @@ def test_imagefolder_errors(tmp_path):
         load_dataset("imagefolder", tmp_path, path="nowhere")
     with pytest.raises(ConfigError, match="needs a path"):
         load_dataset("imagefolder", tmp_path)
-    small = _make_tree(tmp_path / "small", n_train=1)
+    small = make_image_tree(tmp_path / "small", n_train=1)
     with pytest.raises(ConfigError, match="val_size must be between 1 and 2"):
         load_dataset("imagefolder", tmp_path, path=str(small), val_size=3, cache=False)
     with pytest.raises(ConfigError, match="val_size must be int like its default 5000, got True"):
@@ -294,7 +279,7 @@ def test_imagefolder_errors(tmp_path):
 def test_jpeg_copy_source_is_checksummed(tmp_path, monkeypatch):
     """The cifar10 loader's JPEG path on a tiny archive in the same layout (the real one is tested by
     the training test below and by its checksum against SHA256SUMS)."""
-    tree = _make_tree(tmp_path / "t", classes=cifar.CLASSES, n_train=1, n_test=1)
+    tree = make_image_tree(tmp_path / "t", classes=cifar.CLASSES, n_train=1, n_test=1)
     root = tmp_path / "root"
     root.mkdir()
     with tarfile.open(root / cifar.JPEG_ARCHIVE, "w:gz") as tar:
@@ -431,7 +416,7 @@ def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
     the test error it prints is the one the run recorded."""
     from binaryconnect.cli import main
 
-    tree = _make_tree(tmp_path / "tree", n_train=8, n_test=4)
+    tree = make_image_tree(tmp_path / "tree", n_train=8, n_test=4)
     run = tmp_path / "run"
     argv = ["train", "cifar10-deterministic", "--dataset", "imagefolder", "--dataset-option", f"path={tree}",
             "--dataset-option", "cache=false", "--preprocess", "gcn", "--augment", "crop-flip", "--val-size", "6",
@@ -451,9 +436,9 @@ def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
 
 
 def test_imagefolder_skips_hidden_files_and_reads_links_as_a_folder_does(tmp_path):
-    tree = _make_tree(tmp_path / "tree", n_train=4, n_test=2)
+    tree = make_image_tree(tmp_path / "tree", n_train=4, n_test=2)
     (tree / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is no class
-    (tree / "train" / ".ipynb_checkpoints" / "000.png").write_bytes(_png(7))
+    (tree / "train" / ".ipynb_checkpoints" / "000.png").write_bytes(png_bytes(7))
     (tree / "train" / "cat" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata
     (tree / "train" / "dog" / "004.png").symlink_to("000.png")  # a linked image (relative: a tar can hold it)
     (tree / "train" / "dog" / "005.png").symlink_to("nowhere.png")  # dangling: no data
@@ -468,13 +453,13 @@ def test_imagefolder_skips_hidden_files_and_reads_links_as_a_folder_does(tmp_pat
 
 
 def test_imagefolder_refuses_other_sizes_across_splits_and_16_bit_images(tmp_path):
-    tree = _make_tree(tmp_path / "tree", n_train=3, n_test=1)
+    tree = make_image_tree(tmp_path / "tree", n_train=3, n_test=1)
     for f in (tree / "test").rglob("*.png"):
-        f.write_bytes(_png(1, size=(16, 16)))
+        f.write_bytes(png_bytes(1, size=(16, 16)))
     with pytest.raises(DataError, match=r"is \(16, 16\) pixels, .* is \(8, 8\): all images of an ImageFolder "
                                         r"dataset \(train and test\) must have one size"):
         load_dataset("imagefolder", tmp_path, path="tree", val_size=1, preprocess="none", cache=False)
-    deep = _make_tree(tmp_path / "deep", n_train=3, n_test=1)
+    deep = make_image_tree(tmp_path / "deep", n_train=3, n_test=1)
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buffer, format="PNG")  # mode I;16
     (deep / "train" / "cat" / "000.png").write_bytes(buffer.getvalue())
@@ -484,13 +469,13 @@ def test_imagefolder_refuses_other_sizes_across_splits_and_16_bit_images(tmp_pat
 
 
 def test_a_linked_class_folder_changes_the_fingerprint_when_its_images_change(tmp_path):
-    real = _make_tree(tmp_path / "real", n_train=2, n_test=1)
+    real = make_image_tree(tmp_path / "real", n_train=2, n_test=1)
     view = tmp_path / "view"
     (view / "train").mkdir(parents=True)
     (view / "train" / "cat").symlink_to(real / "train" / "cat", target_is_directory=True)
     (view / "train" / "loop").symlink_to(view / "train", target_is_directory=True)  # a cycle ends the walk
     before = cache_mod.source_fingerprint(view)
-    (real / "train" / "cat" / "000.png").write_bytes(_png(99, size=(8, 8)) + b"\0")  # other bytes, other size
+    (real / "train" / "cat" / "000.png").write_bytes(png_bytes(99, size=(8, 8)) + b"\0")  # other bytes, other size
     assert cache_mod.source_fingerprint(view) != before
 
 
@@ -519,7 +504,7 @@ def test_preprocessed_cache_is_keyed_by_the_validation_size(tmp_path):
     """The preprocessed entry holds train / validation already split (and ZCA fitted on that train): a load
     with another val_size must not read it back. val_size 3 then 4, both cached: the second has 4 validation
     images and equals an uncached load."""
-    tree = _make_tree(tmp_path / "tree")
+    tree = make_image_tree(tmp_path / "tree")
     kw = dict(path=str(tree), preprocess="gcn-zca")
     load_dataset("imagefolder", tmp_path, val_size=3, **kw)
     s = load_dataset("imagefolder", tmp_path, val_size=4, **kw)
@@ -535,7 +520,7 @@ def test_folder_fingerprint_sees_a_size_a_time_and_a_name(tmp_path):
     keeps size and time, yet reorders the dataset). Unchanged, it is the same."""
     import os
 
-    tree = _make_tree(tmp_path / "tree", n_train=2, n_test=1)
+    tree = make_image_tree(tmp_path / "tree", n_train=2, n_test=1)
     fp = cache_mod.source_fingerprint
     victim = tree / "train" / "cat" / "001.png"
     before, stat = fp(tree), victim.stat()
@@ -647,7 +632,7 @@ def test_labels_are_int64_and_a_validation_size_of_0_is_refused(tmp_path):
     _write_official(tmp_path / "o", _official_batches(n=2))
     official = load_dataset("cifar10", tmp_path / "o", val_size=2, download=False, verify=False, preprocess="none",
                             source="official", cache=False)
-    _make_tree(tmp_path / "tree", n_train=2, n_test=1)
+    make_image_tree(tmp_path / "tree", n_train=2, n_test=1)
     folder = load_dataset("imagefolder", tmp_path, path="tree", val_size=2, preprocess="none", cache=False)
     for s in (official, folder):
         assert s.train_y.dtype == s.val_y.dtype == s.test_y.dtype == torch.int64

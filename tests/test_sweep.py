@@ -8,11 +8,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from binaryconnect import sweep
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, make_image_tree
 
 TINY = ["--train-subset", "500", "--hidden", "16", "--depth", "1", "--device", "cpu"]
 
@@ -129,6 +130,44 @@ def test_a_repeated_sweep_does_not_resume_a_run_that_diverged(tmp_path, data_roo
         assert f"{run}: 0/1 epochs; diverged at epoch 1, step {marker['step']} (loss {marker['loss']})" in captured.out
     assert ": resumed (log" not in captured.out and ": started (log" not in captured.out
     assert {p: p.read_bytes() for p in out.glob("*.log")} == logs  # no process ran
+
+
+def test_data_several_runs_share_is_prepared_once_before_they_start(tmp_path, monkeypatch, capsys):
+    """Two runs on one cached dataset (an ImageFolder tree with GCN + ZCA): the sweep builds its cache once,
+    with every core, before starting them, and the runs only read it (no entry is rewritten). A run alone
+    on its data, and data without a cache (MNIST), are left to the run."""
+    tree = make_image_tree(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BINARYCONNECT_CACHE", str(cache))
+    seen, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):  # the cache as each run finds it when it starts
+        seen.append({p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")})
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen)
+    threads = torch.get_num_threads()
+    out = tmp_path / "s"
+    assert main(["sweep", "mnist-float", "mnist-deterministic", "--seeds", "0", "-o", str(out), "--",
+                 "--dataset", "imagefolder", "--dataset-option", f"path={tree}", "--val-size", "3",
+                 "--batch-size", "3", "--hidden", "8", "--depth", "1", "--epochs", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert f"preparing the imagefolder data once for 2 runs ({cores} threads)" in text
+    assert torch.get_num_threads() == threads  # restored
+    assert len(seen) == 2 and len(seen[0]) == 2 and seen[0] == seen[1]  # decoded + splits, before either run
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == seen[0]  # read, not rebuilt
+    for job in ("mnist-float-s0", "mnist-deterministic-s0"):
+        assert json.loads((out / job / "summary.json").read_text())["epochs"] == 1
+
+    calls = []
+    monkeypatch.setattr("binaryconnect.data.load_dataset", lambda *a, **k: calls.append(a))
+    configs = [recipe_config("mnist-float"), recipe_config("mnist-deterministic"),  # no cache
+               recipe_config("cifar10-float"),  # alone on its data
+               recipe_config("cifar10-float", dataset_kwargs={"preprocess": "gcn"}),  # other options: other data
+               recipe_config("cifar10-float", dataset_kwargs={"cache": False}),
+               recipe_config("cifar10-float", dataset_kwargs={"cache": False})]  # no cache asked for
+    assert sweep.prepare_data(configs, log=lambda *a: None) == 0 and calls == []
 
 
 @pytest.mark.parametrize(
@@ -314,7 +353,7 @@ def test_an_error_in_the_sweep_leaves_no_run_behind(tmp_path, monkeypatch):
 def test_a_stopped_sweep_reports_its_unfinished_runs_and_exits_1(tmp_path, monkeypatch, capsys):
     """The sweep's table lists a run that stopped (config.json, no summary) as unfinished with its
     progress, and says on stderr which runs did not finish; exit code 1."""
-    def stopped_run(jobs, train_args, slots, deadline=None, log=print, poll=0.5):
+    def stopped_run(jobs, train_args, slots, deadline=None, log=print, poll=0.5, prepare=None):
         [job] = jobs
         job.run_dir.mkdir(parents=True)
         config = json.loads(json.dumps({**recipe_config("mnist-float", epochs=3).to_dict(), "seed": job.seed}))

@@ -481,7 +481,7 @@ def _seed_list(text: str) -> list[int]:
 def _cmd_sweep(args) -> int:
     from .data import check_dataset_options
     from .report import format_report, read_run
-    from .sweep import plan, run_jobs
+    from .sweep import plan, prepare_data, run_jobs
     from .train import resolve_device
 
     if len(set(args.recipes)) != len(args.recipes):  # two processes would share one run directory
@@ -499,8 +499,9 @@ def _cmd_sweep(args) -> int:
     jobs = plan(args.recipes, args.seeds, args.out)
     for job in jobs:
         _check_existing_run(job, configs[job.recipe])
-    jobs = run_jobs(jobs, args.train_args, args.jobs, args.deadline,
-                    log=lambda line: print(line, flush=True))  # as it happens, also into a file
+    log = lambda line: print(line, flush=True)  # noqa: E731 - as it happens, also into a file
+    jobs = run_jobs(jobs, args.train_args, args.jobs, args.deadline, log=log,
+                    prepare=lambda pending: prepare_data([configs[job.recipe] for job in pending], log))
     runs = [read_run(job.run_dir) for job in jobs if (job.run_dir / "config.json").is_file()]
     print()
     print(format_report(runs, markdown=args.markdown) if runs else "no run directories were written")

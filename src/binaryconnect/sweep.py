@@ -15,6 +15,10 @@ not resumed: its last checkpoint, the same options and the same seed would lead 
 listed as diverged; ``train --resume`` tries it again by hand. ``deadline`` seconds after the
 start, runs still going are stopped as Ctrl-C stops them (after a step, with a checkpoint), and no new
 one starts, so a time-limited machine loses at most one step per run.
+
+Data that several runs would each decode and preprocess at once (a cached dataset: CIFAR-10, SVHN, an
+ImageFolder tree) is prepared once first, in the sweep's process with every core (``prepare_data``): the
+runs then read the cache. Side by side, each run would build it with its share of the cores.
 """
 
 from __future__ import annotations
@@ -49,6 +53,39 @@ def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
     return [Job(r, s, out / f"{r}-s{s}", out / f"{r}-s{s}.log") for s in seeds for r in recipes]
 
 
+def prepare_data(configs: list, log=print) -> int:
+    """Load, and so cache, each dataset that two or more of ``configs`` (``TrainConfig``s of the runs about to
+    start) load with the same options from a loader that caches (its ``cache`` option not False), once, with
+    as many threads as this process may use cores (the runs' ``OMP_NUM_THREADS`` share is for running side by
+    side); return how many were prepared. A bad dataset fails here, before any run starts."""
+    import json
+
+    import torch
+
+    from .data import caches, load_dataset
+
+    wanted: dict[str, list] = {}
+    for c in configs:
+        if not caches(c.dataset, c.dataset_kwargs):
+            continue
+        key = json.dumps([c.dataset, str(c.data_dir), c.val_size, c.download, c.dataset_kwargs], sort_keys=True,
+                         default=str)
+        wanted.setdefault(key, []).append(c)
+    shared = [group for group in wanted.values() if len(group) > 1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                              os.cpu_count() or threads)
+        for group in shared:
+            c, t0 = group[0], time.perf_counter()
+            log(f"preparing the {c.dataset} data once for {len(group)} runs ({torch.get_num_threads()} threads)")
+            load_dataset(c.dataset, c.data_dir, val_size=c.val_size, download=c.download, **c.dataset_kwargs)
+            log(f"  ready in {time.perf_counter() - t0:.1f} s: the runs read it from the cache")
+    finally:
+        torch.set_num_threads(threads)
+    return len(shared)
+
+
 def train_command(job: Job, train_args: list[str]) -> list[str]:
     """The ``train`` command of ``job``: resume its run directory if it holds a checkpoint, else start it."""
     base = [sys.executable, "-m", "binaryconnect", "train"]
@@ -59,12 +96,13 @@ def train_command(job: Job, train_args: list[str]) -> list[str]:
 
 
 def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float | None = None,
-             log=print, poll: float = 0.5) -> list[Job]:
+             log=print, poll: float = 0.5, prepare=None) -> list[Job]:
     """Run ``jobs`` (``slots`` at a time) to completion, or until ``deadline`` seconds have passed or the
     sweep gets SIGINT/SIGTERM: then the running ones get SIGINT (they checkpoint and stop) and are
     waited for. Each job ends ``finished``, ``failed``, ``diverged`` (exit code 3 now, or ``diverged.json``
     from before: not started again), ``stopped`` (checkpointed: a repeat resumes it), ``not started`` or
-    ``skipped`` (finished before)."""
+    ``skipped`` (finished before). ``prepare(jobs)``, if given, is called with the jobs that will run before
+    any starts (``prepare_data``: its time counts toward the deadline)."""
     start = time.monotonic()
     pending = []
     for job in jobs:
@@ -78,6 +116,8 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                 f"options), or try it again by hand with `binaryconnect train --resume {job.run_dir}`")
         else:
             pending.append(job)
+    if prepare is not None and pending:
+        prepare(pending)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # CPU threads shared out between the processes side by side (skipped ones
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(slots, max(1, len(pending)))))  # not)

@@ -130,6 +130,14 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
     return loader(resolve_data_root(root), **kwargs)
 
 
+def caches(name: str, kwargs: dict) -> bool:
+    """Whether dataset ``name``, loaded with the options ``kwargs``, is read from the preprocessed-tensor cache
+    (``cache.cached_tensors``) once built: its loader takes a ``cache`` option, not set to False there."""
+    loader = _LOADERS.get(name)
+    return (loader is not None and "cache" in inspect.signature(loader).parameters
+            and kwargs.get("cache", True) is not False)
+
+
 #: A loader's parameters that training options set (--data-dir, --val-size, --no-download), not listed as
 #: dataset options: the configuration refuses them as such (``TrainConfig.validate``).
 _TRAINING_OPTIONS = ("root", "val_size", "download")
