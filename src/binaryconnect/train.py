@@ -249,15 +249,31 @@ def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoi
             "checkpoint_seconds": checkpoint_seconds}
 
 
+#: The share of a time budget a replan may lengthen a plan to fill (below ``BUDGET_MARGIN``: a plan is
+#: shortened only past the whole budget), and the least it lengthens it by, as a share of the plan: a pace
+#: wandering by a few percent changes neither the plan nor, with it, the learning-rate schedule.
+EXTEND_MARGIN, EXTEND_AT_LEAST = 0.95, 0.05
+
+
 def replan_epochs(budget: float, elapsed: float, done: int, epochs: int, epoch_seconds: float,
-                  final_seconds: float, margin: float = BUDGET_MARGIN) -> int:
+                  final_seconds: float, margin: float = BUDGET_MARGIN, cap: int | None = None,
+                  extend_margin: float = EXTEND_MARGIN) -> int:
     """A planned run's epochs after ``done`` of them, ``elapsed`` seconds in, its epochs now taking
-    ``epoch_seconds``: ``epochs`` (the plan) if the rest still ends within the budget, else as many as fit
-    in ``margin * budget`` (the margin keeps it from replanning at every epoch), at least ``done``. A plan is
-    only ever shortened: a run ahead of it leaves the rest of the budget unused."""
-    if not epoch_seconds > 0 or elapsed + (epochs - done) * epoch_seconds + final_seconds <= budget:
+    ``epoch_seconds``. If the rest would end past the budget: as many as fit in ``margin * budget``, at
+    least ``done``. If the run is ahead of its plan, still in the first half of it, and ``EXTEND_AT_LEAST``
+    of the plan more (one epoch at least) fit in ``extend_margin * budget``: as many as fit there, at most
+    ``cap`` (the --epochs the plan was made under; None: never more). Else ``epochs``, the plan: the band
+    between the margins keeps a run from replanning at every epoch, and late in a run, where the learning
+    rate has nearly reached its end, the plan is not stretched."""
+    if not epoch_seconds > 0:
         return epochs
-    return _epochs_that_fit(budget, elapsed, done, epochs, epoch_seconds, final_seconds, margin)
+    if elapsed + (epochs - done) * epoch_seconds + final_seconds > budget:
+        return _epochs_that_fit(budget, elapsed, done, epochs, epoch_seconds, final_seconds, margin)
+    if cap is not None and epochs < cap and 2 * done < epochs:
+        more = _epochs_that_fit(budget, elapsed, done, cap, epoch_seconds, final_seconds, extend_margin)
+        if more - epochs >= max(1.0, EXTEND_AT_LEAST * epochs):
+            return more
+    return epochs
 
 
 #: The epochs a replan takes the pace from: the last ones, at most this many, at least ``REPLAN_EVIDENCE``
@@ -276,10 +292,11 @@ def epoch_pace(history: list[dict], first_epochs: set[int]) -> tuple[float, int]
 def _replan(plan: dict, config: TrainConfig, history: list[dict], first_epochs: set[int], elapsed: float,
             checkpoint_seconds: float, log) -> bool:
     """At the end of an epoch after the first of a planned run: if the epochs left, at the run's pace
-    (``epoch_pace``; at least ``REPLAN_EVIDENCE`` epochs of it), would end past the budget, plan fewer
-    (``plan["epochs"]``, each replan recorded in ``plan["replans"]``); a run already past its budget stops.
-    The epochs left then decay to ``lr_end`` at the new last epoch, as when a resumed run is given fewer
-    epochs. Return whether it replanned."""
+    (``epoch_pace``; at least ``REPLAN_EVIDENCE`` epochs of it), would end past the budget, plan fewer; if
+    the run is well ahead of its plan in the plan's first half, plan more, up to the cap (``replan_epochs``;
+    ``plan["epochs"]``, each replan recorded in ``plan["replans"]``); a run already past its budget stops.
+    The learning rate then follows the schedule of the new number of epochs, decaying to ``lr_end`` at the
+    new last epoch, as when a resumed run is given other epochs. Return whether it replanned."""
     done = len(history)
     pace, n = epoch_pace(history, first_epochs)
     if elapsed + checkpoint_seconds > config.time_budget:
@@ -288,8 +305,9 @@ def _replan(plan: dict, config: TrainConfig, history: list[dict], first_epochs: 
         return False
     else:  # (a metrics record's seconds hold the checkpoints written within its epoch, not the one at its end)
         per_epoch = pace + _epoch_end_checkpoints(pace, config) * checkpoint_seconds
-        epochs = replan_epochs(config.time_budget, elapsed, done, plan["epochs"], per_epoch, checkpoint_seconds)
-    if epochs >= plan["epochs"]:
+        epochs = replan_epochs(config.time_budget, elapsed, done, plan["epochs"], per_epoch, checkpoint_seconds,
+                               cap=plan.get("cap"))
+    if epochs == plan["epochs"]:
         return False
     log(f"time budget {config.time_budget:g} s: {elapsed:.1f} s after {_epochs(done)}, {per_epoch:.2f} s per epoch "
         f"now: {_epochs(epochs)} instead of {plan['epochs']}")
