@@ -18,7 +18,7 @@ import torch
 
 from binaryconnect.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from binaryconnect.config import recipe_config
-from binaryconnect.cudagraph import GraphedStep, register_generator, tensor_learning_rates
+from binaryconnect.cudagraph import GraphedStep, check_recordable, register_generator, tensor_learning_rates
 from binaryconnect.errors import ConfigError
 from binaryconnect.layers import set_generator
 from binaryconnect.losses import square_hinge_loss
@@ -133,6 +133,20 @@ def test_recording_needs_a_cuda_device():
     x, y = _batches(1)[0]
     with pytest.raises(ConfigError, match="need a CUDA device; the training device is cpu"):
         GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, make_optimizer(model, 1e-3), x, y)
+
+
+def test_a_cumulative_batch_norm_cannot_be_recorded():
+    """A batch norm with momentum=None reads its batch count back to the host at every training step, which
+    CUDA graph recording forbids: refused with a message naming it. The recipes' models (and a batch norm
+    that keeps no running statistics) pass."""
+    model = _mlp("deterministic")
+    check_recordable(model)
+    check_recordable(create_model("convnet", channels=(8, 16, 32), hidden=32, binarization="stochastic"))
+    check_recordable(torch.nn.Sequential(torch.nn.BatchNorm1d(4, momentum=None, track_running_stats=False)))
+    bad = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, momentum=None))
+    with pytest.raises(ConfigError, match=r"batch norm with momentum=None .* cannot be recorded as a CUDA graph: 1; "
+                                          r"give it a momentum, or train without --cuda-graph"):
+        check_recordable(bad)
 
 
 def test_generators_are_registered_without_the_deprecation_warning_of_later_torch_versions():

@@ -20,7 +20,10 @@ What recording needs, and how it is kept exact:
 - The batch lives in static input tensors; each step gathers its examples into them (``load``).
 - Adam is recorded with ``capturable=True`` and each group's learning rate is a 0-dim tensor on the device,
   so that ``optim.set_lr`` changes the rate the recorded kernels read (``fill_``) instead of a number
-  baked into the graph. The checkpoint stores it as a number, as before.
+  baked into the graph. The checkpoint stores it as a number, as before. On a GPU that tensor is float32
+  (fused Adam's CUDA kernel reads a tensor learning rate as float; a number it takes as a double), so a
+  graphed GPU step can differ from the eager one in the last bit of an update; on the CPU, float64 keeps
+  the two identical.
 - Recording needs a few eager warm-up steps first (on a side stream: cuBLAS/cuDNN workspaces, autotuning,
   ``torch.compile``'s compilation, Adam's lazily created state). They are taken back before recording:
   the parameters, buffers (batch-norm statistics), optimizer state and random generators are restored
@@ -61,12 +64,24 @@ def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device
 
 def register_generator(graph, generator: torch.Generator) -> None:
     """``graph.register_generator_state(generator)``: needed before recording where PyTorch registers only
-    its default generator (torch 2.11 and earlier); later versions register every generator a recorded
-    kernel draws from on its first use and keep the method as a no-op that warns of its deprecation. The
-    call stays for the former, without that warning for the latter."""
+    its default generator (torch 2.11, the version on the project's GPU machine, and 2.12); 2.14 (and, by
+    PyTorch's sources, 2.13) registers every generator a recorded kernel draws from on its first use and
+    keeps the method as a no-op that warns of its deprecation. The call stays for the former, without that
+    warning for the latter."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*register_generator_state\(\) is deprecated")
         graph.register_generator_state(generator)
+
+
+def check_recordable(model: nn.Module) -> None:
+    """Refuse, with a ConfigError, a model whose training step cannot be recorded as a CUDA graph: a batch
+    norm with ``momentum=None`` (a cumulative average) reads ``num_batches_tracked`` back to the host at every
+    step, which recording forbids. (None of the recipes' models has one; a model built through the API may.)"""
+    cumulative = [name for name, m in model.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is None]
+    if cumulative:
+        raise ConfigError(f"batch norm with momentum=None (a cumulative average) cannot be recorded as a CUDA graph: "
+                          f"{', '.join(cumulative)}; give it a momentum, or train without --cuda-graph")
 
 
 class GraphedStep:
@@ -90,6 +105,8 @@ class GraphedStep:
             raise ConfigError(f"CUDA graphs (--cuda-graph) need a CUDA device; the training device is {device}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
+        if capture:
+            check_recordable(model)
         self.loss_fn, self.model, self.optimizer, self.capture = loss_fn, model, optimizer, capture
         self.device = device
         self.generators = list(generators)
@@ -192,17 +209,18 @@ class GraphedStep:
 
     def _record(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # the backward pass below allocates the gradients
+        stream = torch.cuda.Stream(self.device)  # (torch.cuda.graph's default stream is on the first GPU used)
         forward_backward = torch.cuda.CUDAGraph()
         for g in self.generators:
             if g.device.type == "cuda":
                 register_generator(forward_backward, g)
-        with torch.cuda.graph(forward_backward):
+        with torch.cuda.graph(forward_backward, stream=stream):
             loss = self.loss_fn(self.x, self.y)
             loss.backward()
             self.loss = loss.detach()
         for group in self.optimizer.param_groups:
             group["capturable"] = True
         step = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(step):
+        with torch.cuda.graph(step, stream=stream):
             self.optimizer.step()
         self._forward_backward_graph, self._step_graph = forward_backward, step
