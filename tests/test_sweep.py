@@ -250,9 +250,9 @@ def _echo_threads(job, args):
                                                           (2, 2, "7", "7")])
 def test_cpu_threads_are_shared_out_between_the_runs_side_by_side(tmp_path, monkeypatch, slots, jobs, given,
                                                                     expected):
-    """8 CPUs: each run gets 8 // (runs at the same time) threads, the runs at the same time being the
+    """8 usable cores: each run gets 8 // (runs at the same time) threads, the runs at the same time being the
     fewer of slots and jobs; an OMP_NUM_THREADS the user set is kept."""
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(sweep, "usable_cores", lambda: 8)
     if given is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
@@ -265,9 +265,31 @@ def test_cpu_threads_are_shared_out_between_the_runs_side_by_side(tmp_path, monk
 
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_threads_are_shared_out_from_the_cores_this_process_may_use_not_the_machines(tmp_path, monkeypatch):
+    """A sweep started under ``taskset -c 0,1`` (or in a 2-core cpuset) on a 16-core machine: two runs side by
+    side get one thread each, not 16 // 2 = 8, which would put 16 threads on 2 cores."""
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep, "train_command", _echo_threads)
+    done = sweep.run_jobs(sweep.plan(["a", "b"], [0], tmp_path), [], slots=2, log=lambda *a: None, poll=0.02)
+    assert [j.state for j in done] == ["finished"] * 2
+    assert all(j.log.read_text() == "threads 1\n" for j in done)
+
+
+def test_usable_cores_without_cpu_affinity_are_the_machines(monkeypatch):
+    """Where the OS keeps no CPU affinity (macOS, Windows), every core ``os.cpu_count`` sees; at least one."""
+    monkeypatch.delattr(sweep.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 6)
+    assert sweep.usable_cores() == 6
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: None)  # "undetermined"
+    assert sweep.usable_cores() == 1
+
+
 def test_threads_are_shared_among_the_runs_that_start_not_the_skipped_ones(tmp_path, monkeypatch):
-    """A repeated sweep with one run left of two (the other finished): that run gets all 8 CPUs, not 8 // 2."""
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    """A repeated sweep with one run left of two (the other finished): that run gets all 8 cores, not 8 // 2."""
+    monkeypatch.setattr(sweep, "usable_cores", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(sweep, "train_command", _echo_threads)
     jobs = sweep.plan(["a", "b"], [0], tmp_path)

@@ -53,6 +53,15 @@ def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
     return [Job(r, s, out / f"{r}-s{s}", out / f"{r}-s{s}.log") for s in seeds for r in recipes]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS keeps one (Linux: ``taskset``, a
+    container's or a batch scheduler's cpuset), else every core ``os.cpu_count`` sees. ``os.cpu_count``
+    alone counts the machine's cores, more than a restricted process has: threads sized by it oversubscribe."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def prepare_data(configs: list, log=print) -> int:
     """Load, and so cache, each dataset that two or more of ``configs`` (``TrainConfig``s of the runs about to
     start) load with the same options from a loader that caches (its ``cache`` option not False), once, with
@@ -74,8 +83,7 @@ def prepare_data(configs: list, log=print) -> int:
     shared = [group for group in wanted.values() if len(group) > 1]
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-                              os.cpu_count() or threads)
+        torch.set_num_threads(usable_cores())
         for group in shared:
             c, t0 = group[0], time.perf_counter()
             log(f"preparing the {c.dataset} data once for {len(group)} runs ({torch.get_num_threads()} threads)")
@@ -120,7 +128,7 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
         prepare(pending)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # CPU threads shared out between the processes side by side (skipped ones
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(slots, max(1, len(pending)))))  # not)
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // min(slots, max(1, len(pending)))))  # not)
     running: dict[Job, subprocess.Popen] = {}
     stop = {"why": None, "signalled": False}
 
