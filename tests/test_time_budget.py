@@ -18,6 +18,7 @@ import torch
 from binaryconnect import train
 from binaryconnect.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_tensors, read_checkpoint_state
 from binaryconnect.cli import main
+from binaryconnect.config import keeps_plan
 from binaryconnect.errors import ConfigError, TrainingInterrupted
 from binaryconnect.optim import exponential_lr
 from binaryconnect.report import format_report, group_runs, read_run
@@ -177,6 +178,19 @@ def test_the_plan_s_measurements_come_from_the_run(tmp_path, mnist, monkeypatch,
         assert r["epochs"] < previous or (previous < r["epochs"] <= 1000 and 2 * r["after_epoch"] < previous)
         previous = r["epochs"]
     assert plan["epochs"] == previous
+
+
+@pytest.mark.parametrize("plan, budget, epochs, kept", [
+    ({"epochs": 40, "cap": 500}, 540.0, 500, True),  # the budget and the cap again (a repeated sweep)
+    ({"epochs": 40, "cap": 500}, 540.0, None, False),  # --epochs not given: resume_config keeps the plan's 40
+    ({"epochs": 40, "cap": 500}, 540.0, 600, False),  # another --epochs: the new number of epochs
+    ({"epochs": 40, "cap": 500}, 300.0, 500, False),  # another budget (which a resume then refuses)
+    (None, 540.0, 500, False),  # stopped in its first epoch: no plan yet
+    ([], 540.0, 500, False),  # a damaged plan is no plan
+])
+def test_a_plan_stands_only_for_the_same_budget_and_cap(plan, budget, epochs, kept):
+    """The one rule ``train --resume`` and a repeated ``sweep`` share for a budgeted run's plan."""
+    assert keeps_plan(plan, 540.0, budget, epochs) is kept
 
 
 def test_a_planned_run_stopped_and_resumed_keeps_its_plan(tmp_path, mnist, monkeypatch, one_thread):

@@ -521,7 +521,7 @@ def _check_existing_run(job, config) -> None:
     """A run directory a repeated sweep finds must hold the run the sweep asks for: the same options as
     ``config`` (seed aside) up to those a resume may change. More epochs than a finished run trained
     resume it (``job.more_epochs``); other differences are refused before anything starts."""
-    from .config import RESUME_MAY_CHANGE
+    from .config import RESUME_MAY_CHANGE, keeps_plan
 
     try:
         written = json.loads((job.run_dir / "config.json").read_text())
@@ -538,7 +538,7 @@ def _check_existing_run(job, config) -> None:
         raise ConfigError(f"{job.run_dir} holds a run with other options: {changes}; choose another -o, or "
                           "delete that run directory to train it anew")
     if (job.run_dir / "summary.json").is_file() and saved.get("epochs") != wanted["epochs"]:
-        if isinstance(plan, dict) and plan.get("cap") == wanted["epochs"]:
+        if keeps_plan(plan, saved.get("time_budget"), wanted["time_budget"], wanted["epochs"]):
             return  # a time budget planned its epochs under the cap the sweep asks for again: the run is done
         if wanted["epochs"] < saved.get("epochs", 0):
             raise ConfigError(f"{job.run_dir} has trained {saved['epochs']} epochs; ask for at least that many "

@@ -196,6 +196,14 @@ RESUME_MAY_CHANGE = ("epochs", "device", "checkpoint_every", "checkpoint_seconds
                      "download", "deterministic", "compile", "compile_mode", "amp", "channels_last", "cuda_graph")
 
 
+def keeps_plan(plan, saved_budget, budget, epochs) -> bool:
+    """Whether a run with a time budget that planned its epochs (``plan``, as config.json and checkpoints
+    hold it; ``saved_budget``, its budget) keeps that plan when asked again for ``budget`` and ``epochs``:
+    the same budget and the ``--epochs`` cap the plan was made under, as a repeated sweep asks. Any other
+    ``epochs`` is a new number of epochs to train, as for any run (``train --resume``, ``sweep``)."""
+    return isinstance(plan, dict) and budget == saved_budget and epochs == plan.get("cap")
+
+
 def resume_config(saved: TrainConfig, **overrides) -> tuple[TrainConfig, dict[str, list]]:
     """``saved`` with ``overrides`` (as for ``recipe_config``; None means unchanged) applied, validated,
     and the changes as ``{name: [old, new]}``. Raise ConfigError naming every option that differs from

@@ -60,7 +60,7 @@ from .checkpoint import (
     strip_prefix,
     with_prefix,
 )
-from .config import TrainConfig, resume_config
+from .config import TrainConfig, keeps_plan, resume_config
 from .cudagraph import GraphedStep
 from .data import Splits, load_dataset
 from .errors import DIVERGED_NAME, CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
@@ -454,9 +454,7 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
         saved = TrainConfig.from_dict(state["config"]).validate()
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an unusable configuration ({exc})") from None
-    plan = state.get("plan")
-    if (isinstance(plan, dict) and overrides.get("time_budget") == saved.time_budget
-            and overrides.get("epochs") == plan.get("cap")):
+    if keeps_plan(state.get("plan"), saved.time_budget, overrides.get("time_budget"), overrides.get("epochs")):
         overrides["epochs"] = None  # the cap the plan was made under, given again (a repeated sweep): it stands
     try:
         config, changes = resume_config(saved, **overrides)
