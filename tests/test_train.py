@@ -151,6 +151,9 @@ def test_stochastic_eval_modes(tmp_path, mnist):
 def test_config_validation_messages():
     with pytest.raises(ConfigError, match="lr_start must be a positive number"):
         recipe_config("mnist-float", lr_start=-1.0)
+    for name in ("H", "lr_start", "lr_end"):  # JSON's true is a bool, not the number 1 (a hand-edited config.json)
+        with pytest.raises(ConfigError, match=f"{name} must be a positive number, got True"):
+            recipe_config("mnist-float", **{name: True})
     with pytest.raises(ConfigError, match="unknown recipe 'mnist'; known recipes: .*mnist-deterministic"):
         recipe_config("mnist")
     with pytest.raises(ConfigError, match="lr_end .* must not exceed lr_start"):

@@ -8,10 +8,10 @@ line override them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 
+from ._values import is_finite_number, is_int
 from .binarize import BINARIZATIONS, STE_VARIANTS
 from .errors import ConfigError
 from .layers import STOCHASTIC_EVAL
@@ -89,16 +89,13 @@ class TrainConfig:
             _positive_int("train_subset", self.train_subset)
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
-        if not (isinstance(self.checkpoint_seconds, (int, float)) and not isinstance(self.checkpoint_seconds, bool)
-                and math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+        if not (is_finite_number(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
             raise ConfigError(f"checkpoint_seconds must be a non-negative number, got {self.checkpoint_seconds!r}")
-        if self.time_budget is not None and not (
-                isinstance(self.time_budget, (int, float)) and not isinstance(self.time_budget, bool)
-                and math.isfinite(self.time_budget) and self.time_budget > 0):
+        if self.time_budget is not None and not (is_finite_number(self.time_budget) and self.time_budget > 0):
             raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         for name in ("H", "lr_start", "lr_end"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (is_finite_number(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if not 1.1754943508222875e-38 <= self.H <= 3.4028234663852886e38:  # the weights are float32
             raise ConfigError(f"H must lie in float32's normal range (1.18e-38 to 3.40e38), got {self.H!r}")
@@ -110,7 +107,7 @@ class TrainConfig:
         for name in ("model_kwargs", "dataset_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
         return self
 
@@ -132,7 +129,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -12,11 +12,11 @@ enter a mean.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._values import is_finite_number, is_int
 from .errors import DIVERGED_NAME, ConfigError
 
 #: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
@@ -93,13 +93,13 @@ def read_run(path: str | Path) -> Run:
                           "`binaryconnect train -o` wrote")
     info = _read_json(path / "config.json", "a run's config.json")
     if (not isinstance(info, dict) or not isinstance(info.get("config"), dict)
-            or not _is_int(info["config"].get("seed"))):
+            or not is_int(info["config"].get("seed"))):
         raise ConfigError(f"{path / 'config.json'} holds no training configuration (with an integer seed)")
     summary = None
     if (path / "summary.json").is_file():
         summary = _read_json(path / "summary.json", "a run's summary.json")
-        if (not isinstance(summary, dict) or not _is_int(summary.get("best_epoch"))
-                or not all(_is_number(summary.get(k)) for k in ("test_error", "best_val_error"))):
+        if (not isinstance(summary, dict) or not is_int(summary.get("best_epoch"))
+                or not all(is_finite_number(summary.get(k)) for k in ("test_error", "best_val_error"))):
             raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error (as "
                               "numbers): is the file damaged? `binaryconnect train --resume` rewrites it")
     run = Run(path, info["config"], info.get("environment") or {}, summary,
@@ -122,7 +122,7 @@ def _read_diverged(path: Path) -> dict | None:
         record = json.loads((path / DIVERGED_NAME).read_text())
     except (OSError, ValueError):
         record = None
-    if not (isinstance(record, dict) and _is_int(record.get("epoch")) and _is_int(record.get("step"))):
+    if not (isinstance(record, dict) and is_int(record.get("epoch")) and is_int(record.get("step"))):
         return {}
     return {k: record[k] for k in ("epoch", "step", "loss") if k in record}
 
@@ -139,19 +139,11 @@ def read_metrics(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             break
-        if not (isinstance(record, dict) and _is_int(record.get("epoch"))
-                and all(_is_number(record.get(k)) for k in ("val_error", "test_error", "train_loss"))):
+        if not (isinstance(record, dict) and is_int(record.get("epoch"))
+                and all(is_finite_number(record.get(k)) for k in ("val_error", "test_error", "train_loss"))):
             break  # not a record train writes: what follows is not read either
         records.append(record)
     return records
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def unique_runs(runs: list[Run]) -> list[Run]:

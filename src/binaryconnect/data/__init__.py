@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .._values import is_int, is_number
 from ..errors import ConfigError, DataError
 
 ENV_DATA_ROOT = "BINARYCONNECT_DATA"
@@ -163,9 +164,9 @@ def _check_option_type(dataset: str, key: str, value, default) -> None:
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_int(value)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_number(value)
     elif kind is str:
         ok = isinstance(value, str)
     else:

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from .._values import is_int
 from ..errors import ConfigError, DataError
 from . import Splits, download_file, file_digest, register_dataset
 from .augment import make_augmentation
@@ -339,7 +340,7 @@ def build_splits(
     """
     transform = make_augmentation(augment)  # validate options before any work
     params = preprocessing_params(preprocess, gcn_scale, zca_bias, **lcn)
-    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 1:
+    if not is_int(val_size) or val_size < 1:
         raise ConfigError(f"val_size must be a positive integer, got {val_size!r}")
     source = {"dataset": dataset, "source": fingerprint}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._values import is_int
 from ..errors import ConfigError, DataError
 from . import Splits, download_file, register_dataset, verify_checksum
 
@@ -114,7 +115,7 @@ def _labels(path: Path) -> torch.Tensor:
 def load_mnist(root: Path, val_size: int = 10_000, download: bool = True, verify: bool = True,
                preprocess: str = "symmetric") -> Splits:
     """MNIST as ``Splits``: train = the first ``60000 - val_size`` images, validation = the rest."""
-    if not isinstance(val_size, int) or isinstance(val_size, bool):  # before any reading
+    if not is_int(val_size):  # before any reading
         raise ConfigError(f"val_size must be a positive integer, got {val_size!r}")
     if preprocess not in PREPROCESS:
         raise ConfigError(f"MNIST preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._values import is_int
 from ..errors import ConfigError, DataError
 from . import Splits, download_file, file_digest, register_dataset
 from .cifar import build_splits
@@ -150,7 +151,7 @@ def load_svhn(
     """SVHN as ``Splits``: train (+ extra when ``extra=True``) minus a class-balanced validation set of
     ``val_size`` examples; the 26,032 test images. Preprocessing ``gcn-lcn`` (the paper) by default."""
     root = Path(root)
-    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 10:
+    if not is_int(val_size) or val_size < 10:
         raise ConfigError(f"SVHN val_size must be a positive multiple of 10, got {val_size!r}")
     splits = ["train", "test"] + (["extra"] if extra else [])
     paths = _locate(root, splits, download)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
+from .._values import is_finite_number, is_int
 from ..checkpoint import atomic_write_bytes, read_safetensors_header, serialize_tensors
 from ..errors import CheckpointError
 from .pack import packed_size, padding_bits_are_zero
@@ -66,13 +67,13 @@ class PackedFormatError(CheckpointError):
 
 def _pair(value, name: str, layer: str, minimum: int) -> tuple[int, int]:
     if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)):
+            or not all(is_int(v) and v >= minimum for v in value)):
         raise ValueError(f"{layer}: {name} must be a list of two integers >= {minimum}, got {value!r}")
     return value[0], value[1]
 
 
 def _count(value, name: str, layer: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
     return value
 
@@ -138,8 +139,7 @@ def check_layer(index: int, layer) -> dict:
         if not isinstance(layer["binarization"], str):
             raise ValueError(f"{name}: binarization must be a string, got {layer['binarization']!r}")
         h = layer["H"]
-        if layer["binary"] and not (isinstance(h, (int, float)) and not isinstance(h, bool)
-                                    and math.isfinite(h) and h > 0):
+        if layer["binary"] and not (is_finite_number(h) and h > 0):
             raise ValueError(f"{name}: H must be a positive number, got {h!r}")
     elif kind == "affine":
         _count(layer["channels"], "channels", name)
@@ -221,9 +221,9 @@ class PackedNetwork:
             if not isinstance(self.layers, list) or not self.layers:
                 raise ValueError("architecture must be a non-empty list of layers")
             if (not isinstance(self.input_shape, tuple) or not self.input_shape
-                    or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.input_shape)):
+                    or not all(is_int(d) and d > 0 for d in self.input_shape)):
                 raise ValueError(f"input_shape must be a list of positive integers, got {self.input_shape!r}")
-            if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            if not is_int(self.num_classes) or self.num_classes < 1:
                 raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
             for i, layer in enumerate(self.layers):
                 check_layer(i, layer)
