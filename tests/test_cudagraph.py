@@ -2,7 +2,8 @@
 
 On the CPU: the step machinery without recording (static inputs, warm-up taken back, learning rates as
 tensors) trains bit-identically to the plain loop; checkpoints store those learning rates as numbers; the
-option is refused with a clear message where it cannot work. On a GPU (skipped without one): the recorded
+option is refused with a clear message where it cannot work; a failed recording (PyTorch's graph stood in
+for) says what failed and how to go on, and that way works. On a GPU (skipped without one): the recorded
 step trains as the eager one does, and stochastic layers draw fresh binary weights at every replay.
 """
 
@@ -19,7 +20,7 @@ import torch
 from binaryconnect.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from binaryconnect.config import recipe_config
 from binaryconnect.cudagraph import GraphedStep, check_recordable, register_generator, tensor_learning_rates
-from binaryconnect.errors import ConfigError
+from binaryconnect.errors import ConfigError, CudaGraphError
 from binaryconnect.layers import set_generator
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.models import create_model
@@ -218,6 +219,70 @@ def test_option_is_validated(tmp_path, capsys):
     assert_one_line_error(["train", "mnist-float", "--cuda-graph", "--device", "cpu", "--data-dir",
                            str(tmp_path / "nowhere"), "-o", str(tmp_path / "run")],
                           "--cuda-graph records the training step as CUDA graphs and needs a CUDA device", capsys)
+
+
+class _GraphThatFailsWithTorch211sSecondError:
+    """Stands in for ``torch.cuda.graph``: an error inside the recording comes out, as torch 2.11 reports it
+    when recording ends, as another error raised while handling the first (chained as its context)."""
+
+    def __init__(self, graph, stream=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if value is not None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\n"
+                               "CUDA kernel errors might be asynchronously reported")
+        return False
+
+
+def test_a_failed_recording_names_what_pytorch_said_first_cause_included(monkeypatch):
+    model = _mlp("deterministic")
+    x, y = _batches(1)[0]
+    fail = {"now": False}
+
+    def loss_fn(x, y):
+        if fail["now"]:
+            raise RuntimeError("operation not permitted when stream is capturing\n(a second line)")
+        return square_hinge_loss(model(x), y)
+
+    step = GraphedStep(loss_fn, model, make_optimizer(model, 1e-3), x, y, capture=False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", _GraphThatFailsWithTorch211sSecondError)
+    fail["now"] = True
+    with pytest.raises(CudaGraphError) as info:
+        step._record()
+    assert str(info.value) == (
+        "recording the training step as CUDA graphs failed: RuntimeError: CUDA error: operation failed due to a "
+        "previous error during capture; caused by RuntimeError: operation not permitted when stream is capturing")
+    assert isinstance(info.value.__cause__, RuntimeError)  # the traceback of PyTorch's error stays reachable
+
+
+def test_a_run_whose_recording_fails_says_how_to_go_on_and_that_works(tmp_path, monkeypatch, capsys, data_root):
+    """The command line: one line naming the failure and the intact checkpoint, and the command it gives
+    (resume without --cuda-graph) trains the run to its end."""
+    from binaryconnect import train
+
+    def failing_step(*args, **kwargs):
+        raise CudaGraphError("recording the training step as CUDA graphs failed: RuntimeError: (stand-in)")
+
+    monkeypatch.setattr(train, "GraphedStep", failing_step)
+    monkeypatch.setattr(train, "_check_cuda_graph", lambda config, device: None)
+    run = tmp_path / "run"
+    small = ["--train-subset", "500", "--hidden", "16", "--depth", "1", "--epochs", "1", "--device", "cpu",
+             "--no-progress", "--data-dir", str(data_root)]
+    assert_one_line_error(["train", "mnist-stochastic", *small, "--cuda-graph", "-o", str(run)],
+                          f"recording the training step as CUDA graphs failed: RuntimeError: (stand-in). "
+                          f"{run / 'checkpoint.safetensors'} (epoch 1, step 0) is intact: `binaryconnect train "
+                          f"--resume {run} --no-cuda-graph` trains the run without CUDA graphs", capsys)
+    assert not (run / "summary.json").exists()
+    from binaryconnect.cli import main
+
+    assert main(["train", "--resume", str(run), "--no-cuda-graph", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
 
 
 # --- on a GPU ---

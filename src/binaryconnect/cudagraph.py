@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, CudaGraphError
 
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -208,6 +208,15 @@ class GraphedStep:
             torch.cuda.synchronize(self.device)
 
     def _record(self) -> None:
+        """Record the two graphs; a failure raises CudaGraphError naming what PyTorch said, the first cause
+        included (torch 2.11 reports an error inside the recording as a second error when recording ends,
+        "operation failed due to a previous error during capture", with the first one chained to it)."""
+        try:
+            self._record_graphs()
+        except RuntimeError as exc:
+            raise CudaGraphError(f"recording the training step as CUDA graphs failed: {_chain(exc)}") from exc
+
+    def _record_graphs(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # the backward pass below allocates the gradients
         stream = torch.cuda.Stream(self.device)  # (torch.cuda.graph's default stream is on the first GPU used)
         forward_backward = torch.cuda.CUDAGraph()
@@ -224,3 +233,15 @@ class GraphedStep:
         with torch.cuda.graph(step, stream=stream):
             self.optimizer.step()
         self._forward_backward_graph, self._step_graph = forward_backward, step
+
+
+def _chain(exc: BaseException) -> str:
+    """The first line of ``exc``'s message and of each exception behind it (its cause, or the one it was
+    raised while handling), outermost first, joined into one line."""
+    lines, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).strip().splitlines()
+        lines.append(f"{type(exc).__name__}: {text[0] if text else '(no message)'}")
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return "; caused by ".join(lines)

@@ -19,6 +19,11 @@ class CheckpointError(BinaryConnectError):
     """A run directory, checkpoint or model file that is missing, truncated or inconsistent."""
 
 
+class CudaGraphError(BinaryConnectError):
+    """The training step could not be recorded as CUDA graphs (``--cuda-graph``): an operation in it that
+    recording forbids (a read back to the host, a synchronisation, a new allocation on another stream ...)."""
+
+
 class TrainingDiverged(BinaryConnectError):
     """The loss became NaN or Inf: training stopped before the optimizer step."""
 

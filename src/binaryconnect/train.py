@@ -63,7 +63,7 @@ from .checkpoint import (
 from .config import TrainConfig, keeps_plan, resume_config
 from .cudagraph import GraphedStep
 from .data import Splits, load_dataset
-from .errors import DIVERGED_NAME, CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from .errors import DIVERGED_NAME, CheckpointError, ConfigError, CudaGraphError, TrainingDiverged, TrainingInterrupted
 from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
@@ -616,8 +616,13 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         graph = None
         if config.cuda_graph:
             sample = slice(0, config.batch_size)
-            graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
-                                data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
+            try:
+                graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
+                                    data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
+            except CudaGraphError as exc:  # nothing trained since the checkpoint (the warm-up was taken back)
+                raise CudaGraphError(f"{exc}. {checkpoint_path} (epoch {p.epoch + 1}, step {p.step}) is intact: "
+                                     f"`binaryconnect train --resume {run_dir} --no-cuda-graph` trains the run "
+                                     "without CUDA graphs (--compile keeps part of the speed)") from exc
 
         epoch = p.epoch
         while epoch < config.epochs:  # (a time budget sets config.epochs after the first epoch)
