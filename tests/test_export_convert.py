@@ -15,7 +15,7 @@ from torch import nn
 
 from binaryconnect.export import ExportError, PackedModel, export_model, load_packed, summarize
 from binaryconnect.export.pack import packed_size
-from binaryconnect.layers import BinaryConv2d, BinaryLinear
+from binaryconnect.layers import BinaryConv2d, BinaryLinear, binarize_modules_
 from binaryconnect.models import create_model, list_models
 
 ENGINES = ("native", "torch")
@@ -182,6 +182,20 @@ SUMMARY_NETS = {  # name: (model, input shape)
     "bn before pool": (lambda: _small_convnet(False), (3, 16, 16)),
     "mixed binary and float": (_mixed_convnet, (3, 10, 10)),
 }
+
+
+def test_a_float_sequential_binarized_in_place_exports_and_matches():
+    """``binarize_modules_`` on a float network of supported layers, last layer kept in float: the export
+    packs the converted layers (1 bit per weight) and predicts as the model does, on both engines."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 32, bias=False), nn.BatchNorm1d(32),
+                          nn.ReLU(), nn.Linear(32, 10))
+    binarize_modules_(model, exclude=["8"])
+    calibrate(model, torch.randn(256, 3, 8, 8))
+    net = export_model(model, (3, 8, 8))
+    assert [la["binary"] for la in net.layers if la["type"] in ("conv2d", "linear")] == [True, True, False]
+    _check_against_model(model, net, torch.randn(64, 3, 8, 8))
 
 
 @pytest.mark.parametrize("name", SUMMARY_NETS)

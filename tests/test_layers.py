@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binaryconnect.binarize import binarize_deterministic, binarize_stochastic
-from binaryconnect.layers import BinaryConv2d, BinaryLinear, set_generator, set_stochastic_eval
+from binaryconnect.layers import BinaryConv2d, BinaryLinear, binarize_modules_, set_generator, set_stochastic_eval
 
 BACKEND = "aot_eager"  # Dynamo + AOTAutograd, where the straight-through gradient is traced; no C++ build
 
@@ -181,3 +181,146 @@ def test_compiled_layer_passes_the_straight_through_gradient(mode, ste, H):
     torch.testing.assert_close(used.abs(), torch.full_like(used, H), rtol=0, atol=1e-9)  # exactly +-H
     if mode == "deterministic":
         torch.testing.assert_close(used, binarize_deterministic(layer.weight.detach(), H), rtol=0, atol=1e-9)
+
+
+# --- binarize_modules_: an existing network made BinaryConnect ---
+
+def _float_net(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True, padding_mode="reflect"), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=4), nn.ReLU()),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+    ).to(dtype)
+    with torch.no_grad():  # some weights past H, so that the clipping shows
+        net[0].weight.mul_(8)
+    return net
+
+
+def _with_weights(net: nn.Module, make) -> nn.Module:
+    """A deep copy of the float network whose conv/linear weights are ``make(weight)``: the oracle."""
+    import copy
+
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            with torch.no_grad():
+                m.weight.copy_(make(m.weight))
+    return ref
+
+
+@pytest.mark.parametrize("H", [1.0, 0.5])
+def test_binarize_modules_computes_the_float_network_with_binary_weights(H):
+    """Every conv and linear layer replaced, options (stride, padding mode, dilation, groups, 'same'), bias,
+    dtype kept; the latent weights are the old ones clipped to [-H, H]; forward passes (train and eval) equal
+    the float network run with weights +-H (sign, zero to +H), exactly."""
+    net = _float_net()
+    old = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+           for name, m in net.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    ref = _with_weights(net, lambda w: torch.where(w >= 0, H, -H).to(w.dtype))
+    assert binarize_modules_(net, H=H) is net
+    converted = {name: m for name, m in net.named_modules() if isinstance(m, (BinaryLinear, BinaryConv2d))}
+    assert sorted(converted) == sorted(old) == ["0", "2.0", "4"]
+    assert type(net[4]) is BinaryLinear and type(net[0]) is BinaryConv2d
+    for name, m in converted.items():
+        w, b = old[name]
+        assert m.H == H and m.binarization == "deterministic" and m.weight.dtype == torch.float64
+        assert torch.equal(m.weight.detach(), w.clamp(-H, H))
+        assert (m.bias is None) == (b is None) and (b is None or torch.equal(m.bias.detach(), b))
+    assert (net[2][0].groups, net[2][0].dilation, net[2][0].padding) == (4, (2, 2), "same")
+    assert (net[0].stride, net[0].padding_mode) == ((2, 2), "reflect")
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(net, mode)(), getattr(ref, mode)()
+        assert torch.equal(net(x), ref(x)), mode
+
+
+def test_binarize_modules_options_reach_every_layer_and_stochastic_eval_uses_the_latent_weights():
+    net = binarize_modules_(_float_net(), "stochastic", ste="clipped", stochastic_eval="real")
+    layers = [m for m in net.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))]
+    assert len(layers) == 3 and all((m.binarization, m.ste, m.stochastic_eval) == ("stochastic", "clipped", "real")
+                                    for m in layers)
+    ref = _with_weights(net, lambda w: w)  # eval with the real-valued (clipped) weights, as the paper does
+    net.eval(), ref.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ref_layers = [m for m in ref.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))]
+    for m in ref_layers:
+        m.binarization = "none"
+    assert torch.equal(net(x), ref(x))
+
+
+def test_binarize_modules_exclude_keeps_layers_in_float_and_refuses_names_it_does_not_know():
+    net = _float_net()
+    first, last = net[0], net[4]
+    binarize_modules_(net, exclude=["0", "4"])
+    assert net[0] is first and net[4] is last  # untouched, the same objects
+    assert type(net[2][0]) is BinaryConv2d
+    with pytest.raises(ValueError, match=r"exclude names no nn.Linear or nn.Conv2d of the model: '2', 'fc'; "
+                                         r"those it has: 0, 2.0, 4"):
+        binarize_modules_(_float_net(), exclude=["fc", "2"])
+    net = _float_net()
+    binarize_modules_(net, exclude="4")  # one name as a string, not its characters
+    assert type(net[4]) is nn.Linear
+
+
+def test_binarize_modules_reset_initialises_as_the_paper_and_bad_options_are_refused():
+    net = binarize_modules_(_float_net(torch.float32), weights="reset", H=0.5)
+    w = net[4].weight.detach()
+    assert w.abs().max() <= 0.5 and w.std() > 0.2  # uniform in [-H, H]: std H / sqrt(3) = 0.29
+    assert torch.equal(net[0].bias.detach(), torch.zeros(8))
+    with pytest.raises(ValueError, match="unknown weights 'copy'; choose one of keep, reset"):
+        binarize_modules_(_float_net(), weights="copy")
+    with pytest.raises(ValueError, match="unknown binarization 'sign'"):
+        binarize_modules_(_float_net(), "sign")
+    net = _float_net()
+    for bad, message in [({"H": 0.0}, "H must be positive"), ({"ste": "tanh"}, "unknown straight-through"),
+                         ({"stochastic_eval": "mean"}, "unknown stochastic_eval")]:
+        with pytest.raises(ValueError, match=message):  # before anything is replaced, also with nothing to replace
+            binarize_modules_(net, **bad)
+        with pytest.raises(ValueError, match=message):
+            binarize_modules_(nn.ReLU(), **bad)
+    assert type(net[0]) is nn.Conv2d
+
+
+def test_binarize_modules_keeps_sharing_modes_grads_and_leaves_other_linear_kinds_alone():
+    """A layer used twice stays one layer; training mode and requires_grad carry over; already binary layers
+    and nn.Linear subclasses (MultiheadAttention's projection reads its weight outside forward) are left
+    alone; a bare layer comes back converted."""
+    shared = nn.Linear(6, 6)
+    shared.bias.requires_grad_(False)
+    attention = nn.MultiheadAttention(6, 2)
+    done = BinaryLinear(6, 6, binarization="stochastic")
+    net = nn.ModuleDict({"a": nn.Sequential(shared, nn.ReLU(), shared), "attn": attention, "done": done}).eval()
+    binarize_modules_(net)
+    a = net["a"]
+    assert type(a[0]) is BinaryLinear and a[0] is a[2] and not a[0].training
+    assert a[0].weight.requires_grad and not a[0].bias.requires_grad
+    assert net["attn"] is attention and type(attention.out_proj) is not BinaryLinear
+    assert net["done"] is done and done.binarization == "stochastic"
+    bare = nn.Conv2d(2, 3, 1)
+    assert type(binarize_modules_(bare)) is BinaryConv2d
+
+
+def test_a_binarized_torchvision_resnet_trains_with_the_papers_scales_and_clipping():
+    """torchvision's ResNet-18, first and last layer kept in float: make_optimizer gives each binarized conv
+    its Glorot scale, and after a step every latent weight is within [-H, H]."""
+    import math
+
+    import torchvision
+
+    from binaryconnect.losses import square_hinge_loss
+    from binaryconnect.optim import make_optimizer
+
+    torch.manual_seed(0)
+    net = binarize_modules_(torchvision.models.resnet18(num_classes=10), exclude=["conv1", "fc"])
+    binary = [m for m in net.modules() if isinstance(m, BinaryConv2d)]
+    assert len(binary) == 19 and type(net.conv1) is nn.Conv2d and type(net.fc) is nn.Linear
+    optimizer = make_optimizer(net, lr=0.1)
+    scales = {g["name"]: g["lr_scale"] for g in optimizer.param_groups}
+    assert scales["layer1.0.conv1.weight"] == pytest.approx(1 / math.sqrt(1.5 / (2 * 64 * 9)))
+    assert len(scales) == 20  # one group per binarized weight, one for the rest
+    loss = square_hinge_loss(net(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    assert all(m.weight.abs().max() <= 1.0 for m in binary)
+    assert any(m.weight.abs().max() == 1.0 for m in binary)  # a large learning rate: the clipping did work

@@ -13,21 +13,21 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     ".binarize": ("binarize_deterministic", "binarize_ste", "binarize_stochastic", "hard_sigmoid"),
-    ".layers": ("BinaryConv2d", "BinaryLinear"),
+    ".layers": ("BinaryConv2d", "BinaryLinear", "binarize_modules_"),
     ".losses": ("square_hinge_loss",),
     ".models": ("create_model", "list_models"),
     ".optim": ("clip_latent_", "glorot_lr_scale", "make_optimizer", "param_groups"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
-    "BinaryConv2d", "BinaryLinear", "binarize_deterministic", "binarize_stochastic", "binarize_ste",
-    "clip_latent_", "create_model", "glorot_lr_scale", "hard_sigmoid", "list_models", "make_optimizer",
-    "param_groups", "square_hinge_loss",
+    "BinaryConv2d", "BinaryLinear", "binarize_deterministic", "binarize_modules_", "binarize_stochastic",
+    "binarize_ste", "clip_latent_", "create_model", "glorot_lr_scale", "hard_sigmoid", "list_models",
+    "make_optimizer", "param_groups", "square_hinge_loss",
 ]
 
 if TYPE_CHECKING:
     from .binarize import binarize_deterministic, binarize_ste, binarize_stochastic, hard_sigmoid
-    from .layers import BinaryConv2d, BinaryLinear
+    from .layers import BinaryConv2d, BinaryLinear, binarize_modules_
     from .losses import square_hinge_loss
     from .models import create_model, list_models
     from .optim import clip_latent_, glorot_lr_scale, make_optimizer, param_groups

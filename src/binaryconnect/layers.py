@@ -181,3 +181,72 @@ def set_stochastic_eval(model: nn.Module, stochastic_eval: str) -> None:
         raise ValueError(f"unknown stochastic_eval {stochastic_eval!r}; choose one of {', '.join(STOCHASTIC_EVAL)}")
     for layer in binary_layers(model):
         layer.stochastic_eval = stochastic_eval
+
+
+#: What ``binarize_modules_`` replaces, by exact type.
+_REPLACED = (nn.Linear, nn.Conv2d)
+WEIGHT_INITS = ("keep", "reset")
+
+
+def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, H: float = 1.0,
+                      ste: str = "identity", stochastic_eval: str = "real", exclude=(),
+                      weights: str = "keep") -> nn.Module:
+    """Turn an existing network into a BinaryConnect one, in place: every ``nn.Linear`` and ``nn.Conv2d``
+    of ``model`` whose name (as ``model.named_modules()`` gives it, e.g. ``"features.0"``, ``"fc"``) is not in
+    ``exclude`` becomes a ``BinaryLinear`` / ``BinaryConv2d`` with the same shape, options (stride, padding,
+    dilation, groups, padding mode), bias, device, dtype, training mode and ``requires_grad``, and the given
+    ``binarization``, ``H``, ``ste`` and ``stochastic_eval``. Return ``model`` (the new layer when ``model``
+    is itself one of those layers: use the return value).
+
+    ``weights``: ``keep`` (default) makes the latent weight the old weight clipped to [-H, H], for
+    fine-tuning a trained float network; ``reset`` initialises it as the paper does (uniform in [-H, H],
+    bias zero). Only those exact types are replaced: a subclass may use its weight outside ``forward``
+    (``nn.MultiheadAttention``'s output projection does), where a binarized weight would never be seen.
+    Forward hooks and parametrizations on a replaced layer are not carried over.
+
+    The paper binarizes every layer, the first and the last included; a common variant keeps those in float
+    (``exclude=["conv1", "fc"]`` for a torchvision ResNet). Then build the optimizer with
+    ``optim.make_optimizer`` (or ``param_groups`` and ``clip_latent_``): the Glorot learning-rate scales
+    and the clipping to [-H, H] after every step apply to the replaced layers, as to the paper's networks.
+    """
+    if weights not in WEIGHT_INITS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_INITS)}")
+    _BinaryMixin()._init_binary(binarization, H, ste, stochastic_eval)  # bad options fail here, model untouched
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    names = {name: module for name, module in model.named_modules() if type(module) in _REPLACED}
+    unknown = sorted(exclude - set(names))
+    if unknown:
+        raise ValueError(f"exclude names no nn.Linear or nn.Conv2d of the model: {', '.join(map(repr, unknown))}; "
+                         f"those it has: {', '.join(names) or 'none'}")
+    options = dict(binarization=binarization, H=H, ste=ste, stochastic_eval=stochastic_eval)
+    new: dict[int, nn.Module] = {}  # by the replaced module's id: a layer used in two places stays one layer
+    for name, module in names.items():
+        if name not in exclude and id(module) not in new:
+            new[id(module)] = _binary_copy(module, options, weights)
+    if id(model) in new:
+        return new[id(model)]
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):  # (named_children skips a second use)
+            if id(child) in new:
+                setattr(parent, child_name, new[id(child)])
+    return model
+
+
+def _binary_copy(module: nn.Module, options: dict, weights: str) -> nn.Module:
+    w = module.weight
+    common = dict(bias=module.bias is not None, device=w.device, dtype=w.dtype, **options)
+    if isinstance(module, nn.Conv2d):
+        layer = BinaryConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                             padding=module.padding, dilation=module.dilation, groups=module.groups,
+                             padding_mode=module.padding_mode, **common)
+    else:
+        layer = BinaryLinear(module.in_features, module.out_features, **common)
+    with torch.no_grad():
+        if weights == "keep":
+            layer.weight.copy_(w.clamp(-layer.H, layer.H) if layer.is_binary else w)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+    layer.weight.requires_grad_(w.requires_grad)
+    if module.bias is not None:
+        layer.bias.requires_grad_(module.bias.requires_grad)
+    return layer.train(module.training)
