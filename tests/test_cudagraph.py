@@ -283,6 +283,12 @@ def test_a_run_whose_recording_fails_says_how_to_go_on_and_that_works(tmp_path, 
 
     assert main(["train", "--resume", str(run), "--no-cuda-graph", "--no-progress"]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    # a resume that asks for more epochs: those are not in the checkpoint, so the advice is to repeat the resume
+    assert_one_line_error(["train", "--resume", str(run), "--epochs", "2", "--cuda-graph", "--no-progress"],
+                          "(epoch 2, step 0) is intact: the same resume again with --no-cuda-graph (and the other "
+                          "options given to this one) trains the run without CUDA graphs", capsys)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-cuda-graph", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
 
 
 # --- on a GPU ---

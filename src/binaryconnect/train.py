@@ -620,9 +620,12 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 graph = GraphedStep(lambda x, y: square_hinge_loss(forward(x), y), model, optimizer,
                                     data.train_x[sample], data.train_y[sample], generators=[generators["binarize"]])
             except CudaGraphError as exc:  # nothing trained since the checkpoint (the warm-up was taken back)
+                # a resume's other options (more --epochs ...) are not in the checkpoint: they must be given again
+                again = (f"`binaryconnect train --resume {run_dir} --no-cuda-graph`" if checkpoint is None else
+                         "the same resume again with --no-cuda-graph (and the other options given to this one)")
                 raise CudaGraphError(f"{exc}. {checkpoint_path} (epoch {p.epoch + 1}, step {p.step}) is intact: "
-                                     f"`binaryconnect train --resume {run_dir} --no-cuda-graph` trains the run "
-                                     "without CUDA graphs (--compile keeps part of the speed)") from exc
+                                     f"{again} trains the run without CUDA graphs (--compile keeps part of the "
+                                     "speed)") from exc
 
         epoch = p.epoch
         while epoch < config.epochs:  # (a time budget sets config.epochs after the first epoch)
