@@ -301,6 +301,56 @@ def test_binarize_modules_keeps_sharing_modes_grads_and_leaves_other_linear_kind
     assert type(binarize_modules_(bare)) is BinaryConv2d
 
 
+def test_binarize_modules_refuses_what_would_silently_not_be_binary_and_changes_nothing():
+    """Tied weights (two layers, or an output layer and its embedding) would be untied, and the linear layers
+    of nn.TransformerEncoderLayer would be computed with their latent float weights by PyTorch's inference
+    fast path: refused, naming the layers, before anything is replaced; excluding them converts the rest."""
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    b.weight = a.weight
+    net = nn.Sequential(a, nn.ReLU(), b, nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"would untie the weights these layers share with other modules: "
+                                         r"0 \(with 2\); 2 \(with 0\): exclude them"):
+        binarize_modules_(net)
+    assert type(net[3]) is nn.Linear  # nothing replaced
+    binarize_modules_(net, exclude=["0", "2"])
+    assert net[0].weight is net[2].weight and type(net[3]) is BinaryLinear
+    head = nn.Linear(4, 10, bias=False)
+    lm = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": head})
+    head.weight = lm["embed"].weight
+    with pytest.raises(ValueError, match=r"head \(with embed\)"):
+        binarize_modules_(lm)
+
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    net = nn.Sequential(encoder, nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"the weights of 0.linear1, 0.linear2 are read by the module holding "
+                                         r"them outside their forward"):
+        binarize_modules_(net)
+    assert type(encoder.linear1) is nn.Linear and type(net[1]) is nn.Linear
+    binarize_modules_(net, exclude=["0.linear1", "0.linear2"])
+    assert type(net[1]) is BinaryLinear and type(encoder.linear1) is nn.Linear
+
+
+def test_binarize_modules_a_shared_layer_is_excluded_by_any_of_its_names_and_keep_draws_no_random_numbers():
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    binarize_modules_(net, exclude=["2"])
+    assert net[0] is shared and net[2] is shared
+    net = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 3, 3))
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    binarize_modules_(net)  # weights="keep": the old weights are copied, nothing is drawn
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_binarize_modules_keeps_a_channels_last_weight_channels_last():
+    conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    new = binarize_modules_(conv)
+    assert new.weight.is_contiguous(memory_format=torch.channels_last) and not new.weight.is_contiguous()
+    assert torch.equal(new.weight.detach(), conv.weight.detach().clamp(-1, 1))
+
+
 def test_a_binarized_torchvision_resnet_trains_with_the_papers_scales_and_clipping():
     """torchvision's ResNet-18, first and last layer kept in float: make_optimizer gives each binarized conv
     its Glorot scale, and after a step every latent weight is within [-H, H]."""

@@ -185,6 +185,10 @@ def set_stochastic_eval(model: nn.Module, stochastic_eval: str) -> None:
 
 #: What ``binarize_modules_`` replaces, by exact type.
 _REPLACED = (nn.Linear, nn.Conv2d)
+#: Modules that read their child layers' weights outside the children's ``forward``: PyTorch's fast path of
+#: ``nn.TransformerEncoderLayer`` (inference without autograd) passes ``linear1.weight`` and ``linear2.weight``
+#: to one fused kernel, where a binarized layer's latent float weight would be used as it is.
+_READ_BY_PARENT = (nn.TransformerEncoderLayer,)
 WEIGHT_INITS = ("keep", "reset")
 
 
@@ -192,17 +196,24 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
                       ste: str = "identity", stochastic_eval: str = "real", exclude=(),
                       weights: str = "keep") -> nn.Module:
     """Turn an existing network into a BinaryConnect one, in place: every ``nn.Linear`` and ``nn.Conv2d``
-    of ``model`` whose name (as ``model.named_modules()`` gives it, e.g. ``"features.0"``, ``"fc"``) is not in
-    ``exclude`` becomes a ``BinaryLinear`` / ``BinaryConv2d`` with the same shape, options (stride, padding,
-    dilation, groups, padding mode), bias, device, dtype, training mode and ``requires_grad``, and the given
-    ``binarization``, ``H``, ``ste`` and ``stochastic_eval``. Return ``model`` (the new layer when ``model``
-    is itself one of those layers: use the return value).
+    of ``model`` not named in ``exclude`` (by a name ``model.named_modules()`` gives it, e.g. ``"features.0"``,
+    ``"fc"``) becomes a ``BinaryLinear`` / ``BinaryConv2d`` with the same shape, options (stride, padding,
+    dilation, groups, padding mode), bias, device, dtype, memory format, training mode and ``requires_grad``,
+    and the given ``binarization``, ``H``, ``ste`` and ``stochastic_eval``. A layer used in several places
+    stays one layer. Return ``model`` (the new layer when ``model`` is itself one of those layers: use the
+    return value).
 
     ``weights``: ``keep`` (default) makes the latent weight the old weight clipped to [-H, H], for
-    fine-tuning a trained float network; ``reset`` initialises it as the paper does (uniform in [-H, H],
-    bias zero). Only those exact types are replaced: a subclass may use its weight outside ``forward``
-    (``nn.MultiheadAttention``'s output projection does), where a binarized weight would never be seen.
-    Forward hooks and parametrizations on a replaced layer are not carried over.
+    fine-tuning a trained float network (and draws no random numbers); ``reset`` initialises it as the
+    paper does (uniform in [-H, H], bias zero). Forward hooks and parametrizations on a replaced layer are not
+    carried over.
+
+    Refused with a ValueError naming the layers, before anything changes, where the result would silently
+    not be BinaryConnect: a weight or bias tied to another module's (an output layer sharing its embedding's
+    weight: binarizing one side unties them), and the linear layers of ``nn.TransformerEncoderLayer``
+    (PyTorch's inference fast path reads their weights directly). Exclude those layers to convert the rest.
+    Only the exact types are replaced: a subclass may use its weight outside ``forward`` (as
+    ``nn.MultiheadAttention``'s output projection does).
 
     The paper binarizes every layer, the first and the last included; a common variant keeps those in float
     (``exclude=["conv1", "fc"]`` for a torchvision ResNet). Then build the optimizer with
@@ -213,16 +224,20 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
         raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_INITS)}")
     _BinaryMixin()._init_binary(binarization, H, ste, stochastic_eval)  # bad options fail here, model untouched
     exclude = {exclude} if isinstance(exclude, str) else set(exclude)
-    names = {name: module for name, module in model.named_modules() if type(module) in _REPLACED}
-    unknown = sorted(exclude - set(names))
+    names: dict[int, list[str]] = {}  # each layer to consider, by id: all its names (a shared layer has several)
+    layers: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in _REPLACED:
+            names.setdefault(id(module), []).append(name)
+            layers[id(module)] = module
+    unknown = sorted(exclude - {n for ns in names.values() for n in ns})
     if unknown:
         raise ValueError(f"exclude names no nn.Linear or nn.Conv2d of the model: {', '.join(map(repr, unknown))}; "
-                         f"those it has: {', '.join(names) or 'none'}")
+                         f"those it has: {', '.join(n for ns in names.values() for n in ns) or 'none'}")
+    chosen = [key for key, ns in names.items() if not exclude.intersection(ns)]
+    _refuse_what_would_not_be_binary(model, {key: layers[key] for key in chosen})
     options = dict(binarization=binarization, H=H, ste=ste, stochastic_eval=stochastic_eval)
-    new: dict[int, nn.Module] = {}  # by the replaced module's id: a layer used in two places stays one layer
-    for name, module in names.items():
-        if name not in exclude and id(module) not in new:
-            new[id(module)] = _binary_copy(module, options, weights)
+    new = {key: _binary_copy(layers[key], options, weights) for key in chosen}
     if id(model) in new:
         return new[id(model)]
     for parent in list(model.modules()):
@@ -232,20 +247,50 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
     return model
 
 
+def _refuse_what_would_not_be_binary(model: nn.Module, chosen: dict[int, nn.Module]) -> None:
+    """ValueError naming the ``chosen`` layers (by id) whose binarization would silently not take effect."""
+    name_of = {id(m): name for name, m in model.named_modules()}
+    holders: dict[int, list[str]] = {}  # parameter id -> the modules holding it (each module once)
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name_of[id(module)])
+    tied = [f"{name_of[key]} (with {', '.join(n for n in holders[id(p)] if n != name_of[key])})"
+            for key, layer in chosen.items() for p in (layer.weight, layer.bias)
+            if p is not None and len(holders[id(p)]) > 1]
+    if tied:
+        raise ValueError(f"binarizing would untie the weights these layers share with other modules: "
+                         f"{'; '.join(tied)}: exclude them")
+    read = [f"{prefix}.{child}" if prefix else child
+            for prefix, parent in model.named_modules() if isinstance(parent, _READ_BY_PARENT)
+            for child, module in parent.named_children() if id(module) in chosen]
+    if read:
+        raise ValueError(f"the weights of {', '.join(read)} are read by the module holding them outside their "
+                         "forward (nn.TransformerEncoderLayer's inference fast path), where a binarized layer's "
+                         "latent float weight would be used as it is: exclude them")
+
+
 def _binary_copy(module: nn.Module, options: dict, weights: str) -> nn.Module:
+    """The binary layer that replaces ``module``, made on the meta device first (no random numbers drawn, no
+    second copy of a weight that is copied anyway), then given storage where ``module``'s weight is."""
     w = module.weight
-    common = dict(bias=module.bias is not None, device=w.device, dtype=w.dtype, **options)
+    common = dict(bias=module.bias is not None, device="meta", dtype=w.dtype, **options)
     if isinstance(module, nn.Conv2d):
         layer = BinaryConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                              padding=module.padding, dilation=module.dilation, groups=module.groups,
                              padding_mode=module.padding_mode, **common)
     else:
         layer = BinaryLinear(module.in_features, module.out_features, **common)
+    layer = layer.to_empty(device=w.device)
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        layer = layer.to(memory_format=torch.channels_last)
     with torch.no_grad():
         if weights == "keep":
             layer.weight.copy_(w.clamp(-layer.H, layer.H) if layer.is_binary else w)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
+        else:
+            layer.reset_latent()
     layer.weight.requires_grad_(w.requires_grad)
     if module.bias is not None:
         layer.bias.requires_grad_(module.bias.requires_grad)
