@@ -13,6 +13,7 @@ from binaryconnect._values import is_finite_number, is_int, is_number
     (0, True, True, True),
     (-3, True, True, True),
     (2**70, True, True, True),
+    (10**400, True, True, False),  # no float holds it (math.isfinite would raise OverflowError)
     (1.0, False, True, True),
     (1e-300, False, True, True),
     (math.nan, False, True, False),

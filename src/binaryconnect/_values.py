@@ -18,5 +18,9 @@ def is_number(value) -> bool:
 
 
 def is_finite_number(value) -> bool:
-    """An integer or a finite float, not a bool."""
-    return is_number(value) and math.isfinite(value)
+    """An integer or a finite float, not a bool; an integer too large for a float (past 1.8e308) is not one:
+    everything that reads these numbers computes in floats."""
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400)
+        return False
