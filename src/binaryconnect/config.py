@@ -171,13 +171,18 @@ def list_recipes() -> list[str]:
 
 
 def recipe_config(name: str | None, **overrides) -> TrainConfig:
-    """The recipe ``name`` (or the defaults when None) with ``overrides`` applied, validated."""
+    """The recipe ``name`` (or the defaults when None) with ``overrides`` applied, validated. ``model_kwargs``
+    and ``dataset_kwargs`` given are merged into the recipe's, except that another ``model`` than the recipe's
+    starts from no model options (the recipe's are its own model's: the MLP's depth means nothing to another
+    network)."""
     base: dict = {}
     if name is not None:
         try:
             base = {**RECIPES[name], "recipe": name}
         except KeyError:
             raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}") from None
+    if overrides.get("model") is not None and overrides["model"] != base.get("model"):
+        base.pop("model_kwargs", None)
     merged = {key: {**base.pop(key, {}), **(overrides.pop(key, None) or {})}
               for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})
