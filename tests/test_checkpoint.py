@@ -494,3 +494,39 @@ def test_restored_optimizer_state_takes_the_strides_of_any_non_contiguous_parame
     _steps(model, optimizer, batches[1:])
     _steps(restored, restored_optimizer, batches[1:])
     assert torch.equal(restored.weight, model.weight) and torch.equal(restored.bias, model.bias)
+
+
+def test_files_that_do_not_match_their_own_configuration_are_refused_in_one_line(tmp_path, mnist, capsys):
+    """A model file or checkpoint whose tensors and configuration disagree (metadata edited by hand, or files of
+    two runs mixed): a CheckpointError naming the file and what is wrong, from load_run, evaluate, export and
+    resume alike; nothing is trained or written."""
+    from binaryconnect.train import fit
+    from helpers import assert_one_line_error, quiet, small_config
+
+    run = tmp_path / "run"
+    fit(small_config(epochs=1, model_kwargs={"hidden": 16, "depth": 1}), run, data=mnist, log=quiet)
+    model_path = run / "model.safetensors"
+    tensors, meta = load_tensors(model_path)
+    config = json.loads(meta["config"])
+    wider = {**meta, "config": json.dumps({**config, "model_kwargs": {**config["model_kwargs"], "hidden": 32}})}
+    save_tensors(model_path, tensors, wider)
+    with pytest.raises(CheckpointError, match=f"(?s){re.escape(str(model_path))} does not match its configuration: "
+                                              "Error.*size mismatch for layers.1.weight"):
+        load_run(run)
+    for command in (["evaluate", str(run)], ["export", str(run), "-o", str(tmp_path / "m.bcnn")]):
+        assert_one_line_error(command, "does not match its configuration", capsys)
+    assert not (tmp_path / "m.bcnn").exists()
+    save_tensors(model_path, tensors, {k: v for k, v in meta.items() if k != "input_shape"})
+    with pytest.raises(CheckpointError, match="has an unusable configuration in its metadata \\('input_shape'\\)"):
+        load_run(run)
+
+    checkpoint_path = run / CHECKPOINT_NAME
+    tensors, state = load_checkpoint(checkpoint_path)
+    before = checkpoint_path.read_bytes()
+    state["config"]["model_kwargs"]["hidden"] = 32
+    save_checkpoint(checkpoint_path, tensors, state)
+    edited = checkpoint_path.read_bytes()
+    with pytest.raises(CheckpointError, match="the checkpoint's model does not match its configuration \\("):
+        resume(run, data=mnist, log=quiet, epochs=2)
+    assert checkpoint_path.read_bytes() == edited and before != edited  # left as it was found
+    assert (run / "summary.json").is_file()  # the finished run's summary too
