@@ -530,3 +530,31 @@ def test_files_that_do_not_match_their_own_configuration_are_refused_in_one_line
         resume(run, data=mnist, log=quiet, epochs=2)
     assert checkpoint_path.read_bytes() == edited and before != edited  # left as it was found
     assert (run / "summary.json").is_file()  # the finished run's summary too
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"format": "binaryconnect-model", "format_version": "99", "config": "{}"},
+     "has model file format version '99'; this binaryconnect reads version 1"),
+    ({"format": "binaryconnect-model", "format_version": "1", "config": "{not json"},
+     "has no readable configuration in its metadata"),
+    ({"format": "binaryconnect-model", "format_version": "1"}, "has no readable configuration in its metadata"),
+])
+def test_a_model_file_with_damaged_metadata_is_refused(tmp_path, metadata, message):
+    save_tensors(tmp_path / "model.safetensors", {"w": torch.zeros(2)}, metadata)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize("state, message", [
+    (None, "has no readable training state in its metadata"),
+    ("{not json", "has no readable training state in its metadata"),
+    ("[1, 2]", "has a training state that is not a JSON object"),
+])
+def test_a_checkpoint_with_a_damaged_training_state_is_refused(tmp_path, state, message):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"w": torch.zeros(2)}, {})
+    tensors, metadata = load_tensors(path)
+    metadata = {k: v for k, v in metadata.items() if k != "state"}
+    save_tensors(path, tensors, metadata if state is None else {**metadata, "state": state})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
