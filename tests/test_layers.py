@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from binaryconnect.binarize import binarize_deterministic, binarize_stochastic
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binarize_modules_, set_generator, set_stochastic_eval
@@ -329,6 +330,40 @@ def test_binarize_modules_refuses_what_would_silently_not_be_binary_and_changes_
     assert type(encoder.linear1) is nn.Linear and type(net[1]) is nn.Linear
     binarize_modules_(net, exclude=["0.linear1", "0.linear2"])
     assert type(net[1]) is BinaryLinear and type(encoder.linear1) is nn.Linear
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("make", [
+    lambda: nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)),  # class ParametrizedLinear
+    lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)),
+    lambda: prune.l1_unstructured(nn.Linear(4, 4), "weight", 0.5),  # weight made by a hook
+    lambda: nn.utils.weight_norm(nn.Linear(4, 4)),
+    lambda: nn.LazyLinear(4),  # becomes an nn.Linear at its first forward pass
+], ids=["weight_norm", "spectral_norm", "pruned", "old_weight_norm", "lazy"])
+def test_binarize_modules_refuses_a_weight_that_is_not_a_plain_parameter_and_it_can_be_excluded(make):
+    net = nn.Sequential(make(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"the weights of 0 are not plain parameters but made by a parametrization"):
+        binarize_modules_(net)
+    assert type(net[1]) is nn.Linear
+    kind = type(net[0])
+    binarize_modules_(net, exclude=["0"])
+    assert type(net[0]) is kind and type(net[1]) is BinaryLinear
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_binarize_modules_names_the_model_itself_and_converts_empty_layers():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.scale = self.fc.weight  # the model holds the layer's weight too
+
+    with pytest.raises(ValueError, match=r"fc \(with \(the model itself\)\)"):
+        binarize_modules_(Tied())
+    for binarization in ("none", "deterministic"):
+        for weights in ("keep", "reset"):
+            empty = binarize_modules_(nn.Linear(0, 3), binarization, weights=weights)
+            assert empty.weight.shape == (3, 0) and torch.equal(empty(torch.zeros(2, 0)), empty.bias.expand(2, 3))
 
 
 def test_binarize_modules_a_shared_layer_is_excluded_by_any_of_its_names_and_keep_draws_no_random_numbers():

@@ -58,3 +58,18 @@ def test_impossible_shapes_are_rejected():
         create_model("mlp", hidden=0)
     with pytest.raises(ValueError, match="bad options"):
         create_model("mlp", widht=3)
+
+
+def test_a_registered_factorys_own_errors_are_not_called_bad_options(monkeypatch):
+    """Options a factory does not take are "bad options"; an error inside a factory with a plain signature is
+    its own, with its traceback (a TypeError in the user's code is not the user's options)."""
+    from binaryconnect.models import _REGISTRY
+
+    def buggy(input_shape, num_classes, hidden=8):
+        return torch.zeros(3) + "oops"
+
+    monkeypatch.setitem(_REGISTRY, "buggy", buggy)
+    with pytest.raises(ValueError, match=r"bad options for model 'buggy': got an unexpected keyword argument 'depth'"):
+        create_model("buggy", input_shape=(4,), num_classes=2, depth=3)
+    with pytest.raises(TypeError, match="unsupported operand type"):
+        create_model("buggy", input_shape=(4,), num_classes=2)

@@ -12,7 +12,6 @@ from binaryconnect.layers import binary_layers, set_generator, set_stochastic_ev
 from binaryconnect.losses import square_hinge_loss
 from binaryconnect.models import create_model
 from binaryconnect.train import evaluate, fit, load_run
-from helpers import quiet
 
 
 def _small(**kw):
@@ -247,9 +246,15 @@ def test_a_registered_network_of_ones_own_trains_reloads_and_exports(tmp_path, m
     config = recipe_config("mnist-deterministic", model="my_net", model_kwargs={"hidden": 64}, train_subset=2000,
                            epochs=2, lr_start=3e-3, lr_end=1e-3, device="cpu")
     assert config.model_kwargs == {"hidden": 64}  # not the recipe's MLP options (depth, bn_momentum)
+    assert config.recipe is None and config.lr_start == 3e-3  # not that recipe's network: named by its model
     assert recipe_config("mnist-deterministic", model="mlp", model_kwargs={"hidden": 8}).model_kwargs == {
         "hidden": 8, "depth": 3, "bn_momentum": 0.15}  # the recipe's own model: merged
-    summary = fit(config, run, data=mnist, log=quiet)
+    lines = []
+    summary = fit(config, run, data=mnist, log=lines.append)
+    assert lines[0].startswith("training my_net (deterministic) on mnist")
+    from binaryconnect.report import group_runs, read_run
+
+    assert [g.label for g in group_runs([read_run(run)])] == ["my_net deterministic"]
     assert summary["test_error"] < 0.25  # 16.4-16.6% here (seeds 0-2): 64 binary units, 2 epochs, 2,000 images
     model, config = load_run(run)
     assert config.model == "my_net" and [type(m) for m in binary_layers(model)] == [BinaryLinear, BinaryLinear]

@@ -174,7 +174,7 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
     """The recipe ``name`` (or the defaults when None) with ``overrides`` applied, validated. ``model_kwargs``
     and ``dataset_kwargs`` given are merged into the recipe's, except that another ``model`` than the recipe's
     starts from no model options (the recipe's are its own model's: the MLP's depth means nothing to another
-    network)."""
+    network) and leaves ``recipe`` unset (the run is then named by its model and binarization)."""
     base: dict = {}
     if name is not None:
         try:
@@ -183,6 +183,7 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
             raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}") from None
     if overrides.get("model") is not None and overrides["model"] != base.get("model"):
         base.pop("model_kwargs", None)
+        base.pop("recipe", None)  # nor is it that recipe's run: logs and reports name it by its model
     merged = {key: {**base.pop(key, {}), **(overrides.pop(key, None) or {})}
               for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})

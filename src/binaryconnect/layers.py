@@ -65,9 +65,9 @@ class _BinaryMixin:
             if self.is_binary:
                 bound = self.H
             else:
-                receptive = self.weight[0, 0].numel()
+                receptive = math.prod(self.weight.shape[2:])
                 fan_in, fan_out = self.weight.shape[1] * receptive, self.weight.shape[0] * receptive
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                bound = math.sqrt(6.0 / (fan_in + fan_out)) if fan_in + fan_out else 0.0  # (an empty weight)
             self.weight.uniform_(-bound, bound)
             if getattr(self, "bias", None) is not None:
                 self.bias.zero_()
@@ -185,6 +185,9 @@ def set_stochastic_eval(model: nn.Module, stochastic_eval: str) -> None:
 
 #: What ``binarize_modules_`` replaces, by exact type.
 _REPLACED = (nn.Linear, nn.Conv2d)
+#: Names of the ways a layer's weight can be made other than as a plain parameter, for messages.
+_NOT_PLAIN = ("a parametrization (torch.nn.utils.parametrizations.weight_norm, spectral_norm ...), pruning, the "
+              "older torch.nn.utils.weight_norm / spectral_norm, or a lazy layer not run yet")
 #: Modules that read their child layers' weights outside the children's ``forward``: PyTorch's fast path of
 #: ``nn.TransformerEncoderLayer`` (inference without autograd) passes ``linear1.weight`` and ``linear2.weight``
 #: to one fused kernel, where a binarized layer's latent float weight would be used as it is.
@@ -205,13 +208,14 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
 
     ``weights``: ``keep`` (default) makes the latent weight the old weight clipped to [-H, H], for
     fine-tuning a trained float network (and draws no random numbers); ``reset`` initialises it as the
-    paper does (uniform in [-H, H], bias zero). Forward hooks and parametrizations on a replaced layer are not
-    carried over.
+    paper does (uniform in [-H, H], bias zero). Forward hooks on a replaced layer are not carried over.
 
     Refused with a ValueError naming the layers, before anything changes, where the result would silently
     not be BinaryConnect: a weight or bias tied to another module's (an output layer sharing its embedding's
-    weight: binarizing one side unties them), and the linear layers of ``nn.TransformerEncoderLayer``
-    (PyTorch's inference fast path reads their weights directly). Exclude those layers to convert the rest.
+    weight: binarizing one side unties them), a weight that is not a plain parameter (a parametrization such
+    as weight norm, pruning, a lazy layer not run yet: what computes it would be dropped), and the linear
+    layers of ``nn.TransformerEncoderLayer`` (PyTorch's inference fast path reads their weights directly).
+    Exclude those layers to convert the rest.
     Only the exact types are replaced: a subclass may use its weight outside ``forward`` (as
     ``nn.MultiheadAttention``'s output projection does).
 
@@ -227,7 +231,7 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
     names: dict[int, list[str]] = {}  # each layer to consider, by id: all its names (a shared layer has several)
     layers: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in _REPLACED:
+        if _linear_or_conv(module):
             names.setdefault(id(module), []).append(name)
             layers[id(module)] = module
     unknown = sorted(exclude - {n for ns in names.values() for n in ns})
@@ -247,9 +251,23 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
     return model
 
 
+def _linear_or_conv(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``nn.Conv2d``: of that exact type, or made one by a parametrization (its class is
+    then a subclass PyTorch makes, ``ParametrizedLinear``) or to become one (an uninitialised lazy layer)."""
+    kind = type(module)
+    return (kind in _REPLACED or (nn.utils.parametrize.is_parametrized(module) and kind.__bases__[0] in _REPLACED)
+            or getattr(module, "cls_to_become", None) in _REPLACED)
+
+
 def _refuse_what_would_not_be_binary(model: nn.Module, chosen: dict[int, nn.Module]) -> None:
     """ValueError naming the ``chosen`` layers (by id) whose binarization would silently not take effect."""
-    name_of = {id(m): name for name, m in model.named_modules()}
+    name_of = {id(m): name or "(the model itself)" for name, m in model.named_modules()}
+    made = [name_of[key] for key, layer in chosen.items()
+            if type(layer) not in _REPLACED or not isinstance(layer._parameters.get("weight"), nn.Parameter)]
+    if made:
+        raise ValueError(f"the weights of {', '.join(made)} are not plain parameters but made by {_NOT_PLAIN}; "
+                         "binarizing would drop what makes them: remove it first (parametrize.remove_parametrizations, "
+                         "prune.remove, remove_weight_norm, or one forward pass), or exclude them")
     holders: dict[int, list[str]] = {}  # parameter id -> the modules holding it (each module once)
     for module in model.modules():
         for p in module._parameters.values():

@@ -6,6 +6,7 @@ An unknown name raises a ValueError that lists the registered ones.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -36,10 +37,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
         factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+    signature = inspect.signature(factory)
     try:
-        return factory(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad options for model {name!r}: {exc}") from None
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return factory(**kwargs)  # an error inside it is its own, with its traceback
+    try:  # options passed on (``**kwargs``) are checked only by what the factory passes them to
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad options for model {name!r}: {exc}") from exc
 
 
 from . import convnet, mlp  # noqa: E402,F401  (registers the models)
