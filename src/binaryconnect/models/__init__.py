@@ -42,11 +42,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
         signature.bind(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad options for model {name!r}: {exc}") from None
-    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return factory(**kwargs)  # an error inside it is its own, with its traceback
-    try:  # options passed on (``**kwargs``) are checked only by what the factory passes them to
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    try:
         return factory(**kwargs)
-    except TypeError as exc:
+    except TypeError as exc:  # options passed on (``**kwargs``) are checked only by what they are passed to;
+        if not passes_on:  # otherwise an error inside the factory is its own, with its traceback
+            raise
         raise ValueError(f"bad options for model {name!r}: {exc}") from exc
 
 
