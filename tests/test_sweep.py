@@ -271,6 +271,7 @@ def test_threads_are_shared_out_from_the_cores_this_process_may_use_not_the_mach
     side get one thread each, not 16 // 2 = 8, which would put 16 threads on 2 cores."""
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(sweep, "train_command", _echo_threads)
     done = sweep.run_jobs(sweep.plan(["a", "b"], [0], tmp_path), [], slots=2, log=lambda *a: None, poll=0.02)
@@ -281,11 +282,59 @@ def test_threads_are_shared_out_from_the_cores_this_process_may_use_not_the_mach
 def test_usable_cores_without_cpu_affinity_are_the_machines(monkeypatch):
     """Where the OS keeps no CPU affinity (macOS, Windows), every core ``os.cpu_count`` sees; at least one."""
     monkeypatch.delattr(sweep.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: None)  # whatever quota the machine running the tests has
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 6)
     assert sweep.usable_cores() == 6
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: None)  # "undetermined"
     assert sweep.usable_cores() == 1
 
+
+
+def _cgroups(tmp_path, proc: str, files: dict) -> tuple:
+    (tmp_path / "proc").write_text(proc)
+    for name, text in files.items():
+        (tmp_path / "cg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cg" / name).write_text(text)
+    return tmp_path / "proc", tmp_path / "cg"
+
+
+@pytest.mark.parametrize("proc, files, expected", [
+    # cgroup v2: the least along the cgroup and those above it; "max" is no limit
+    ("0::/a/b\n", {"a/b/cpu.max": "max 100000\n", "a/cpu.max": "150000 100000\n", "cpu.max": "max 100000"}, 1.5),
+    ("0::/a/b\n", {"a/b/cpu.max": "50000 100000\n", "a/cpu.max": "150000 100000\n"}, 0.5),
+    # a container's namespaced view: its own path is not under the mount, the mount's root holds its limit
+    ("0::/kubepods/pod1/c1\n", {"cpu.max": "200000 100000\n"}, 2.0),
+    # cgroup v1: the cpu controller's mount (named after the controllers it holds), quota -1 is no limit
+    ("12:memory:/x\n4:cpu,cpuacct:/docker/1\n3:cpuset:/\n",
+     {"cpu,cpuacct/docker/1/cpu.cfs_quota_us": "250000\n", "cpu,cpuacct/docker/1/cpu.cfs_period_us": "100000\n",
+      "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 2.5),
+    ("2:cpuacct:/\n1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {}, None),  # no cpu controller files
+    ("0::/\n", {"cpu.max": "garbage\n"}, None),
+    ("0::/\n", {"cpu.max": "0 100000\n"}, None),
+])
+def test_cpu_quota_of_the_process_cgroups(tmp_path, proc, files, expected):
+    assert sweep.cpu_quota(*_cgroups(tmp_path, proc, files)) == expected
+
+
+def test_cpu_quota_without_cgroups_is_none(tmp_path):
+    assert sweep.cpu_quota(tmp_path / "no-such-file", tmp_path) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_a_cpu_quota_lowers_the_usable_cores(monkeypatch):
+    """``docker run --cpus 2.5`` on an 8-core machine: 3 cores' worth of threads, not 8; a quota above the
+    cores the process may run on changes nothing."""
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: 2.5)
+    assert sweep.usable_cores() == 3
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: 0.2)
+    assert sweep.usable_cores() == 1
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: 12.0)
+    assert sweep.usable_cores() == 8
+    monkeypatch.setattr(sweep, "cpu_quota", lambda: None)
+    assert sweep.usable_cores() == 8
 
 def test_threads_are_shared_among_the_runs_that_start_not_the_skipped_ones(tmp_path, monkeypatch):
     """A repeated sweep with one run left of two (the other finished): that run gets all 8 cores, not 8 // 2."""

@@ -23,6 +23,7 @@ runs then read the cache. Side by side, each run would build it with its share o
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -54,12 +55,71 @@ def plan(recipes: list[str], seeds: list[int], out: Path) -> list[Job]:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS keeps one (Linux: ``taskset``, a
-    container's or a batch scheduler's cpuset), else every core ``os.cpu_count`` sees. ``os.cpu_count``
-    alone counts the machine's cores, more than a restricted process has: threads sized by it oversubscribe."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """The cores this process may use: its CPU affinity where the OS keeps one (Linux: ``taskset``, a
+    container's or a batch scheduler's cpuset), else every core ``os.cpu_count`` sees; fewer where a cgroup
+    CPU quota allows less time than that (``docker --cpus``, a Kubernetes CPU limit: ``cpu_quota``).
+    ``os.cpu_count`` alone counts the machine's cores, more than a restricted process has: threads sized by
+    it oversubscribe."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU time per second this process's cgroups allow (``1.5``: one and a half cores), the least along
+    its cgroup and the cgroups above it; ``None`` without a limit, or where there are no cgroups (not Linux).
+    cgroup v2: ``cpu.max`` (``"150000 100000"``, or ``"max 100000"`` for none); v1: ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us`` (quota -1 for none), under the ``cpu`` controller's mount."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            mounts, read = [root, root / "unified"], _cpu_max
+        elif "cpu" in controllers.split(","):
+            mounts, read = [root / name for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")], _cfs_quota
+        else:
+            continue
+        for mount in dict.fromkeys(mounts):
+            folder = mount / path.strip("/")
+            while True:  # the cgroup, then those above it up to the mount (a namespaced path may not exist there)
+                limit = read(folder)
+                if limit is not None:
+                    limits.append(limit)
+                if folder == mount:
+                    break
+                folder = folder.parent
+    return min(limits) if limits else None
+
+
+def _read_numbers(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _quota(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None  # "max": no limit
+    return q / p if q > 0 and p > 0 else None
+
+
+def _cpu_max(folder: Path) -> float | None:
+    fields = _read_numbers(folder / "cpu.max")
+    return _quota(*fields) if fields and len(fields) == 2 else None
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    quota, period = _read_numbers(folder / "cpu.cfs_quota_us"), _read_numbers(folder / "cpu.cfs_period_us")
+    return _quota(quota[0], period[0]) if quota and period and len(quota) == len(period) == 1 else None
 
 
 def prepare_data(configs: list, log=print) -> int:
