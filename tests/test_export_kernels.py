@@ -145,6 +145,74 @@ def test_kernel_rejects_bad_geometry(kernels):
         _run(kernels, torch.randn(3, 1, 5, 5), signs, scale, offset, mode=2)
 
 
+
+POOLS = [  # c, b, h, w, kernel, stride, padding
+    (3, 2, 8, 8, (2, 2), (2, 2), (0, 0)),  # the convnets' pooling
+    (2, 3, 7, 9, (2, 2), (2, 2), (0, 0)),  # odd sizes: the last row and column are dropped (floor mode)
+    (2, 1, 7, 6, (3, 3), (2, 2), (1, 1)),  # padded by half the kernel: padding never wins
+    (1, 2, 5, 8, (3, 2), (1, 3), (1, 0)),
+    (4, 1, 6, 6, (1, 1), (1, 1), (0, 0)),
+    (2, 2, 4, 4, (4, 4), (4, 4), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("c, b, h, w, kernel, stride, padding", POOLS)
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_fused_with_affine_and_relu_matches_pytorch(kernels, c, b, h, w, kernel, stride, padding, affine,
+                                                            relu):
+    """Oracle: ``F.max_pool2d`` of every [H, W] plane, then ``scale[c] * . + offset[c]`` and ``max(., 0)`` in
+    float32, as the torch engine computes them: the fused kernel does the same float32 operations, so the
+    results are equal, bit for bit."""
+    x = torch.randn(c, b, h, w)
+    scale, offset = (torch.randn(c), torch.randn(c)) if affine else (None, None)
+    ref = F.max_pool2d(x, kernel, stride, padding)
+    if affine:
+        ref = ref * scale[:, None, None, None] + offset[:, None, None, None]
+    if relu:
+        ref = ref.clamp_min(0)
+    for threads in (1, 2):
+        got = kernels.maxpool2d(x, kernel, stride, padding, scale, offset, relu, threads)
+        assert got.shape == ref.shape
+        assert torch.equal(got, ref)
+
+
+def test_maxpool_propagates_nan_and_infinities_like_pytorch(kernels):
+    x = torch.randn(2, 1, 4, 4)
+    x[0, 0, 0, 1] = float("nan")  # second in its window: a NaN anywhere in a window wins
+    x[0, 0, 3, 3] = float("inf")
+    x[1, 0, 2:, :2] = float("-inf")  # a window of -inf only
+    x[1, 0, 0, 0] = float("nan")  # first in its window, beside larger values
+    x[1, 0, 0, 1] = 5.0
+    ref = F.max_pool2d(x, 2, 2)
+    got = kernels.maxpool2d(x, (2, 2), (2, 2), (0, 0), None, None, False, 1)
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().sum() == 2
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_maxpool_rejects_bad_geometry(kernels):
+    with pytest.raises(RuntimeError, match="invalid layer geometry"):  # padding over half the kernel
+        kernels.maxpool2d(torch.randn(1, 1, 4, 4), (2, 2), (2, 2), (2, 0), None, None, False, 1)
+    with pytest.raises(ValueError, match="scale and offset must both have shape"):
+        kernels.maxpool2d(torch.randn(2, 1, 4, 4), (2, 2), (2, 2), (0, 0), torch.ones(3), torch.ones(3), False, 1)
+
+
+def test_native_plan_pools_normalizes_and_rectifies_in_one_step():
+    """The original code's ``conv -> MaxPool2D -> BatchNorm -> ReLU``: the native engine runs the three as one
+    pooling step (the torch engine keeps them apart); the outputs are checked in test_export_convert.py."""
+    from binaryconnect.export import export_model
+    from binaryconnect.models import create_model
+
+    net = export_model(create_model("convnet", num_classes=10).eval(), (3, 32, 32))
+    kinds = [la["type"] for la in net.layers]
+    assert kinds.count("maxpool2d") == 3 and kinds.count("affine") == 3
+    steps = engine.PackedModel(net, engine="native").steps
+    pools = [s for s in steps if s.kind == "maxpool2d"]
+    assert len(pools) == 3 and all(s.scale is not None and s.relu for s in pools)
+    assert not [s for s in steps if s.kind in ("affine", "relu")]
+    torch_steps = engine.PackedModel(net, engine="torch").steps
+    assert [s.kind for s in torch_steps].count("affine") == 3
+
 def test_build_compiles_once_then_reuses_the_cached_library(tmp_path, monkeypatch):
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
     real_run = subprocess.run

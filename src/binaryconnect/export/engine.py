@@ -67,6 +67,7 @@ class _Step:
     relu: bool = False  # a following ReLU fused into this step
     weight: torch.Tensor | None = None  # torch engine: +-1 or float weights; native: float layers
     bits: torch.Tensor | None = None  # native: the packed rows [N][Kg]
+    # scale, offset: a linear/conv/affine layer's; for a maxpool2d (native engine) the batch norm after it, fused
     scale: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     desc: object = None  # native: the kernel's layer descriptor (input shape, weights, scale, offset, ReLU)
@@ -109,8 +110,15 @@ class PackedModel:
         steps: list[_Step] = []
         for i, layer in enumerate(self.net.layers):
             kind = layer["type"]
-            if kind == "relu" and steps and steps[-1].kind in ("binary", "float", "affine") and not steps[-1].relu:
+            fuses = ("binary", "float", "affine") + (("maxpool2d",) if self.engine == "native" else ())
+            if kind == "relu" and steps and steps[-1].kind in fuses and not steps[-1].relu:
                 steps[-1].relu = True
+                continue
+            if (kind == "affine" and self.engine == "native" and steps and steps[-1].kind == "maxpool2d"
+                    and steps[-1].scale is None and not steps[-1].relu):
+                # the batch norm after a pooling: applied by the pooling kernel, in the same pass
+                steps[-1].scale = self.net.tensor(i, "scale").contiguous()
+                steps[-1].offset = self.net.tensor(i, "offset").contiguous()
                 continue
             step = _Step("binary" if kind in ("linear", "conv2d") and layer["binary"] else
                          "float" if kind in ("linear", "conv2d") else kind, layer, i)
@@ -227,8 +235,13 @@ class PackedModel:
             elif step.kind == "relu":
                 x = x.clamp_min(0)
             elif step.kind == "maxpool2d":
-                # [C, B, H, W] pools exactly like [B, C, H, W]: every (c, b) plane on its own
+                if layout == "cb":  # one pass: pooling, the batch norm after it (if any) and the ReLU (if any)
+                    x = self.kernels.maxpool2d(x, layer["kernel_size"], layer["stride"], layer["padding"],
+                                               step.scale, step.offset, step.relu, threads)
+                    continue
                 x = F.max_pool2d(x, layer["kernel_size"], layer["stride"], layer["padding"])
+                if step.scale is not None:
+                    x = _affine(x, step, 1)  # layout "batch" (a pooling of the input, or after a float conv)
             if step.relu:
                 x = x.clamp_min_(0)
         if layout == "fm":

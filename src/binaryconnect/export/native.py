@@ -142,7 +142,8 @@ def weight_layouts(wr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 class Kernels:
-    """The loaded library: ``conv2d`` (linear layers are 1x1 convolutions) and instruction-set control."""
+    """The loaded library: ``conv2d`` (linear layers are 1x1 convolutions), ``maxpool2d`` (fused with a
+    following batch norm and ReLU) and instruction-set control."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -158,8 +159,11 @@ class Kernels:
         lib.bcnn_isa_supported.restype = c_int
         lib.bcnn_layer_forward.argtypes = [ctypes.POINTER(LayerDesc), vp, i64, vp, c_int, c_int]
         lib.bcnn_layer_forward.restype = c_int
+        lib.bcnn_maxpool2d.argtypes = [vp] + [i64] * 10 + [vp, vp, c_int, vp, c_int]
+        lib.bcnn_maxpool2d.restype = c_int
         self._conv = lib.bcnn_conv2d
         self._layer = lib.bcnn_layer_forward
+        self._pool = lib.bcnn_maxpool2d
 
     @property
     def isa(self) -> str:
@@ -205,6 +209,22 @@ class Kernels:
                 mode: int = 0) -> torch.Tensor:
         """Run the layer ``desc`` on ``x`` [C, batch, H, W] (float32, contiguous) into ``out``."""
         rc = self._layer(desc, x.data_ptr(), batch, out.data_ptr(), threads, mode)
+        return _checked(rc, out)
+
+    def maxpool2d(self, x: torch.Tensor, kernel, stride, padding, scale: torch.Tensor | None,
+                  offset: torch.Tensor | None, relu: bool, threads: int) -> torch.Tensor:
+        """Max pooling (floor mode) of ``x`` [C, B, H, W] (float32, contiguous), then ``scale[c] * . + offset[c]``
+        (a following batch norm; ``scale=None``: none) and ``max(., 0)`` if ``relu``, in one pass: a new
+        ``[C, B, OH, OW]`` tensor."""
+        x = x.to(torch.float32).contiguous()
+        c, b, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        out = torch.empty(c, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        if scale is not None and (scale.shape != (c,) or offset is None or offset.shape != (c,)):
+            raise ValueError(f"scale and offset must both have shape [{c}]")
+        rc = self._pool(x.data_ptr(), c, b, h, w, kh, kw, sh, sw, ph, pw,
+                        None if scale is None else scale.data_ptr(), None if scale is None else offset.data_ptr(),
+                        int(relu), out.data_ptr(), int(threads))
         return _checked(rc, out)
 
 

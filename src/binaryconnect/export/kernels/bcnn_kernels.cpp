@@ -533,4 +533,57 @@ int bcnn_layer_forward(const bcnn_layer* L, const float* X, i64 B, float* Y, int
                        L->wq, L->w3, L->N, L->scale, L->offset, static_cast<int>(L->relu), Y, nthreads, mode);
 }
 
+
+// Max pooling (floor mode; padding never wins) of X [C][B][H][W] into Y [C][B][OH][OW], fused with the
+// affine map of a batch norm that follows it (y = scale[c] * max + offset[c]; scale == nullptr: none)
+// and a ReLU (relu != 0). One pass over X instead of PyTorch's pooling, affine and ReLU passes over
+// feature-major planes (which its pooling handles slowly). A NaN in a window gives NaN, as PyTorch's.
+// Returns 0, or -1 for a bad geometry (padding over half the kernel, an empty output).
+int bcnn_maxpool2d(const float* X, i64 C, i64 B, i64 H, i64 W, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
+                   const float* scale, const float* offset, int relu, float* Y, int nthreads) {
+    if (C < 1 || B < 1 || H < 1 || W < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 ||
+        2 * ph > kh || 2 * pw > kw)
+        return -1;
+    const i64 OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
+    if (OH < 1 || OW < 1) return -1;
+    const i64 planes = C * B;
+    const bool two = kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0;
+    const int nt = nthreads_for(nthreads);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (i64 q = 0; q < planes; ++q) {
+        const i64 c = q / B;
+        const float s = scale ? scale[c] : 1.f, o = scale ? offset[c] : 0.f;
+        const float* x = X + q * H * W;
+        float* y = Y + q * OH * OW;
+        for (i64 oy = 0; oy < OH; ++oy) {
+            float* yr = y + oy * OW;
+            if (two) {  // the common 2x2 window, stride 2: two input rows per output row
+                const float* r0 = x + (2 * oy) * W;
+                const float* r1 = r0 + W;
+                for (i64 ox = 0; ox < OW; ++ox) {
+                    float m = r0[2 * ox];
+                    for (const float v : {r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]})
+                        if (v > m || v != v) m = (m != m) ? m : v;
+                    yr[ox] = m;
+                }
+            } else {
+                const i64 y0 = oy * sh - ph, ya = std::max<i64>(y0, 0), yb = std::min(y0 + kh, H);
+                for (i64 ox = 0; ox < OW; ++ox) {
+                    const i64 x0 = ox * sw - pw, xa = std::max<i64>(x0, 0), xb = std::min(x0 + kw, W);
+                    float m = x[ya * W + xa];
+                    for (i64 iy = ya; iy < yb; ++iy)
+                        for (i64 ix = xa; ix < xb; ++ix) {
+                            const float v = x[iy * W + ix];
+                            if (v > m || v != v) m = (m != m) ? m : v;
+                        }
+                    yr[ox] = m;
+                }
+            }
+            if (scale) for (i64 ox = 0; ox < OW; ++ox) yr[ox] = yr[ox] * s + o;
+            if (relu) for (i64 ox = 0; ox < OW; ++ox) yr[ox] = std::max(yr[ox], 0.f);
+        }
+    }
+    return 0;
+}
+
 }  // extern "C"
