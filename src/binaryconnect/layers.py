@@ -29,6 +29,13 @@ from .binarize import binarize_deterministic, binarize_ste, check_binarization, 
 STOCHASTIC_EVAL = ("real", "sample")
 
 
+def fans(layer: nn.Module) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a linear or convolutional layer's weight, as Glorot & Bengio define them."""
+    w = layer.weight
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
 class _BinaryMixin:
     """Shared state and behaviour of the binary layers."""
 
@@ -65,8 +72,7 @@ class _BinaryMixin:
             if self.is_binary:
                 bound = self.H
             else:
-                receptive = math.prod(self.weight.shape[2:])
-                fan_in, fan_out = self.weight.shape[1] * receptive, self.weight.shape[0] * receptive
+                fan_in, fan_out = fans(self)
                 bound = math.sqrt(6.0 / (fan_in + fan_out)) if fan_in + fan_out else 0.0  # (an empty weight)
             self.weight.uniform_(-bound, bound)
             if getattr(self, "bias", None) is not None:

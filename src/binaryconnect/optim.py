@@ -18,16 +18,9 @@ import math
 import torch
 from torch import nn
 
-from .layers import binary_layers
+from .layers import binary_layers, fans
 
 LR_SCALES = ("glorot", "none")
-
-
-def fans(layer: nn.Module) -> tuple[int, int]:
-    """``(fan_in, fan_out)`` of a linear or convolutional layer's weight, as Glorot & Bengio define them."""
-    w = layer.weight
-    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
-    return w.shape[1] * receptive, w.shape[0] * receptive
 
 
 def glorot_lr_scale(layer: nn.Module) -> float:
