@@ -386,6 +386,33 @@ def test_binarize_modules_keeps_a_channels_last_weight_channels_last():
     assert torch.equal(new.weight.detach(), conv.weight.detach().clamp(-1, 1))
 
 
+
+def test_binarize_modules_moves_the_hooks_of_a_replaced_layer_and_their_handles_still_remove_them():
+    """A feature-extraction hook on a layer (forward, pre-forward with kwargs, full backward, state-dict) fires
+    on its binary replacement, sees the binary layer's output, and its handle removes it from there."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    seen = []
+    handles = [
+        model[0].register_forward_hook(lambda m, i, o: seen.append(("forward", type(m).__name__, o.detach()))),
+        model[0].register_forward_pre_hook(lambda m, a, k: seen.append(("pre", type(m).__name__)), with_kwargs=True),
+        model[2].register_full_backward_hook(lambda m, gi, go: seen.append(("backward", type(m).__name__))),
+        model[2].register_state_dict_post_hook(lambda m, sd, prefix, local: seen.append(("state", type(m).__name__))),
+    ]
+    binarize_modules_(model)
+    x = torch.randn(2, 5)
+    model(x).sum().backward()
+    model.state_dict()
+    assert [e[:2] for e in seen] == [("pre", "BinaryLinear"), ("forward", "BinaryLinear"),
+                                     ("backward", "BinaryLinear"), ("state", "BinaryLinear")]
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    assert torch.equal(seen[1][2], F.linear(x, binarize_deterministic(w), b))  # the binary layer's output
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(x).sum().backward()
+    model.state_dict()
+    assert seen == []
+
 def test_a_binarized_torchvision_resnet_trains_with_the_papers_scales_and_clipping():
     """torchvision's ResNet-18, first and last layer kept in float: make_optimizer gives each binarized conv
     its Glorot scale, and after a step every latent weight is within [-H, H]."""

@@ -214,7 +214,9 @@ def binarize_modules_(model: nn.Module, binarization: str = "deterministic", *, 
 
     ``weights``: ``keep`` (default) makes the latent weight the old weight clipped to [-H, H], for
     fine-tuning a trained float network (and draws no random numbers); ``reset`` initialises it as the
-    paper does (uniform in [-H, H], bias zero). Forward hooks on a replaced layer are not carried over.
+    paper does (uniform in [-H, H], bias zero). Hooks registered on a replaced layer (forward, backward,
+    state-dict) move to the new one, and their handles still remove them; other attributes set on the old
+    layer object do not.
 
     Refused with a ValueError naming the layers, before anything changes, where the result would silently
     not be BinaryConnect: a weight or bias tied to another module's (an output layer sharing its embedding's
@@ -318,4 +320,8 @@ def _binary_copy(module: nn.Module, options: dict, weights: str) -> nn.Module:
     layer.weight.requires_grad_(w.requires_grad)
     if module.bias is not None:
         layer.bias.requires_grad_(module.bias.requires_grad)
+    for name in [n for n in vars(layer) if "hook" in n and n in vars(module)]:
+        # the module's hooks (forward, pre-forward, backward, state-dict), the same dictionaries: the handles
+        # that registered them (``handle.remove()``) still reach them
+        layer.__dict__[name] = module.__dict__[name]
     return layer.train(module.training)
