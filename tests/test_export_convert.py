@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from binaryconnect.export import ExportError, PackedModel, export_model, load_packed, summarize
+from binaryconnect.export.convert import recalibrate_batch_norm
 from binaryconnect.export.pack import packed_size
 from binaryconnect.layers import BinaryConv2d, BinaryLinear, binarize_modules_
 from binaryconnect.models import create_model, list_models
@@ -369,3 +370,51 @@ def test_engine_input_handling(engine):
     assert packed.predict(x[:0]).dtype == torch.int64 and packed.predict(x[:0]).shape == (0,)
     with pytest.raises(ConfigError, match="does not match the model's input shape \\[batch, 1, 28, 28\\]"):
         packed(torch.rand(2, 784))
+
+
+def test_recalibrated_statistics_are_the_average_batch_statistics_of_the_exported_weights():
+    """Oracle, by hand: the batches of the seeded order, the binary layers with H * sign(W) (the stochastic
+    one too), each batch norm normalizing with its batch's statistics (training mode); each running mean
+    (variance) must be the average of the batch means (unbiased variances). Dropout stays off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BinaryLinear(6, 5, binarization="stochastic", H=0.5), nn.BatchNorm1d(5, momentum=0.3),
+                          nn.ReLU(), nn.Dropout(0.5), BinaryLinear(5, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[0].weight.uniform_(-0.5, 0.5)
+    x = torch.randn(45, 6)
+    before = copy.deepcopy(model.state_dict())
+    result, used = recalibrate_batch_norm(model, x, batches=4, batch_size=10, seed=3)
+    assert used == 40
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(3))[:40]
+    w1 = torch.where(model[0].weight >= 0, 0.5, -0.5).detach()
+    w2 = torch.where(model[4].weight >= 0, 1.0, -1.0).detach()
+    stats = [[], []]
+    for i in range(0, 40, 10):
+        a1 = x[order[i:i + 10]] @ w1.t()
+        stats[0].append((a1.mean(0), a1.var(0)))
+        h = torch.nn.functional.batch_norm(a1, None, None, model[1].weight, model[1].bias, True, 0.0, model[1].eps)
+        a2 = h.clamp_min(0) @ w2.t()
+        stats[1].append((a2.mean(0), a2.var(0)))
+    for bn, batch_stats in zip((result[1], result[5]), stats, strict=True):
+        torch.testing.assert_close(bn.running_mean, torch.stack([m for m, _ in batch_stats]).mean(0))
+        torch.testing.assert_close(bn.running_var, torch.stack([v for _, v in batch_stats]).mean(0))
+    # the result: eval mode, its layers as they were (stochastic, momenta); the model itself untouched
+    assert not result.training and result[0].binarization == "stochastic"
+    assert (result[1].momentum, result[5].momentum) == (0.3, 0.1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model[0].binarization == "stochastic"
+    # it exports as H * sign(W) with the new statistics, as the PyTorch twin computes
+    net = export_model(result, (6,))
+    twin = copy.deepcopy(result)
+    twin[0].binarization = "deterministic"
+    torch.testing.assert_close(PackedModel(net, engine="torch")(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_recalibration_refuses_a_model_without_batch_norm_and_batches_of_one():
+    with pytest.raises(ExportError, match="no batch norm"):
+        recalibrate_batch_norm(nn.Sequential(BinaryLinear(4, 2)), torch.randn(8, 4), 2, 4)
+    with pytest.raises(ExportError, match="at least 2 examples"):
+        recalibrate_batch_norm(nn.Sequential(BinaryLinear(4, 2), nn.BatchNorm1d(2)), torch.randn(8, 4), 2, 1)
+    untracked = nn.Sequential(BinaryLinear(4, 2), nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ExportError, match="keeps no running statistics"):
+        recalibrate_batch_norm(untracked, torch.randn(8, 4), 2, 4)

@@ -168,3 +168,17 @@ def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_ro
     packed_error = float(text.split("packed model ")[1].split("%")[0]) / 100
     packed = load_packed(out).predict(mnist.test_x)
     assert packed_error == pytest.approx(int((packed != mnist.test_y).sum()) / 10_000, abs=5e-5)
+
+    # --recalibrate: statistics for H * sign(W); the file says so; the packed model is the recalibrated one
+    out2 = tmp_path / "r.bcnn"
+    assert main(["export", str(run), "-o", str(out2), "--evaluate", "--recalibrate", "20", "--data-dir", str(data_root),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["recalibrated_examples"] == 20 * 100 and result["recalibrated_agreement"] == 1.0
+    assert result["model_test_error"] == pytest.approx(summary["test_error"])
+    recal = load_packed(out2)
+    assert recal.net.source["batch_norm_recalibrated"] == {"examples": 2000, "batch_size": 100, "split": "train",
+                                                            "seed": 0, "weights": "H * sign(W)"}
+    error = int((recal.predict(mnist.test_x) != mnist.test_y).sum()) / 10_000
+    assert error == pytest.approx(result["packed_test_error"], abs=1e-12)
+    assert error < packed_error  # for this stochastic model, recalibration helps the packed network

@@ -273,15 +273,21 @@ def _add_export(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--evaluate", action="store_true",
                    help="also report the test error of the training model and of the packed model")
-    p.add_argument("--data-dir", help="dataset root for --evaluate (default: $BINARYCONNECT_DATA, else ./data)")
+    p.add_argument("--recalibrate", type=_positive_int, metavar="BATCHES",
+                   help="first recompute the batch-norm statistics for the exported weights H * sign(W) on this "
+                        "many batches (the run's batch size) of its training split: a stochastic model needs it "
+                        "(100 is plenty for MNIST)")
+    p.add_argument("--data-dir", help="dataset root for --evaluate and --recalibrate (default: $BINARYCONNECT_DATA, "
+                                      "else ./data)")
     p.add_argument("--engine", choices=ENGINES, help="engine for --evaluate (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args) -> int:
+    from .data import load_dataset
     from .export import PackedModel, summarize
-    from .export.convert import export_loaded_run
+    from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import dataset_of, evaluate_packed, model_predictions
     from .train import load_run_with_metadata
 
@@ -291,8 +297,16 @@ def _cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
-    net = export_loaded_run(args.run, model, config, meta)
-    data = dataset_of(net, args.data_dir) if args.evaluate else None  # before writing: a bad --data-dir
+    packed_model, recalibrated = model, None
+    if args.recalibrate:
+        data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size,
+                            download=False, **config.dataset_kwargs)
+        packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
+        recalibrated = {"examples": used, "batch_size": config.batch_size, "split": "train", "seed": 0,
+                        "weights": "H * sign(W)"}
+    net = export_loaded_run(args.run, packed_model, config, meta, recalibrated)
+    if args.evaluate and not args.recalibrate:
+        data = dataset_of(net, args.data_dir)  # before writing: a bad --data-dir
     size = net.save(out)  # leaves no file behind that a repeat would need --force for
     total = summarize(net)["total"]
     result = {"out": str(out), "bytes": size, "float32_bytes": total.float32_bytes,
@@ -305,6 +319,12 @@ def _cmd_export(args) -> int:
         result["model_test_error"] = int((reference != data.test_y).sum()) / len(reference)
         result["agreement"] = int((reference == predictions).sum()) / len(reference)
         result["engine"] = packed.engine
+        if recalibrated:  # the model packed: H * sign(W) and the recomputed statistics
+            recal = model_predictions(_deterministic_twin(packed_model), data.test_x)
+            result["recalibrated_model_test_error"] = int((recal != data.test_y).sum()) / len(recal)
+            result["recalibrated_agreement"] = int((recal == predictions).sum()) / len(recal)
+    if recalibrated:
+        result["recalibrated_examples"] = recalibrated["examples"]
     if args.json:
         print(json.dumps(result))
         return 0
@@ -314,10 +334,17 @@ def _cmd_export(args) -> int:
           f"({total.float32_bytes:,} bytes); {total.binary_params:,} of {total.params:,} parameters binary")
     if net.source.get("stochastic_weights"):
         print(f"note: stochastic layers exported as {net.source['stochastic_weights']}")
+    if recalibrated:
+        print(f"batch-norm statistics recomputed for the exported weights on {recalibrated['examples']:,} training "
+              f"examples")
     if args.evaluate:
         print(f"test error: training model (eval mode) {100 * result['model_test_error']:.2f}%, packed model "
               f"{100 * result['packed_test_error']:.2f}% ({result['engine']} engine); same prediction on "
               f"{100 * result['agreement']:.2f}% of the test set")
+        if recalibrated:
+            print(f"the model packed (H * sign(W), recomputed statistics) in PyTorch: test error "
+                  f"{100 * result['recalibrated_model_test_error']:.2f}%, same prediction as the packed model on "
+                  f"{100 * result['recalibrated_agreement']:.2f}%")
     return 0
 
 

@@ -18,7 +18,8 @@ float32. A batch norm that does not directly follow a linear/conv layer becomes 
 
 Stochastic BinaryConnect: its test-time network uses the real-valued weights (the paper), which cannot
 be packed; the export carries ``H * sign(W)`` (eq. 1 applied to the latent weights) and says so in
-``source["stochastic_weights"]``.
+``source["stochastic_weights"]``. Its batch norms' statistics do not fit those weights:
+``recalibrate_batch_norm`` recomputes them first (``export --recalibrate``).
 """
 
 from __future__ import annotations
@@ -170,6 +171,54 @@ def _deterministic_twin(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, x: torch.Tensor, batches: int, batch_size: int,
+                           seed: int = 0) -> tuple[nn.Module, int]:
+    """A copy of ``model`` (eval mode, on the CPU) whose batch norms' running statistics are recomputed for the
+    weights that are exported: ``H * sign(W)`` in every binary layer, stochastic ones included. Return it and
+    the number of examples used.
+
+    The statistics a model carries were accumulated during training, for the weights it had then; a
+    stochastic model's are those of sampled binary weights, or of the real-valued W, not those of
+    ``H * sign(W)``. Here the copy runs ``batches`` batches of ``batch_size`` examples of ``x`` (its
+    training inputs; a seeded random order, each example at most once) with only the batch norms in
+    training mode, and each batch norm keeps the average of its batch statistics (``momentum=None``)."""
+    import copy
+
+    if batches < 1 or batch_size < 2:
+        raise ExportError(f"recalibration needs at least one batch of at least 2 examples, got {batches} "
+                          f"batches of {batch_size}")
+    result = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    norms = [m for m in result.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ExportError("the model has no batch norm whose statistics could be recomputed")
+    if not all(m.track_running_stats for m in norms):
+        raise ExportError("a batch norm of the model keeps no running statistics (track_running_stats=False)")
+    stochastic = [m for m in result.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))
+                  and m.binarization == "stochastic"]
+    for m in stochastic:
+        m.binarization = "deterministic"  # as exported (in eval mode a stochastic layer would use the real W)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    n = min(len(x), batches * batch_size)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    used = 0
+    for i in range(0, n, batch_size):
+        rows = order[i:i + batch_size]
+        if len(rows) < 2:  # a batch of one has no variance
+            break
+        result(x[rows].to("cpu", torch.float32))
+        used += len(rows)
+    for m in stochastic:
+        m.binarization = "stochastic"
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return result.eval(), used
+
+
+@torch.no_grad()
 def check_export(model: nn.Module, net: PackedNetwork, n: int = 8, seed: int = 0, rtol: float = 1e-3) -> float:
     """Max |packed - model| / max(1, max |model|) on ``n`` random inputs (torch fallback engine); raise
     ExportError above ``rtol``: the model's forward is then not the sequence of its leaf modules."""
@@ -223,8 +272,10 @@ def export_run(path: str | Path) -> PackedNetwork:
     return export_loaded_run(path, *load_run_with_metadata(path))
 
 
-def export_loaded_run(path: str | Path, model: nn.Module, config, meta: dict[str, str]) -> PackedNetwork:
-    """``export_run`` of a run already loaded by ``train.load_run_with_metadata(path)``."""
+def export_loaded_run(path: str | Path, model: nn.Module, config, meta: dict[str, str],
+                      recalibrated: dict | None = None) -> PackedNetwork:
+    """``export_run`` of a run already loaded by ``train.load_run_with_metadata(path)``; ``recalibrated``: how
+    ``model``'s batch-norm statistics were recomputed (``recalibrate_batch_norm``), for the file's metadata."""
     path = Path(path)
     input_shape = json.loads(meta["input_shape"])
     num_classes = int(meta["num_classes"])
@@ -232,4 +283,6 @@ def export_loaded_run(path: str | Path, model: nn.Module, config, meta: dict[str
               "dataset": config.dataset, "dataset_kwargs": config.dataset_kwargs, "val_size": config.val_size,
               "binarization": config.binarization, "recipe": config.recipe, "seed": config.seed,
               "epoch": meta.get("epoch")}
+    if recalibrated:
+        source["batch_norm_recalibrated"] = recalibrated
     return export_model(model, input_shape, num_classes, source=source, config=config.to_dict())
