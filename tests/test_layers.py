@@ -413,6 +413,28 @@ def test_binarize_modules_moves_the_hooks_of_a_replaced_layer_and_their_handles_
     model.state_dict()
     assert seen == []
 
+
+def test_binarize_modules_moved_hooks_leave_the_old_layer_and_load_state_dict_hooks_get_the_new_one():
+    """The hooks move, they are not shared: a hook registered later on the old layer (kept by the caller) does
+    not fire on the new one. A load-state-dict pre-hook (PyTorch keeps its module by weak reference) gets the
+    new layer, and still works once the old one is gone."""
+    import gc
+
+    old = nn.Linear(4, 3)
+    seen = []
+    old.register_load_state_dict_pre_hook(lambda m, *args: seen.append(type(m).__name__))
+    new = binarize_modules_(old)
+    assert not old._load_state_dict_pre_hooks and not old._forward_hooks
+    old.register_forward_hook(lambda m, i, o: seen.append("old forward"))
+    new(torch.randn(1, 4))
+    assert seen == []
+    model = nn.Sequential(new)
+    state = model.state_dict()
+    del old
+    gc.collect()
+    model.load_state_dict(state)
+    assert seen == ["BinaryLinear"]
+
 def test_a_binarized_torchvision_resnet_trains_with_the_papers_scales_and_clipping():
     """torchvision's ResNet-18, first and last layer kept in float: make_optimizer gives each binarized conv
     its Glorot scale, and after a step every latent weight is within [-H, H]."""

@@ -19,6 +19,7 @@ and stop responding to gradients (a weight at +50 needs 50 units of updates befo
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -320,8 +321,22 @@ def _binary_copy(module: nn.Module, options: dict, weights: str) -> nn.Module:
     layer.weight.requires_grad_(w.requires_grad)
     if module.bias is not None:
         layer.bias.requires_grad_(module.bias.requires_grad)
-    for name in [n for n in vars(layer) if "hook" in n and n in vars(module)]:
-        # the module's hooks (forward, pre-forward, backward, state-dict), the same dictionaries: the handles
-        # that registered them (``handle.remove()``) still reach them
-        layer.__dict__[name] = module.__dict__[name]
+    _move_hooks(module, layer)
     return layer.train(module.training)
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Move ``old``'s hooks (forward, pre-forward, backward, state-dict, load-state-dict) to ``new``: ``new``
+    takes ``old``'s hook dictionaries themselves, so the handles that registered the hooks
+    (``handle.remove()``) still reach them, and ``old`` gets empty ones, so that the two share nothing. A
+    hook PyTorch calls with its module (load-state-dict pre-hooks, kept with a weak reference to it) is
+    given ``new``: ``old`` may be gone when it runs."""
+    for name in [n for n in vars(new) if "hook" in n and n in vars(old)]:
+        value = old.__dict__[name]
+        new.__dict__[name] = value
+        if isinstance(value, dict):
+            old.__dict__[name] = type(value)()
+            for hook in value.values():
+                module = getattr(hook, "module", None)
+                if getattr(hook, "with_module", False) and isinstance(module, weakref.ref) and module() is old:
+                    hook.module = weakref.ref(new)
