@@ -322,6 +322,15 @@ def test_cpu_quota_without_cgroups_is_none(tmp_path):
     assert sweep.cpu_quota(tmp_path / "no-such-file", tmp_path) is None
 
 
+def test_cpu_quota_of_a_cgroup_whose_name_is_not_utf8(tmp_path):
+    """cgroup names are bytes: one that is not UTF-8 is still found (and read) where the OS names it."""
+    (tmp_path / "proc").write_bytes(b"0::/caf\xe9\n")
+    folder = tmp_path / "cg" / os.fsdecode(b"caf\xe9")
+    folder.mkdir(parents=True)
+    (folder / "cpu.max").write_text("300000 100000\n")
+    assert sweep.cpu_quota(tmp_path / "proc", tmp_path / "cg") == 3.0
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
 def test_a_cpu_quota_lowers_the_usable_cores(monkeypatch):
     """``docker run --cpus 2.5`` on an 8-core machine: 3 cores' worth of threads, not 8; a quota above the

@@ -73,7 +73,7 @@ def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("
     cgroup v2: ``cpu.max`` (``"150000 100000"``, or ``"max 100000"`` for none); v1: ``cpu.cfs_quota_us`` over
     ``cpu.cfs_period_us`` (quota -1 for none), under the ``cpu`` controller's mount."""
     try:
-        lines = proc_cgroup.read_text().splitlines()
+        lines = os.fsdecode(proc_cgroup.read_bytes()).splitlines()  # a cgroup's name may be any bytes
     except OSError:
         return None
     limits = []
