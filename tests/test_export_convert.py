@@ -418,3 +418,21 @@ def test_recalibration_refuses_a_model_without_batch_norm_and_batches_of_one():
     untracked = nn.Sequential(BinaryLinear(4, 2), nn.BatchNorm1d(2, track_running_stats=False))
     with pytest.raises(ExportError, match="keeps no running statistics"):
         recalibrate_batch_norm(untracked, torch.randn(8, 4), 2, 4)
+
+
+def test_engines_compute_in_float32_whatever_torch_default_dtype():
+    """With torch's default dtype float64, the native engine's buffers must still be float32 (the kernels read
+    and write raw float32 memory): same logits as with the default float32."""
+    model = calibrate(_small_convnet(), torch.randn(64, 3, 16, 16))
+    net = export_model(model, (3, 16, 16))
+    x = torch.randn(5, 3, 16, 16)
+    expected = {engine: PackedModel(net, engine=engine)(x) for engine in ENGINES}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for engine in ENGINES:
+            got = PackedModel(net, engine=engine)(x)
+            assert got.dtype == torch.float32 and torch.equal(got, expected[engine]), engine
+            assert PackedModel(net, engine=engine)(x[:0]).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)

@@ -166,7 +166,7 @@ class PackedModel:
             raise ConfigError(f"input of shape {list(x.shape)} does not match the model's input shape "
                               f"[batch, {', '.join(map(str, self.input_shape))}]")
         if x.shape[0] == 0:
-            return torch.empty(0, self.num_classes)
+            return torch.empty(0, self.num_classes, dtype=torch.float32)
         x = x.detach().to("cpu", torch.float32).contiguous()
         if self.engine == "native":
             return self._forward_native(x)
@@ -218,7 +218,8 @@ class PackedModel:
                 elif kind == "conv2d" and layout == "batch":
                     x, layout = x.transpose(0, 1).contiguous(), "cb"
                 n, oh, ow = step.out_chw
-                out = torch.empty(n, batch, oh, ow) if kind == "conv2d" else torch.empty(n, batch)
+                shape = (n, batch, oh, ow) if kind == "conv2d" else (n, batch)
+                out = torch.empty(shape, dtype=torch.float32)  # whatever torch's default dtype
                 x = self.kernels.forward(step.desc, x, batch, out, threads)
                 continue  # relu fused
             elif step.kind == "float":

@@ -43,6 +43,14 @@ _ERRORS = {-1: "invalid layer geometry", -2: "out of memory", -3: "a channel pla
            "over 2^31 values: use a smaller batch"}
 
 
+def _float32_buffers(**tensors: torch.Tensor) -> None:
+    """ValueError unless every tensor is a contiguous float32 CPU tensor: the kernels read and write raw memory."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
+
+
 def _checked(rc: int, out: torch.Tensor) -> torch.Tensor:
     """``out`` if the kernel returned 0, else a RuntimeError naming the failure (``_ERRORS``)."""
     if rc != 0:
@@ -187,6 +195,7 @@ class Kernels:
         [N, ceil(K / 8)], ``out`` [N, B, OH, OW]; mode 0 chooses the kernel by a cost model, 1 forces 256-entry
         tables (one per byte of weights), 2 one column at a time (linear layers only), 3 two 16-entry tables
         per byte."""
+        _float32_buffers(x=x, out=out)
         wr = wr.contiguous()
         wt, wq, w3 = weight_layouts(wr)
         rc = self._conv(x.data_ptr(), *geometry, wt.data_ptr(), wr.data_ptr(), wq.data_ptr(), w3.data_ptr(),
@@ -200,6 +209,7 @@ class Kernels:
         wr = wr.contiguous()
         wt, wq, w3 = weight_layouts(wr)
         scale, offset = scale.contiguous(), offset.contiguous()
+        _float32_buffers(scale=scale, offset=offset)
         desc = LayerDesc(c, h, w, *kernel, *stride, *padding, *dilation, scale.shape[0], wt.data_ptr(), wr.data_ptr(),
                          wq.data_ptr(), w3.data_ptr(), scale.data_ptr(), offset.data_ptr(), int(relu))
         desc.tensors = (wr, wt, wq, w3, scale, offset)
@@ -208,6 +218,7 @@ class Kernels:
     def forward(self, desc: LayerDesc, x: torch.Tensor, batch: int, out: torch.Tensor, threads: int,
                 mode: int = 0) -> torch.Tensor:
         """Run the layer ``desc`` on ``x`` [C, batch, H, W] (float32, contiguous) into ``out``."""
+        _float32_buffers(x=x, out=out)
         rc = self._layer(desc, x.data_ptr(), batch, out.data_ptr(), threads, mode)
         return _checked(rc, out)
 
@@ -219,9 +230,11 @@ class Kernels:
         x = x.to(torch.float32).contiguous()
         c, b, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        out = torch.empty(c, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        out = torch.empty(c, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, dtype=torch.float32)
         if scale is not None and (scale.shape != (c,) or offset is None or offset.shape != (c,)):
             raise ValueError(f"scale and offset must both have shape [{c}]")
+        if scale is not None:
+            _float32_buffers(scale=scale, offset=offset)
         rc = self._pool(x.data_ptr(), c, b, h, w, kh, kw, sh, sw, ph, pw,
                         None if scale is None else scale.data_ptr(), None if scale is None else offset.data_ptr(),
                         int(relu), out.data_ptr(), int(threads))
