@@ -178,7 +178,25 @@ def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_ro
     assert result["model_test_error"] == pytest.approx(summary["test_error"])
     recal = load_packed(out2)
     assert recal.net.source["batch_norm_recalibrated"] == {"examples": 2000, "batch_size": 100, "split": "train",
-                                                            "seed": 0, "weights": "H * sign(W)"}
+                                                            "seed": 0, "weights": "H * sign(W) in binary layers"}
     error = int((recal.predict(mnist.test_x) != mnist.test_y).sum()) / 10_000
     assert error == pytest.approx(result["packed_test_error"], abs=1e-12)
     assert error < packed_error  # for this stochastic model, recalibration helps the packed network
+
+
+def test_recalibrating_a_float_run_says_its_weights_are_the_float_ones(tmp_path_factory, mnist, data_root, tmp_path,
+                                                                       capsys, monkeypatch):
+    """Also: the data root is --data-dir, else $BINARYCONNECT_DATA (as for --evaluate), not the run's own
+    data_dir, which may be gone (here: a folder that does not exist)."""
+    run = tmp_path_factory.mktemp("float")
+    config = TrainConfig(dataset="mnist", model="mlp", model_kwargs={"hidden": 32, "depth": 1}, binarization="none",
+                         epochs=1, batch_size=100, train_subset=3000, seed=0, device="cpu",
+                         data_dir=str(tmp_path / "gone"))
+    fit(config, run, progress=False, log=lambda *a, **k: None, data=mnist)
+    assert json.loads((run / "config.json").read_text())["config"]["data_dir"] == str(tmp_path / "gone")
+    monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
+    out = tmp_path / "f.bcnn"
+    assert main(["export", str(run), "-o", str(out), "--recalibrate", "5", "--evaluate"]) == 0
+    text = capsys.readouterr().out
+    assert "the model packed (W (no binary layer), recomputed statistics)" in text
+    assert load_packed(out).net.source["batch_norm_recalibrated"]["weights"] == "W (no binary layer)"

@@ -299,11 +299,12 @@ def _cmd_export(args) -> int:
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
     packed_model, recalibrated = model, None
     if args.recalibrate:
-        data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size,
-                            download=False, **config.dataset_kwargs)
+        data = load_dataset(config.dataset, args.data_dir, val_size=config.val_size, download=False,
+                            **config.dataset_kwargs)  # the data root as for --evaluate: not the run's data_dir
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
+        binary = any(getattr(m, "is_binary", False) for m in model.modules())
         recalibrated = {"examples": used, "batch_size": config.batch_size, "split": "train", "seed": 0,
-                        "weights": "H * sign(W)"}
+                        "weights": "H * sign(W) in binary layers" if binary else "W (no binary layer)"}
     net = export_loaded_run(args.run, packed_model, config, meta, recalibrated)
     if args.evaluate and not args.recalibrate:
         data = dataset_of(net, args.data_dir)  # before writing: a bad --data-dir
@@ -342,7 +343,7 @@ def _cmd_export(args) -> int:
               f"{100 * result['packed_test_error']:.2f}% ({result['engine']} engine); same prediction on "
               f"{100 * result['agreement']:.2f}% of the test set")
         if recalibrated:
-            print(f"the model packed (H * sign(W), recomputed statistics) in PyTorch: test error "
+            print(f"the model packed ({recalibrated['weights']}, recomputed statistics) in PyTorch: test error "
                   f"{100 * result['recalibrated_model_test_error']:.2f}%, same prediction as the packed model on "
                   f"{100 * result['recalibrated_agreement']:.2f}%")
     return 0
