@@ -486,14 +486,52 @@ def test_a_cache_write_removes_what_killed_writers_left(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir(exist_ok=True)
     old = time.time() - cache_mod.STALE_TEMP_SECONDS - 60
-    left = [folder / "splits-abc.safetensors.x1y2.tmp", folder / ".tmpq7w8"]  # ours, and safetensors' own
+    left = [folder / "splits-abc.safetensors.x1y2.tmp", folder / ".tmpq7W8z0"]  # ours, and safetensors' own
     recent = folder / "splits-def.safetensors.z3.tmp"  # perhaps a live writer's: kept
-    for f in [*left, recent]:
+    others = [folder / "report.tmp", folder / ".tmp_session", folder / ".tmpfolder1", folder / "notes.txt"]
+    for f in [*left, recent, *others]:  # others: not a cache writer's (the folder may be a shared one): kept
         f.write_bytes(b"partial")
-    for f in left:
+    for f in [*left, *others]:
         os.utime(f, (old, old))
     cache_mod.cached_tensors("splits", {"a": 3}, lambda: {"x": torch.zeros(2)})
-    assert not any(f.exists() for f in left) and recent.exists()
+    assert not any(f.exists() for f in left) and recent.exists() and all(f.exists() for f in others)
+
+
+def test_a_cache_entry_damaged_after_it_was_written_is_rebuilt(tmp_path):
+    """One flipped byte in an entry's tensor data (its header intact): the CRC-32 check finds it, the entry is
+    rebuilt with a warning, and the tensors returned are the built ones, not the damaged ones."""
+    built = []
+
+    def build():
+        built.append(1)
+        return {"x": torch.arange(1000, dtype=torch.float32), "y": torch.arange(10)}
+
+    first, hit = cache_mod.cached_tensors("splits", {"a": 5}, build)
+    entry = tmp_path / "cache" / f"splits-{cache_mod.cache_key({'a': 5})}.safetensors"
+    data = bytearray(entry.read_bytes())
+    data[-3] ^= 0x10  # in the last tensor's bytes
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="do not match their checksums"):
+        again, hit = cache_mod.cached_tensors("splits", {"a": 5}, build)
+    assert not hit and built == [1, 1] and all(torch.equal(again[k], first[k]) for k in first)
+    third, hit = cache_mod.cached_tensors("splits", {"a": 5}, build)  # the rebuilt entry is read back
+    assert hit and built == [1, 1] and all(torch.equal(third[k], first[k]) for k in first)
+
+
+def test_a_cache_folder_that_cannot_be_entered_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """Python < 3.12 raises PermissionError from ``is_file`` in a folder this user may not enter: the data
+    are built without the cache, with a warning, instead of the run failing."""
+    real = Path.is_file
+
+    def is_file(self):
+        if self.parent == tmp_path / "cache":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.warns(UserWarning, match="cannot use the dataset cache"):
+        t, hit = cache_mod.cached_tensors("splits", {"a": 6}, lambda: {"x": torch.ones(2)})
+    assert not hit and torch.equal(t["x"], torch.ones(2))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ folder itself may be read-only). An entry is named by a key: the SHA-256 of a JS
 source's fingerprint (the digest of its bytes, see ``source_fingerprint``), every option that changes
 the tensors (preprocessing, validation size ...) and ``CACHE_FORMAT``. A changed source or option gives
 another key, so a stale entry is never read; the key's JSON is also stored in the file's metadata and
-checked on reading. Writes are atomic (temporary file, then rename), so an interrupted run leaves no
-half-written entry; an unreadable entry is rebuilt.
+checked on reading, with the CRC-32 of every tensor. Writes are atomic (temporary file, then rename), so
+an interrupted run leaves no half-written entry; an unreadable or damaged entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from ..checkpoint import new_file_mode
 
 ENV_CACHE = "BINARYCONNECT_CACHE"
 #: Bump when the meaning of cached tensors changes (decoding, preprocessing code): old entries are ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry the CRC-32 of their tensors
 
 
 def cache_dir() -> Path:
@@ -77,14 +79,25 @@ def _entry_path(kind: str, key: str) -> Path:
     return cache_dir() / f"{kind}-{key}.safetensors"
 
 
+def _checksums(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of every tensor's bytes, as JSON (about 0.2 s for a 738 MB entry): what an entry's reader
+    checks, so that a damaged entry is rebuilt rather than trained on."""
+    return json.dumps({name: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                       for name, t in sorted(tensors.items())}, separators=(",", ":"))
+
+
 def _read(path: Path, parts_json: str) -> dict[str, torch.Tensor] | None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != parts_json:
+            metadata = f.metadata() or {}
+            if metadata.get("key") != parts_json:
                 return None
-            return {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("crc32") != _checksums(tensors):
+            raise ValueError("its tensors do not match their checksums: the file was damaged after it was written")
+        return tensors
     except Exception as exc:  # a truncated or corrupt entry: rebuild it
         warnings.warn(f"ignoring unreadable cache entry {path} ({exc}); rebuilding it", stacklevel=3)
         return None
@@ -94,11 +107,19 @@ def _read(path: Path, parts_json: str) -> dict[str, torch.Tensor] | None:
 STALE_TEMP_SECONDS = 3600
 
 
+#: The temporary files of a cache write: ours (``<entry>.safetensors.<random>.tmp``, ``_write``) and
+#: safetensors' own (``.tmp`` and 6 random letters or digits, beside the file it writes). Nothing else in
+#: the cache folder, which may be a shared one (``$BINARYCONNECT_CACHE=/tmp``), is ever deleted.
+_TEMP_NAMES = re.compile(r"[\w.-]+\.safetensors\.\w+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
 def _remove_stale_temp_files(folder: Path) -> None:
-    """Delete the temporary files (ours, ``*.tmp``, and safetensors' own, ``.tmp*``) that writers killed
-    mid-write left in the cache folder (up to an entry's size each); recent ones may be a live writer's."""
+    """Delete the temporary files (``_TEMP_NAMES``) that writers killed mid-write left in the cache folder
+    (up to an entry's size each); recent ones may be a live writer's."""
     cutoff = time.time() - STALE_TEMP_SECONDS
-    for stale in {*folder.glob("*.tmp"), *folder.glob(".tmp*")}:
+    for stale in folder.iterdir():
+        if not _TEMP_NAMES.fullmatch(stale.name):
+            continue
         try:
             if stale.is_file() and stale.stat().st_mtime < cutoff:
                 stale.unlink()
@@ -115,7 +136,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], parts_json: str) -> Non
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": parts_json})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"key": parts_json, "crc32": _checksums(tensors)})
             os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; an entry is as readable as any new file
             os.replace(tmp, path)
         finally:
@@ -138,7 +160,13 @@ def cached_tensors(
         return build(), False
     parts_json = _canonical(parts)
     path = _entry_path(kind, cache_key(parts))
-    if path.is_file():
+    try:
+        present = path.is_file()
+    except OSError as exc:  # a cache folder this user may not enter (Python < 3.12 raises here)
+        warnings.warn(f"cannot use the dataset cache {path.parent} ({exc}); set {ENV_CACHE} to a folder of "
+                      "yours to make later runs start faster", stacklevel=2)
+        return build(), False
+    if present:
         tensors = _read(path, parts_json)
         if tensors is not None:
             return tensors, True
