@@ -253,8 +253,38 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
     with tarfile.open(twice, "w") as tar:
         tar.add(tree, arcname="a")
         tar.add(tree, arcname="b")
-    with pytest.raises(DataError, match="more than once"):
+    with pytest.raises(DataError, match=r"holds several ImageFolder trees \(train/ and test/ under 'a', 'b'\)"):
         load_dataset("imagefolder", tmp_path, path=str(twice), cache=False)
+    other = make_image_tree(tmp_path / "other", classes=("bird", "fox"))  # no file name in common with tree's
+    with tarfile.open(twice, "w") as tar:  # two trees, nothing repeated: one merged dataset before
+        tar.add(tree, arcname="v1")
+        tar.add(other, arcname="deeper/v2")
+    with pytest.raises(DataError, match="holds several ImageFolder trees"):
+        load_dataset("imagefolder", tmp_path, path=str(twice), cache=False)
+
+
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_an_archive_cut_between_two_members_is_refused(tmp_path, compression):
+    """tarfile reads an archive cut at a member's header (an interrupted copy) as a complete, shorter one: the
+    missing end-of-archive marker is what tells, and the load stops instead of training on part of the data."""
+    tree = make_image_tree(tmp_path / "tree")
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        tar.add(tree, arcname="top")
+    with tarfile.open(whole) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+    cut = members[len(members) // 2].offset  # the header of a file in the middle
+    data = whole.read_bytes()[:cut]
+    broken = tmp_path / ("cut.tar.gz" if compression else "cut.tar")
+    if compression:
+        import gzip
+
+        data = gzip.compress(data)
+    broken.write_bytes(data)
+    full = load_dataset("imagefolder", tmp_path, path=str(whole), val_size=3, preprocess="none", cache=False)
+    assert len(full.train_x) + len(full.val_x) + len(full.test_x) == len(members)
+    with pytest.raises(DataError, match=r"is truncated: it stops after [\d,]+ bytes of tar data"):
+        load_dataset("imagefolder", tmp_path, path=str(broken), val_size=3, preprocess="none", cache=False)
 
 
 def test_imagefolder_errors(tmp_path):

@@ -204,7 +204,9 @@ def _collect_folder(path: Path) -> list[tuple[str, str, str, Callable[[], bytes]
 
 
 def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
-    items = []
+    """The images of the one ImageFolder tree in the archive at ``path`` (``[root/]<train|test>/<class>/<file>``,
+    the root any folder path inside the archive: one, not several); DataError for a truncated archive."""
+    items, roots = [], set()
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -223,8 +225,18 @@ def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes
                         continue
                     data = member.read()
                     items.append((*found, lambda data=data: data))
+                    roots.add(PurePosixPath(*name.parts[:-3]).as_posix())
+            # tarfile stops quietly where the data end: an archive cut between two members (an interrupted
+            # copy) would lose the rest. A complete one ends with a block of zeros.
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise DataError(f"{path} is truncated: it stops after {tar.offset:,} bytes of tar data without "
+                                "the end-of-archive marker; copy it again")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable tar archive ({exc})") from None
+    if len(roots) > 1:
+        raise DataError(f"{path} holds several ImageFolder trees (train/ and test/ under "
+                        f"{', '.join(repr(r) for r in sorted(roots))}); an archive must hold one")
     return items
 
 
