@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_plot_draws_every_runs_validation_error_and_training_loss(runs, tmp_path
     assert len(deterministic) == 1 and len(colours(["sto-s0"])) == len(colours(["det-e1"])) == 1
     assert len(deterministic | colours(["sto-s0"]) | colours(["det-e1"])) == 3
     assert [line.get_color() for line in loss_axis.lines] == [line.get_color() for line in error_axis.lines]
-    legend = [t.get_text() for t in error_axis.get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["mnist-deterministic epochs=2 (4 runs)", "mnist-stochastic (1 run)",
                       "mnist-deterministic epochs=1 (1 run)"]
 
@@ -161,10 +162,11 @@ def test_plot_errors_come_after_the_table_in_one_line(runs, tmp_path, capsys, mo
     root, _ = runs
     assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "file" / "x.png")]) == 0  # makes folders
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "blocker" / "x.png")]) == 2
+    assert main(["report", str(root / "det-s0"), "--plot", str(tmp_path / "blocker" / "x.png")]) == 1  # an OS error
     out, err = capsys.readouterr()
     assert "mnist-deterministic" in out  # the table was printed first
-    assert "cannot write the plot to" in err and len(err.strip().splitlines()) == 2  # 'written', then the error
+    assert "error: cannot write the plot (" in err and str(tmp_path / "blocker" / "x.png") in err
+    assert len(err.strip().splitlines()) == 2  # 'written' (the first call's), then the error
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("xelatex not found")
@@ -197,6 +199,47 @@ def test_damaged_run_files_are_read_up_to_the_damage_or_refused(runs, tmp_path):
     (run / "config.json").write_text(json.dumps({**config, "config": {**config["config"], "seed": "0"}}))
     with pytest.raises(ConfigError, match="holds no training configuration"):
         read_run(run)
+
+
+def test_damage_to_what_the_report_only_shows_is_shown_as_unknown_not_a_crash(runs, tmp_path, capsys):
+    """A wall time that is NaN or a string, an environment that is not an object, a byte that is not UTF-8
+    in metrics.jsonl: the report (table, JSON, plot) still comes out; the metrics are read up to the damage."""
+    root, _ = runs
+    dirs = []
+    for name, wall in (("a", float("nan")), ("b", "12")):
+        run = tmp_path / name
+        shutil.copytree(root / ("det-s0" if name == "a" else "det-s1"), run)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "wall_seconds": wall}))
+        dirs.append(str(run))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "environment": "cpu"}))
+    stopped = tmp_path / "stopped"
+    shutil.copytree(root / "stopped", stopped)
+    good = (stopped / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (stopped / "metrics.jsonl").write_bytes(good[0] + b'{"epoch": 2, "lr\xff' + b"\n")
+    assert read_run(stopped).epochs_done == 1
+    for extra in ([], ["--markdown"]):
+        assert main(["report", *dirs, str(stopped), *extra]) == 0
+        assert "mnist-deterministic" in capsys.readouterr().out
+    assert main(["report", *dirs, str(stopped), "--json"]) == 0
+    runs_out = [r for g in json.loads(capsys.readouterr().out)["groups"] for r in g["runs"]]
+    assert sorted((Path(r["run"]).name, r["wall_seconds"], r["device"]) for r in runs_out) == [
+        ("a", None, None), ("b", None, "cpu")]
+
+
+def test_plot_of_one_epoch_draws_a_point_on_a_whole_epoch(runs, tmp_path):
+    """A line through one point draws nothing: a run of one epoch gets markers, and the axis stays on epoch 1."""
+    pytest.importorskip("matplotlib")
+    from binaryconnect.plot import plot_curves
+
+    root, _ = runs
+    fig = plot_curves([read_run(root / "det-e1")], tmp_path / "one.png")
+    error_axis, loss_axis = fig.axes
+    assert [line.get_marker() for line in (*error_axis.lines, *loss_axis.lines)] == ["o", "o"]
+    assert error_axis.get_xlim() == (0.5, 1.5)
+    fig = plot_curves([read_run(root / "det-s0")], tmp_path / "two.png")
+    assert fig.axes[0].lines[0].get_marker() in (None, "None", "")
 
 
 

@@ -14,6 +14,7 @@ display, no global state), and written atomically in the format the file name's 
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
@@ -43,16 +44,17 @@ def plot_curves(runs: list[Run], path: str | Path):
     drawn = 0
     for i, group in enumerate(group_runs(runs, include_unfinished=True)):
         color = f"C{i % 10}"
-        label = f"{group.label} ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''})"
+        label = textwrap.fill(f"{group.label} ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''})", 100)
         for run in group.runs:
             records = read_metrics(run.path)
             if not records:
                 continue
             epochs = [r["epoch"] for r in records]
+            marker = "o" if len(epochs) == 1 else None  # a line of one point draws nothing
             error_axis.plot(epochs, [100 * r["val_error"] for r in records], color=color, linewidth=1.2,
-                            label=label)
+                            label=label, marker=marker, markersize=4)
             loss_axis.plot(epochs, [r["train_loss"] for r in records], color=color, linewidth=1.0,
-                           linestyle=":")
+                           linestyle=":", marker=marker, markersize=4)
             label = None  # one legend entry per group
             drawn += 1
     if drawn == 0:
@@ -67,8 +69,12 @@ def plot_curves(runs: list[Run], path: str | Path):
         axis.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 20, 0.5: plain numbers
         axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     error_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if max(max(line.get_xdata()) for line in error_axis.lines) == 1:  # one epoch: keep its tick a whole number
+        error_axis.set_xlim(0.5, 1.5)
     error_axis.grid(True, which="both", alpha=0.3)
-    error_axis.legend(loc="upper right", fontsize="small")
+    # below the axes, as wide as the figure: long labels (experiments that differ in many options) take
+    # height, not the curves' width
+    fig.legend(loc="outside lower center", fontsize="small")
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format=fmt, dpi=150)
@@ -76,6 +82,6 @@ def plot_curves(runs: list[Run], path: str | Path):
         raise ConfigError(f"matplotlib could not draw {path.name!r} as {fmt} ({exc}); try .png, .pdf or .svg") from None
     try:
         atomic_write_bytes(path, buffer.getvalue())
-    except OSError as exc:
-        raise ConfigError(f"cannot write the plot to {path} ({exc.strerror or exc})") from None
+    except OSError as exc:  # an operating-system error: the command line's exit code 1, in one line
+        raise OSError(exc.errno, f"cannot write the plot ({exc.strerror or exc})", str(path)) from None
     return fig

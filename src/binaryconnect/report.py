@@ -102,7 +102,10 @@ def read_run(path: str | Path) -> Run:
                 or not all(is_finite_number(summary.get(k)) for k in ("test_error", "best_val_error"))):
             raise ConfigError(f"{path / 'summary.json'} lacks the test error, best epoch or validation error (as "
                               "numbers): is the file damaged? `binaryconnect train --resume` rewrites it")
-    run = Run(path, info["config"], info.get("environment") or {}, summary,
+    if summary is not None and not is_finite_number(summary.get("wall_seconds")):
+        summary.pop("wall_seconds", None)  # damaged or missing: shown as unknown, not a crash
+    environment = info.get("environment") if isinstance(info.get("environment"), dict) else {}
+    run = Run(path, info["config"], environment, summary,
               plan=info["plan"] if isinstance(info.get("plan"), dict) else None)
     if summary is None:
         records = read_metrics(path)
@@ -134,7 +137,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # a damaged byte: that line
         try:
             record = json.loads(line)
         except ValueError:
