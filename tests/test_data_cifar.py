@@ -694,6 +694,39 @@ def test_float_dataset_options_take_integers_but_not_booleans():
         check_dataset_options("cifar10", {"gcn_scale": True})
 
 
+def test_a_path_option_that_reads_as_json_is_refused_with_how_to_quote_it(tmp_path, capsys, monkeypatch):
+    """``--dataset-option path=2024`` parses as the JSON number 2024: one line saying how to pass it as a
+    string (before: a TypeError traceback); quoted, the folder named 2024 is read."""
+    from binaryconnect.cli import main
+    from binaryconnect.data import check_dataset_options
+
+    with pytest.raises(ConfigError, match=r"option path must be a string, got 2024 .*'path=\"2024\"' or path=./2024"):
+        check_dataset_options("imagefolder", {"path": 2024})
+    with pytest.raises(ConfigError, match=r"got True .*'path=\"true\"'"):
+        check_dataset_options("imagefolder", {"path": True})
+    check_dataset_options("imagefolder", {"path": "2024"})
+    make_image_tree(tmp_path / "2024")
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "mnist-deterministic", "--dataset", "imagefolder", "--preprocess", "none", "--val-size", "3",
+              "--epochs", "1", "--batch-size", "4", "--hidden", "8", "--depth", "1", "--device", "cpu", "--no-progress"]
+    assert main([*common, "--dataset-option", "path=2024", "-o", "r1"]) == 2
+    err = capsys.readouterr().err
+    assert "option path must be a string" in err and len(err.strip().splitlines()) == 1
+    assert main([*common, "--dataset-option", 'path="2024"', "-o", "r2"]) == 0
+
+
+def test_another_dataset_than_the_recipes_keeps_the_options_it_has_and_drops_the_others():
+    """``svhn-deterministic --dataset imagefolder``: the recipe's preprocessing stays (the new dataset has that
+    option), SVHN's ``extra`` goes (before: "dataset 'imagefolder' has no option 'extra'", an option the user
+    never gave); the run is no longer that recipe's, so it is named by its model."""
+    config = recipe_config("svhn-deterministic", dataset="imagefolder", dataset_kwargs={"path": "x"})
+    assert config.dataset_kwargs == {"preprocess": "gcn-lcn", "path": "x"} and config.recipe is None
+    config = recipe_config("cifar10-augmented-stochastic", dataset="imagefolder", dataset_kwargs={"path": "x"})
+    assert config.dataset_kwargs == {"preprocess": "gcn", "augment": "crop-flip", "path": "x"}
+    same = recipe_config("cifar10-gcn-deterministic", dataset="cifar10")  # the recipe's own dataset: unchanged
+    assert same.recipe == "cifar10-gcn-deterministic" and same.dataset_kwargs == {"preprocess": "gcn"}
+
+
 def test_labels_are_int64_and_a_validation_size_of_0_is_refused(tmp_path):
     """Labels int64 (what ``Splits`` promises and cross-entropy takes) from the official batches and from an
     ImageFolder tree; val_size 0 would leave an empty validation set (the best epoch chosen on nothing)."""

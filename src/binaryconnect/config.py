@@ -174,7 +174,9 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
     """The recipe ``name`` (or the defaults when None) with ``overrides`` applied, validated. ``model_kwargs``
     and ``dataset_kwargs`` given are merged into the recipe's, except that another ``model`` than the recipe's
     starts from no model options (the recipe's are its own model's: the MLP's depth means nothing to another
-    network) and leaves ``recipe`` unset (the run is then named by its model and binarization)."""
+    network) and leaves ``recipe`` unset (the run is then named by its model and binarization); another
+    ``dataset`` keeps those of the recipe's dataset options that it has (preprocessing, augmentation), drops
+    the others (SVHN's ``extra`` means nothing to an ImageFolder tree) and leaves ``recipe`` unset too."""
     base: dict = {}
     if name is not None:
         try:
@@ -184,6 +186,12 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
     if overrides.get("model") is not None and overrides["model"] != base.get("model"):
         base.pop("model_kwargs", None)
         base.pop("recipe", None)  # nor is it that recipe's run: logs and reports name it by its model
+    if overrides.get("dataset") is not None and base and overrides["dataset"] != base.get("dataset"):
+        from .data import dataset_options  # (data imports torch: not at module level)
+
+        keep = dataset_options(overrides["dataset"])  # the recipe's preprocessing, augmentation... where they apply
+        base["dataset_kwargs"] = {k: v for k, v in base.get("dataset_kwargs", {}).items() if k in keep}
+        base.pop("recipe", None)  # another dataset: not that recipe's run either
     merged = {key: {**base.pop(key, {}), **(overrides.pop(key, None) or {})}
               for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})

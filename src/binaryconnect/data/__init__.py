@@ -144,6 +144,13 @@ def caches(name: str, kwargs: dict) -> bool:
 _TRAINING_OPTIONS = ("root", "val_size", "download")
 
 
+def dataset_options(name: str) -> list[str]:
+    """The options of dataset ``name`` (``--dataset-option``); none for an unknown dataset."""
+    loader = _LOADERS.get(name)
+    return [] if loader is None else [p for p in inspect.signature(loader).parameters
+                                      if p not in _TRAINING_OPTIONS]
+
+
 def check_dataset_options(name: str, kwargs: dict) -> None:
     """Raise a ConfigError unless dataset ``name`` has every option of ``kwargs``, each of its default's type."""
     try:
@@ -156,11 +163,18 @@ def check_dataset_options(name: str, kwargs: dict) -> None:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(options)}")
     for key, value in kwargs.items():  # each option of the type of its default: "False" is not false
-        _check_option_type(name, key, value, parameters[key].default)
+        _check_option_type(name, key, value, parameters[key].default, parameters[key].annotation)
 
 
-def _check_option_type(dataset: str, key: str, value, default) -> None:
+def _check_option_type(dataset: str, key: str, value, default, annotation="") -> None:
     kind = type(default)
+    if default is None and "str" in str(annotation):  # a path: 2024 or true on the command line is JSON
+        if value is None or isinstance(value, str):
+            return
+        raise ConfigError(f"dataset {dataset!r} option {key} must be a string, got {value!r} (on the command "
+                          f"line a value that reads as JSON is taken as JSON: write --dataset-option "
+                          f"'{key}=\"{value if not isinstance(value, bool) else json.dumps(value)}\"' or "
+                          f"{key}=./{value})")
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
