@@ -279,12 +279,23 @@ def test_options_that_do_not_define_the_experiment_do_not_split_a_group(tmp_path
     module's documented list): one group of every run."""
     others = [{"device": "cuda"}, {"data_dir": "/elsewhere"}, {"download": False}, {"checkpoint_every": 7},
               {"checkpoint_seconds": 0}, {"eval_batch_size": 250}, {"deterministic": True}, {"compile": True},
-              {"compile": True, "compile_mode": "reduce-overhead"}, {"channels_last": True}, {"cuda_graph": True}]
+              {"compile": True, "compile_mode": "reduce-overhead"}, {"channels_last": True}, {"cuda_graph": True},
+              {"dataset_kwargs": {"cache": False}}, {"dataset_kwargs": {"verify": False}}]  # (the same tensors)
     runs = [read_run(_synthetic_run(tmp_path / "base", seed=0, summary={"test_error": 0.01}))]
     for seed, option in enumerate(others, 1):
         runs.append(read_run(_synthetic_run(tmp_path / f"s{seed}", seed=seed, summary={"test_error": 0.01}, **option)))
     [group] = group_runs(runs)
-    assert group.label == "mnist-deterministic" and [r.config["seed"] for r in group.runs] == list(range(12))
+    assert group.label == "mnist-deterministic" and [r.config["seed"] for r in group.runs] == list(range(14))
+
+
+def test_a_seed_that_appears_twice_in_a_row_is_pointed_out(tmp_path):
+    """Seed 0 on the CPU and on a GPU: one experiment (two runs), which the table counts as two; a note says so."""
+    runs = [read_run(_synthetic_run(tmp_path / "cpu0", seed=0, summary={"test_error": 0.01})),
+            read_run(_synthetic_run(tmp_path / "gpu0", seed=0, device="cuda", summary={"test_error": 0.02})),
+            read_run(_synthetic_run(tmp_path / "cpu1", seed=1, summary={"test_error": 0.03}))]
+    text = format_report(runs)
+    assert "note: mnist-deterministic: seed 0 appears in 2 runs" in text
+    assert "note:" not in format_report(runs[1:])
 
 
 @pytest.mark.parametrize("recipe, option", [

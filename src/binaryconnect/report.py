@@ -22,6 +22,8 @@ from .errors import DIVERGED_NAME, ConfigError
 #: Options that do not define the experiment: runs differing only in these (and the seed) are grouped.
 NOT_THE_EXPERIMENT = ("seed", "device", "data_dir", "download", "checkpoint_every", "checkpoint_seconds",
                       "eval_batch_size", "deterministic", "compile", "compile_mode", "channels_last", "cuda_graph")
+#: Dataset options that do not change the data (``--dataset-option cache=false``, ``verify=false``).
+NOT_THE_DATA = ("cache", "verify")
 
 
 @dataclass
@@ -164,7 +166,11 @@ def _experiment(config: dict) -> dict:
     time budget planned (they differ from run to run of one experiment), and not options left at None (a
     run directory written before an option existed lacks it: the same experiment)."""
     skip = NOT_THE_EXPERIMENT + (("epochs",) if config.get("time_budget") is not None else ())
-    return {k: v for k, v in config.items() if k not in skip and v is not None}
+    experiment = {k: v for k, v in config.items() if k not in skip and v is not None}
+    if isinstance(experiment.get("dataset_kwargs"), dict):  # reading the data with or without the cache or
+        experiment["dataset_kwargs"] = {k: v for k, v in experiment["dataset_kwargs"].items()  # the checksums
+                                        if k not in NOT_THE_DATA}  # gives the same tensors
+    return experiment
 
 
 def _key(config: dict) -> str:
@@ -234,6 +240,14 @@ def format_report(runs: list[Run], markdown: bool = False) -> str:
         widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
         for r in [header, *rows]:
             lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    repeated = [(g, seed) for g in groups for seed in sorted({r.config["seed"] for r in g.runs})
+                if sum(r.config["seed"] == seed for r in g.runs) > 1]
+    if repeated:  # e.g. one seed run on the CPU and on a GPU: two runs of one experiment, not two seeds
+        lines.append("")
+        for g, seed in repeated:
+            lines.append(f"note: {g.label}: seed {seed} appears in {sum(r.config['seed'] == seed for r in g.runs)} "
+                         "runs (other devices or options that do not define the experiment); its mean and sd count "
+                         "each run")
     unfinished = [r for r in unique_runs(runs) if r.summary is None]
     if unfinished:
         lines.append("")
