@@ -263,6 +263,28 @@ def test_imagefolder_archive_and_unsafe_members(tmp_path):
         load_dataset("imagefolder", tmp_path, path=str(twice), cache=False)
 
 
+def test_files_that_are_not_images_by_their_extension_are_named(tmp_path):
+    """A class folder's .gif (not a readable extension) is skipped with a warning naming it, folder or archive;
+    a tree of nothing else is refused with the extensions that are read."""
+    tree = make_image_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / "extra.gif").write_bytes(b"GIF89a")
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree, arcname="top")
+    for source, name in ((tree, "train/cat/extra.gif"), (archive, "top/train/cat/extra.gif")):
+        expected = f"skipped 1 files that are not images by their extension \\(e.g. {name}\\)"
+        with pytest.warns(UserWarning, match=expected):
+            load_dataset("imagefolder", tmp_path, path=str(source), val_size=3, preprocess="none", cache=False)
+    gifs = tmp_path / "gifs"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (gifs / split / c).mkdir(parents=True)
+            (gifs / split / c / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DataError, match=r"images end in \.jpg, .*; it holds 4 files of other extensions in class "
+                                        r"folders, e\.g\. train/a/x\.gif"):
+        load_dataset("imagefolder", tmp_path, path=str(gifs), cache=False)
+
+
 @pytest.mark.parametrize("compression", ["", "gz"])
 def test_an_archive_cut_between_two_members_is_refused(tmp_path, compression):
     """tarfile reads an archive cut at a member's header (an interrupted copy) as a complete, shorter one: the

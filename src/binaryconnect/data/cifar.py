@@ -179,34 +179,40 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _split_class_file(parts: tuple[str, ...], where: str) -> tuple[str, str, str] | None:
-    """``(split, class, file)`` of a path ``[...]/<train|test>/<class>/<file>``, else None."""
+def _split_class_file(parts: tuple[str, ...], where: str) -> tuple[str, ...] | None:
+    """``(split, class, file)`` of an image ``[...]/<train|test>/<class>/<file>``; ``()`` for another file of a
+    class folder (not an image by its extension); else None."""
     if any(p in ("..", "") for p in parts):
         raise DataError(f"refusing the archive member {where!r}: its path leaves the archive")
     if len(parts) < 3 or parts[-3] not in ("train", "test") or _hidden(parts[-2]) or _hidden(parts[-1]):
         return None
     if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-        return None
+        return ()  # a file of a class folder, but not an image by its extension: skipped, and counted
     return parts[-3], parts[-2], parts[-1]
 
 
-def _collect_folder(path: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
-    items = []
+def _collect_folder(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str]]:
+    """The images of the ImageFolder tree at ``path``, and the other files of its class folders (skipped)."""
+    items, skipped = [], []
     for split in ("train", "test"):
         split_dir = path / split
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name)):
             for f in sorted(class_dir.iterdir()):
-                if f.is_file() and not _hidden(f.name) and f.name.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((split, class_dir.name, f.name, f.read_bytes))
-    return items
+                if f.is_file() and not _hidden(f.name):
+                    if f.name.lower().endswith(IMAGE_EXTENSIONS):
+                        items.append((split, class_dir.name, f.name, f.read_bytes))
+                    else:
+                        skipped.append(f"{split}/{class_dir.name}/{f.name}")
+    return items, skipped
 
 
-def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
+def _collect_archive(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str]]:
     """The images of the one ImageFolder tree in the archive at ``path`` (``[root/]<train|test>/<class>/<file>``,
-    the root any folder path inside the archive: one, not several); DataError for a truncated archive."""
-    items, roots = [], set()
+    the root any folder path inside the archive: one, not several), and the other files of its class folders
+    (skipped); DataError for a truncated archive."""
+    items, roots, skipped = [], set(), []
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -216,7 +222,9 @@ def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes
                 if name.is_absolute():
                     raise DataError(f"refusing the archive member {m.name!r} of {path}: absolute path")
                 found = _split_class_file(name.parts, m.name)
-                if found is not None:
+                if found == ():
+                    skipped.append(m.name)
+                elif found is not None:
                     try:
                         member = tar.extractfile(m)
                     except KeyError:  # a link to nothing in the archive: skipped, as a folder's reader skips it
@@ -237,7 +245,7 @@ def _collect_archive(path: Path) -> list[tuple[str, str, str, Callable[[], bytes
     if len(roots) > 1:
         raise DataError(f"{path} holds several ImageFolder trees (train/ and test/ under "
                         f"{', '.join(repr(r) for r in sorted(roots))}); an archive must hold one")
-    return items
+    return items, skipped
 
 
 def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
@@ -288,7 +296,9 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     sorted. All images must have one size.
     """
     path = Path(path)
-    items = _collect_folder(path) if path.is_dir() else _collect_archive(path)
+    items, skipped = _collect_folder(path) if path.is_dir() else _collect_archive(path)
+    others = (f"; it holds {len(skipped)} files of other extensions in class folders, e.g. {skipped[0]}"
+              if skipped else "")
     items.sort(key=lambda it: (it[0], it[1], it[2]))
     keys = [it[:3] for it in items]
     repeated = [k for k, nxt in itertools.pairwise(keys) if k == nxt]
@@ -300,7 +310,11 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     classes = sorted({c for s, c, _, _ in items if s == "train"})
     if len(classes) < 2:
         raise DataError(f"{path} is not an ImageFolder tree: it needs train/<class>/<image> files for at least "
-                        f"2 classes (found {len(classes)}), and test/<class>/<image> files")
+                        f"2 classes (found {len(classes)}), and test/<class>/<image> files; images end in "
+                        f"{', '.join(IMAGE_EXTENSIONS)}{others}")
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} files that are not images by their extension (e.g. "
+                      f"{skipped[0]}); images end in {', '.join(IMAGE_EXTENSIONS)}", stacklevel=2)
     unknown = sorted({c for s, c, _, _ in items if s == "test"} - set(classes))
     if unknown:
         raise DataError(f"{path}: test classes {', '.join(unknown)} have no training images")
