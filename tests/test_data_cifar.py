@@ -285,6 +285,18 @@ def test_files_that_are_not_images_by_their_extension_are_named(tmp_path):
         load_dataset("imagefolder", tmp_path, path=str(gifs), cache=False)
 
 
+def test_an_image_that_cannot_be_decoded_is_named_by_its_place_in_the_folder_or_archive(tmp_path):
+    tree = make_image_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / "zz.png").write_bytes(b"not an image")
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree, arcname="top")
+    with pytest.raises(DataError, match=f"cannot decode the image {tree}/train/cat/zz.png"):
+        load_dataset("imagefolder", tmp_path, path=str(tree), cache=False)
+    with pytest.raises(DataError, match=f"cannot decode the image {archive}:top/train/cat/zz.png"):
+        load_dataset("imagefolder", tmp_path, path=str(archive), cache=False)
+
+
 @pytest.mark.parametrize("compression", ["", "gz"])
 def test_an_archive_cut_between_two_members_is_refused(tmp_path, compression):
     """tarfile reads an archive cut at a member's header (an interrupted copy) as a complete, shorter one: the

@@ -191,8 +191,9 @@ def _split_class_file(parts: tuple[str, ...], where: str) -> tuple[str, ...] | N
     return parts[-3], parts[-2], parts[-1]
 
 
-def _collect_folder(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str]]:
-    """The images of the ImageFolder tree at ``path``, and the other files of its class folders (skipped)."""
+def _collect_folder(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str], str]:
+    """The images of the ImageFolder tree at ``path``, the other files of its class folders (skipped), and
+    the tree's root inside ``path`` (``""``: ``path`` itself)."""
     items, skipped = [], []
     for split in ("train", "test"):
         split_dir = path / split
@@ -205,13 +206,13 @@ def _collect_folder(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], 
                         items.append((split, class_dir.name, f.name, f.read_bytes))
                     else:
                         skipped.append(f"{split}/{class_dir.name}/{f.name}")
-    return items, skipped
+    return items, skipped, ""
 
 
-def _collect_archive(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str]]:
-    """The images of the one ImageFolder tree in the archive at ``path`` (``[root/]<train|test>/<class>/<file>``,
-    the root any folder path inside the archive: one, not several), and the other files of its class folders
-    (skipped); DataError for a truncated archive."""
+def _collect_archive(path: Path) -> tuple[list[tuple[str, str, str, Callable[[], bytes]]], list[str], str]:
+    """As ``_collect_folder``, for the one ImageFolder tree in the archive at ``path``
+    (``[root/]<train|test>/<class>/<file>``, the root any folder path inside the archive: one, not several);
+    DataError for a truncated archive."""
     items, roots, skipped = [], set(), []
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -245,7 +246,7 @@ def _collect_archive(path: Path) -> tuple[list[tuple[str, str, str, Callable[[],
     if len(roots) > 1:
         raise DataError(f"{path} holds several ImageFolder trees (train/ and test/ under "
                         f"{', '.join(repr(r) for r in sorted(roots))}); an archive must hold one")
-    return items, skipped
+    return items, skipped, (f"{next(iter(roots))}/" if roots and next(iter(roots)) != "." else "")
 
 
 def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
@@ -296,7 +297,7 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     sorted. All images must have one size.
     """
     path = Path(path)
-    items, skipped = _collect_folder(path) if path.is_dir() else _collect_archive(path)
+    items, skipped, root = _collect_folder(path) if path.is_dir() else _collect_archive(path)
     others = (f"; it holds {len(skipped)} files of other extensions in class folders, e.g. {skipped[0]}"
               if skipped else "")
     items.sort(key=lambda it: (it[0], it[1], it[2]))
@@ -325,7 +326,7 @@ def read_image_folder(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         chosen = [it for it in items if it[0] == split]
         if not chosen:
             raise DataError(f"{path} has no {split}/<class>/<image> files")
-        names = [f"{path}:{s}/{c}/{f}" for s, c, f, _ in chosen]
+        names = [f"{path}{'/' if path.is_dir() else ':' + root}{s}/{c}/{f}" for s, c, f, _ in chosen]
         images = _decode([read() for _, _, _, read in chosen], names)
         first = first or (names[0], images[0].shape)
         for img, name in zip(images, names, strict=True):
