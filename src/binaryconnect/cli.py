@@ -192,14 +192,6 @@ def _key_value(text: str) -> tuple[str, object]:
 def _data_and_speed_options(args) -> dict:
     """Configuration overrides from --dataset, --preprocess, --augment, --dataset-option and the speed options."""
     dataset_kwargs = dict(args.dataset_option)
-    path = dataset_kwargs.get("path")
-    if isinstance(path, str) and not Path(path).expanduser().is_absolute():
-        # an ImageFolder tree the loader would find here, not under the data root: kept as an absolute path,
-        # so that `evaluate`, `export` and `--resume` from another folder find it too
-        from .data import resolve_data_root
-
-        if not (resolve_data_root(getattr(args, "data_dir", None)) / path).exists() and Path(path).exists():
-            dataset_kwargs["path"] = str(Path(path).resolve())
     for name in ("preprocess", "augment"):
         if getattr(args, name) is not None:
             dataset_kwargs[name] = getattr(args, name)
