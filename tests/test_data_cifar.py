@@ -752,9 +752,10 @@ def test_a_path_option_that_reads_as_json_is_refused_with_how_to_quote_it(tmp_pa
 def test_another_dataset_than_the_recipes_keeps_the_options_it_has_and_drops_the_others():
     """``svhn-deterministic --dataset imagefolder``: the recipe's preprocessing stays (the new dataset has that
     option), SVHN's ``extra`` goes (before: "dataset 'imagefolder' has no option 'extra'", an option the user
-    never gave); the run is no longer that recipe's, so it is named by its model."""
+    never gave). The run keeps the recipe's name, as before (runs started so resume with the same command)."""
     config = recipe_config("svhn-deterministic", dataset="imagefolder", dataset_kwargs={"path": "x"})
-    assert config.dataset_kwargs == {"preprocess": "gcn-lcn", "path": "x"} and config.recipe is None
+    assert config.dataset_kwargs == {"preprocess": "gcn-lcn", "path": "x"}
+    assert config.recipe == "svhn-deterministic"
     config = recipe_config("cifar10-augmented-stochastic", dataset="imagefolder", dataset_kwargs={"path": "x"})
     assert config.dataset_kwargs == {"preprocess": "gcn", "augment": "crop-flip", "path": "x"}
     same = recipe_config("cifar10-gcn-deterministic", dataset="cifar10")  # the recipe's own dataset: unchanged

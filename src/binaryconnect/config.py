@@ -175,8 +175,9 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
     and ``dataset_kwargs`` given are merged into the recipe's, except that another ``model`` than the recipe's
     starts from no model options (the recipe's are its own model's: the MLP's depth means nothing to another
     network) and leaves ``recipe`` unset (the run is then named by its model and binarization); another
-    ``dataset`` keeps those of the recipe's dataset options that it has (preprocessing, augmentation), drops
-    the others (SVHN's ``extra`` means nothing to an ImageFolder tree) and leaves ``recipe`` unset too."""
+    ``dataset`` keeps those of the recipe's dataset options that it has (preprocessing, augmentation) and
+    drops the others (SVHN's ``extra`` means nothing to an ImageFolder tree). (The run keeps the recipe's
+    name: runs started so are resumed and repeated by sweeps with the recipe they name.)"""
     base: dict = {}
     if name is not None:
         try:
@@ -191,7 +192,6 @@ def recipe_config(name: str | None, **overrides) -> TrainConfig:
 
         keep = dataset_options(overrides["dataset"])  # the recipe's preprocessing, augmentation... where they apply
         base["dataset_kwargs"] = {k: v for k, v in base.get("dataset_kwargs", {}).items() if k in keep}
-        base.pop("recipe", None)  # another dataset: not that recipe's run either
     merged = {key: {**base.pop(key, {}), **(overrides.pop(key, None) or {})}
               for key in ("model_kwargs", "dataset_kwargs")}
     base.update({k: v for k, v in overrides.items() if v is not None})
