@@ -221,7 +221,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path):
     assert not hit and len(built) == 2 and torch.equal(t["x"], torch.arange(6.0))
     assert cache_mod.cached_tensors("splits", {"a": 1}, build)[1]
     assert cache_mod.cache_key({"a": 1}) != cache_mod.cache_key({"a": 2})
-    assert not list((tmp_path / "cache").glob("*.tmp"))
+    assert not list((tmp_path / "cache").rglob("*.tmp")) and not list((tmp_path / "cache").rglob(".tmp*"))
 
 
 def test_imagefolder_archive_and_unsafe_members(tmp_path):
@@ -544,21 +544,30 @@ def test_a_linked_class_folder_changes_the_fingerprint_when_its_images_change(tm
 
 
 def test_a_cache_write_removes_what_killed_writers_left(tmp_path):
+    """Writes happen in the cache folder's own subfolder: what a killed writer left there (ours and safetensors'
+    temporary files) goes after an hour, as do earlier versions' temporary entries in the folder itself. Nothing
+    else: the cache folder may be shared (other programs' .tmp files, another tool's safetensors backups)."""
     import os
     import time
 
     folder = tmp_path / "cache"
-    folder.mkdir(exist_ok=True)
+    writing = folder / cache_mod.WRITING_FOLDER
+    writing.mkdir(parents=True)
     old = time.time() - cache_mod.STALE_TEMP_SECONDS - 60
-    left = [folder / "splits-abc.safetensors.x1y2.tmp", folder / ".tmpq7W8z0"]  # ours, and safetensors' own
-    recent = folder / "splits-def.safetensors.z3.tmp"  # perhaps a live writer's: kept
-    others = [folder / "report.tmp", folder / ".tmp_session", folder / ".tmpfolder1", folder / "notes.txt"]
-    for f in [*left, recent, *others]:  # others: not a cache writer's (the folder may be a shared one): kept
+    key = "0123456789abcdef" * 2
+    left = [writing / f"splits-{key}.safetensors.x1y2.tmp", writing / ".tmpq7W8z0",  # ours, safetensors'
+            folder / f"decoded-{key}.safetensors.abc.tmp"]  # an earlier version's, in the folder itself
+    recent = writing / f"splits-{key}.safetensors.z3.tmp"  # perhaps a live writer's: kept
+    others = [folder / "report.tmp", folder / ".tmp_session", folder / ".tmpAbC123", folder / "notes.txt",
+              folder / "my-model.safetensors.backup.tmp", folder / ".model.safetensors.k2j3h4.tmp"]
+    for f in [*left, recent, *others]:
         f.write_bytes(b"partial")
     for f in [*left, *others]:
         os.utime(f, (old, old))
     cache_mod.cached_tensors("splits", {"a": 3}, lambda: {"x": torch.zeros(2)})
     assert not any(f.exists() for f in left) and recent.exists() and all(f.exists() for f in others)
+    assert [p.name for p in writing.iterdir()] == [recent.name]  # the write itself left nothing behind
+    assert (folder / f"splits-{cache_mod.cache_key({'a': 3})}.safetensors").is_file()
 
 
 def test_a_cache_entry_damaged_after_it_was_written_is_rebuilt(tmp_path):
@@ -734,9 +743,10 @@ def test_a_path_option_that_reads_as_json_is_refused_with_how_to_quote_it(tmp_pa
     from binaryconnect.cli import main
     from binaryconnect.data import check_dataset_options
 
-    with pytest.raises(ConfigError, match=r"option path must be a string, got 2024 .*'path=\"2024\"' or path=./2024"):
+    how = r"as a JSON string, --dataset-option 'path=\"\.\.\.\"', or start it with \./\)"
+    with pytest.raises(ConfigError, match=r"option path must be a string, got 2024 .*" + how):
         check_dataset_options("imagefolder", {"path": 2024})
-    with pytest.raises(ConfigError, match=r"got True .*'path=\"true\"'"):
+    with pytest.raises(ConfigError, match=r"got True .*" + how):
         check_dataset_options("imagefolder", {"path": True})
     check_dataset_options("imagefolder", {"path": "2024"})
     make_image_tree(tmp_path / "2024")

@@ -107,19 +107,23 @@ def _read(path: Path, parts_json: str) -> dict[str, torch.Tensor] | None:
 STALE_TEMP_SECONDS = 3600
 
 
-#: The temporary files of a cache write: ours (``<entry>.safetensors.<random>.tmp``, ``_write``) and
-#: safetensors' own (``.tmp`` and 6 random letters or digits, beside the file it writes). Nothing else in
-#: the cache folder, which may be a shared one (``$BINARYCONNECT_CACHE=/tmp``), is ever deleted.
-_TEMP_NAMES = re.compile(r"[\w.-]+\.safetensors\.\w+\.tmp|\.tmp[A-Za-z0-9]{6}")
+#: Cache writes happen in this subfolder of the cache folder (then an atomic rename into it): the temporary
+#: files a killed writer leaves there (ours, ``<entry>.<random>.tmp``, and those safetensors makes beside the
+#: file it writes, ``.tmpXXXXXX``) are all a cache writer's. Nothing else is ever deleted: the cache folder may
+#: be a shared one (``$BINARYCONNECT_CACHE=/tmp``).
+WRITING_FOLDER = ".binaryconnect-writing"
+#: A temporary file that earlier versions wrote in the cache folder itself: ``<kind>-<32 hex>.safetensors.*.tmp``.
+_OLD_TEMP_NAME = re.compile(r"(?:decoded|splits)-[0-9a-f]{32}\.safetensors\.\w+\.tmp")
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
-    """Delete the temporary files (``_TEMP_NAMES``) that writers killed mid-write left in the cache folder
-    (up to an entry's size each); recent ones may be a live writer's."""
+    """Delete what writers killed mid-write left (up to an entry's size each): every file of ``folder``'s
+    ``WRITING_FOLDER``, and earlier versions' temporary files in ``folder``; recent ones may be a live writer's."""
     cutoff = time.time() - STALE_TEMP_SECONDS
-    for stale in folder.iterdir():
-        if not _TEMP_NAMES.fullmatch(stale.name):
-            continue
+    candidates = [f for f in folder.iterdir() if _OLD_TEMP_NAME.fullmatch(f.name)]
+    if (folder / WRITING_FOLDER).is_dir():
+        candidates += list((folder / WRITING_FOLDER).iterdir())
+    for stale in candidates:
         try:
             if stale.is_file() and stale.stat().st_mtime < cutoff:
                 stale.unlink()
@@ -131,9 +135,10 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], parts_json: str) -> Non
     from safetensors.torch import save_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        writing = path.parent / WRITING_FOLDER  # the same filesystem: the rename below is atomic
+        writing.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=writing)
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
