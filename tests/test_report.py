@@ -237,7 +237,7 @@ def test_plot_of_one_epoch_draws_a_point_on_a_whole_epoch(runs, tmp_path):
     fig = plot_curves([read_run(root / "det-e1")], tmp_path / "one.png")
     error_axis, loss_axis = fig.axes
     assert [line.get_marker() for line in (*error_axis.lines, *loss_axis.lines)] == ["o", "o"]
-    assert error_axis.get_xlim() == (0.5, 1.5)
+    assert error_axis.get_xlim() == (0.5, 1.5) and list(error_axis.get_xticks()) == [1]
     fig = plot_curves([read_run(root / "det-s0")], tmp_path / "two.png")
     assert fig.axes[0].lines[0].get_marker() in (None, "None", "")
 
@@ -296,6 +296,8 @@ def test_a_seed_that_appears_twice_in_a_row_is_pointed_out(tmp_path):
     text = format_report(runs)
     assert "note: mnist-deterministic: seed 0 appears in 2 runs" in text
     assert "note:" not in format_report(runs[1:])
+    assert [g["repeated_seeds"] for g in report_dict(runs)["groups"]] == [[0]]
+    assert [g["repeated_seeds"] for g in report_dict(runs[1:])["groups"]] == [[]]
 
 
 @pytest.mark.parametrize("recipe, option", [

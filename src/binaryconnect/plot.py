@@ -32,7 +32,9 @@ def plot_curves(runs: list[Run], path: str | Path):
         raise ConfigError('--plot needs matplotlib: python -m pip install -e ".[plot]" (or pip install '
                           "matplotlib)") from None
     path = Path(path)
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    groups = group_runs(runs, include_unfinished=True)
+    # the legend goes below the axes: the figure grows with it, the axes keep their size
+    fig = Figure(figsize=(8, 4.3 + 0.2 * len(groups)), layout="constrained")
     formats = fig.canvas.get_supported_filetypes()
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
@@ -42,7 +44,7 @@ def plot_curves(runs: list[Run], path: str | Path):
     error_axis = fig.add_subplot()
     loss_axis = error_axis.twinx()
     drawn = 0
-    for i, group in enumerate(group_runs(runs, include_unfinished=True)):
+    for i, group in enumerate(groups):
         color = f"C{i % 10}"
         label = textwrap.fill(f"{group.label} ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''})", 100)
         for run in group.runs:
@@ -69,8 +71,9 @@ def plot_curves(runs: list[Run], path: str | Path):
         axis.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 20, 0.5: plain numbers
         axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     error_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if max(max(line.get_xdata()) for line in error_axis.lines) == 1:  # one epoch: keep its tick a whole number
+    if max(max(line.get_xdata()) for line in error_axis.lines) == 1:  # one epoch: one tick, at epoch 1
         error_axis.set_xlim(0.5, 1.5)
+        error_axis.set_xticks([1])
     error_axis.grid(True, which="both", alpha=0.3)
     # below the axes, as wide as the figure: long labels (experiments that differ in many options) take
     # height, not the curves' width

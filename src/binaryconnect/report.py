@@ -68,9 +68,15 @@ class Group:
         """Sample standard deviation (n - 1); None for a single run."""
         return statistics.stdev(self.errors) if len(self.errors) > 1 else None
 
+    @property
+    def repeated_seeds(self) -> list[int]:
+        """Seeds that more than one run of the group has (say one on the CPU, one on a GPU)."""
+        seeds = [r.config["seed"] for r in self.runs]
+        return sorted({s for s in seeds if seeds.count(s) > 1})
+
     def to_dict(self) -> dict:
         return {"label": self.label, "config": self.config, "n": len(self.runs), "mean_test_error": self.mean,
-                "sd_test_error": self.sd,
+                "sd_test_error": self.sd, "repeated_seeds": self.repeated_seeds,
                 "runs": [{"run": str(r.path), "seed": r.config["seed"], "test_error": 100 * r.summary["test_error"],
                           "best_epoch": r.summary["best_epoch"], "best_val_error": 100 * r.summary["best_val_error"],
                           "wall_seconds": r.summary.get("wall_seconds"), "device": r.environment.get("device"),
@@ -240,8 +246,7 @@ def format_report(runs: list[Run], markdown: bool = False) -> str:
         widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
         for r in [header, *rows]:
             lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
-    repeated = [(g, seed) for g in groups for seed in sorted({r.config["seed"] for r in g.runs})
-                if sum(r.config["seed"] == seed for r in g.runs) > 1]
+    repeated = [(g, seed) for g in groups for seed in g.repeated_seeds]
     if repeated:  # e.g. one seed run on the CPU and on a GPU: two runs of one experiment, not two seeds
         lines.append("")
         for g, seed in repeated:

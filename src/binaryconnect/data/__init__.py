@@ -172,9 +172,8 @@ def _check_option_type(dataset: str, key: str, value, default, annotation="") ->
         if value is None or isinstance(value, str):
             return
         raise ConfigError(f"dataset {dataset!r} option {key} must be a string, got {value!r} (on the command "
-                          f"line a value that reads as JSON is taken as JSON: write --dataset-option "
-                          f"'{key}=\"{value if not isinstance(value, bool) else json.dumps(value)}\"' or "
-                          f"{key}=./{value})")
+                          f"line a value that reads as JSON is taken as JSON: write the path as a JSON string, "
+                          f"--dataset-option '{key}=\"...\"', or start it with ./)")
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
