@@ -288,7 +288,8 @@ def _cmd_export(args) -> int:
     from .data import load_dataset
     from .export import PackedModel, summarize
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
-    from .export.tools import dataset_of, evaluate_packed, model_predictions
+    from .export.tools import evaluate_packed, model_predictions
+    from .layers import binary_layers
     from .train import load_run_with_metadata
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
@@ -297,17 +298,17 @@ def _cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
+    data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
+    if args.recalibrate or args.evaluate:  # the data root: --data-dir, else $BINARYCONNECT_DATA (not the run's)
+        data = load_dataset(config.dataset, args.data_dir, val_size=config.val_size, download=False,
+                            **config.dataset_kwargs)
     packed_model, recalibrated = model, None
     if args.recalibrate:
-        data = load_dataset(config.dataset, args.data_dir, val_size=config.val_size, download=False,
-                            **config.dataset_kwargs)  # the data root as for --evaluate: not the run's data_dir
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
-        binary = any(getattr(m, "is_binary", False) for m in model.modules())
+        binary = any(m.is_binary for m in binary_layers(model))
         recalibrated = {"examples": used, "batch_size": config.batch_size, "split": "train", "seed": 0,
                         "weights": "H * sign(W) in binary layers" if binary else "W (no binary layer)"}
     net = export_loaded_run(args.run, packed_model, config, meta, recalibrated)
-    if args.evaluate and not args.recalibrate:
-        data = dataset_of(net, args.data_dir)  # before writing: a bad --data-dir
     size = net.save(out)  # leaves no file behind that a repeat would need --force for
     total = summarize(net)["total"]
     result = {"out": str(out), "bytes": size, "float32_bytes": total.float32_bytes,

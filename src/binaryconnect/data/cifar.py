@@ -246,7 +246,8 @@ def _collect_archive(path: Path) -> tuple[list[tuple[str, str, str, Callable[[],
     if len(roots) > 1:
         raise DataError(f"{path} holds several ImageFolder trees (train/ and test/ under "
                         f"{', '.join(repr(r) for r in sorted(roots))}); an archive must hold one")
-    return items, skipped, (f"{next(iter(roots))}/" if roots and next(iter(roots)) != "." else "")
+    root = next(iter(roots), ".")  # "." : the tree at the archive's top
+    return items, skipped, "" if root == "." else root + "/"
 
 
 def _decode_pil(blob: bytes, name: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import BinaryConnectError
-from ..layers import BinaryConv2d, BinaryLinear
+from ..layers import BinaryConv2d, BinaryLinear, binary_layers
 from .format import PackedNetwork
 from .pack import pack_signs
 
@@ -164,8 +164,8 @@ def _deterministic_twin(model: nn.Module) -> nn.Module:
     import copy
 
     twin = copy.deepcopy(model).eval()
-    for m in twin.modules():
-        if isinstance(m, (BinaryLinear, BinaryConv2d)) and m.binarization == "stochastic":
+    for m in binary_layers(twin):
+        if m.binarization == "stochastic":
             m.binarization = "deterministic"
     return twin
 
@@ -193,8 +193,7 @@ def recalibrate_batch_norm(model: nn.Module, x: torch.Tensor, batches: int, batc
         raise ExportError("the model has no batch norm whose statistics could be recomputed")
     if not all(m.track_running_stats for m in norms):
         raise ExportError("a batch norm of the model keeps no running statistics (track_running_stats=False)")
-    stochastic = [m for m in result.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))
-                  and m.binarization == "stochastic"]
+    stochastic = [m for m in binary_layers(result) if m.binarization == "stochastic"]
     for m in stochastic:
         m.binarization = "deterministic"  # as exported (in eval mode a stochastic layer would use the real W)
     momenta = [m.momentum for m in norms]
