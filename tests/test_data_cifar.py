@@ -9,6 +9,7 @@ import io
 import json
 import math
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -497,6 +498,45 @@ def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "cifar10-float", "--dataset-option", "oops", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "expected KEY=VALUE, got 'oops'" in capsys.readouterr().err
+
+
+def test_a_run_on_a_relative_imagefolder_path_is_evaluated_exported_and_resumed_from_another_folder(
+        tmp_path, monkeypatch, capsys):
+    """The tree's path, relative to the folder the run was started from, is kept as given (resumes and sweeps
+    compare it); `evaluate`, `export --evaluate`, `predict` and `train --resume` run from elsewhere find the
+    tree through the working folder the run recorded. A path found nowhere names the places looked in."""
+    from binaryconnect.cli import main
+
+    project, elsewhere, empty_root = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "no-data"
+    for folder in (project, elsewhere, empty_root):
+        folder.mkdir()
+    make_image_tree(project / "tree", n_train=8, n_test=4)
+    monkeypatch.setenv("BINARYCONNECT_DATA", str(empty_root))
+    monkeypatch.chdir(project)
+    run = tmp_path / "run"
+    assert main(["train", "cifar10-deterministic", "--dataset", "imagefolder", "--dataset-option", "path=tree",
+                 "--dataset-option", "cache=false", "--preprocess", "gcn", "--val-size", "6", "--hidden", "32",
+                 "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--no-progress", "-q", "-o", str(run)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    info = json.loads((run / "config.json").read_text())
+    assert info["config"]["dataset_kwargs"]["path"] == "tree"
+    assert info["environment"]["working_dir"] == str(project)
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(run), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_error"] == summary["test_error"]
+    assert main(["export", str(run), "--evaluate", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["model_test_error"] == summary["test_error"] and exported["agreement"] == 1.0
+    assert main(["predict", str(run / "model.bcnn"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_error"] == exported["packed_test_error"]
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+
+    (project / "tree").rename(project / "moved")  # found nowhere now: the message says where it looked
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 2
+    assert re.search(rf"ImageFolder source tree not found \(looked for under the data root "
+                     rf"{re.escape(str(empty_root))} and in {re.escape(str(elsewhere))}\)", capsys.readouterr().err)
 
 
 def test_imagefolder_skips_hidden_files_and_reads_links_as_a_folder_does(tmp_path):

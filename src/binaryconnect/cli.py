@@ -222,15 +222,15 @@ def _cmd_evaluate(args) -> int:
 
     from .data import load_dataset
     from .layers import set_generator, set_stochastic_eval
-    from .train import evaluate, load_run, resolve_device
+    from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir
 
     device = resolve_device(args.device)
-    model, config = load_run(args.run, device=str(device))
+    model, config, meta = load_run_with_metadata(args.run, device=str(device))
     if args.stochastic_eval:
         set_stochastic_eval(model, args.stochastic_eval)
     set_generator(model, torch.Generator(device=device).manual_seed(args.seed))
-    data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size,
-                        download=False, **config.dataset_kwargs).to(device)  # the run's preprocessing
+    data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size, download=False,
+                        working_dir=run_working_dir(meta), **config.dataset_kwargs).to(device)  # its preprocessing
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = args.stochastic_eval or config.stochastic_eval
@@ -290,7 +290,7 @@ def _cmd_export(args) -> int:
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import evaluate_packed, model_predictions
     from .layers import binary_layers
-    from .train import load_run_with_metadata
+    from .train import load_run_with_metadata, run_working_dir
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
     if out.suffix != ".bcnn":  # also keeps it off the run's own files (.json, .jsonl, .safetensors)
@@ -301,7 +301,7 @@ def _cmd_export(args) -> int:
     data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
     if args.recalibrate or args.evaluate:  # the data root: --data-dir, else $BINARYCONNECT_DATA (not the run's)
         data = load_dataset(config.dataset, args.data_dir, val_size=config.val_size, download=False,
-                            **config.dataset_kwargs)
+                            working_dir=run_working_dir(meta), **config.dataset_kwargs)
     packed_model, recalibrated = model, None
     if args.recalibrate:
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)

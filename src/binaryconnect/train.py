@@ -132,10 +132,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def _environment(device: torch.device) -> dict:
     env = {"binaryconnect": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads()}
+           "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
+           "working_dir": os.getcwd()}  # relative dataset paths are found from it (data.load_dataset)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def run_working_dir(info: dict) -> str | None:
+    """The folder a run was started from, as its config.json, checkpoint or model file's metadata (``info``)
+    records it; None when it does not (a run from before it was recorded, a damaged record)."""
+    found = info.get("working_dir")
+    if found is None and isinstance(info.get("environment"), dict):
+        found = info["environment"].get("working_dir")
+    return found if isinstance(found, str) and found else None
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -496,9 +506,10 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         progress = sys.stderr.isatty()
 
     # --- data, on the training device once ---
+    started_in = None if checkpoint is None else run_working_dir(checkpoint[1])  # a resume finds its data from it
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, download=config.download,
-                            **config.dataset_kwargs)
+                            working_dir=started_in, **config.dataset_kwargs)
     if config.train_subset is not None:
         data = data.subset_train(config.train_subset)
     fingerprint = _data_fingerprint(data)
@@ -689,7 +700,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 p.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 p.best_metadata = model_metadata(config.to_dict(), epoch=str(epoch + 1),
                                                  input_shape=json.dumps(list(data.input_shape)),
-                                                 num_classes=str(data.num_classes))
+                                                 num_classes=str(data.num_classes),
+                                                 working_dir=run_working_dir(info) or "")
             record["best_epoch"] = p.best["epoch"]
             p.history.append(record)
             with open(metrics_path, "a") as f:

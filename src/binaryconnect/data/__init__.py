@@ -124,11 +124,38 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> Splits:
-    """Load dataset ``name`` from ``root`` (see ``resolve_data_root``) as preprocessed CPU tensors."""
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, working_dir: str | None = None,
+                 **kwargs) -> Splits:
+    """Load dataset ``name`` from ``root`` (see ``resolve_data_root``) as preprocessed CPU tensors.
+
+    A relative path option (an ImageFolder tree's ``path``) is looked up under ``root``, then in the working
+    folder; ``working_dir``, the folder a run was started from (its config.json records it), is a third place,
+    so that a run is evaluated, exported and resumed from any folder."""
     check_dataset_options(name, kwargs)
-    loader = _LOADERS[name]
-    return loader(resolve_data_root(root), **kwargs)
+    root = resolve_data_root(root)
+    if working_dir is not None:
+        kwargs = _located(name, kwargs, root, Path(working_dir))
+    return _LOADERS[name](root, **kwargs)
+
+
+def _located(name: str, kwargs: dict, root: Path, working_dir: Path) -> dict:
+    """``kwargs`` with each relative path found neither under ``root`` nor in the working folder, but in
+    ``working_dir``, made absolute there."""
+    parameters = inspect.signature(_LOADERS[name]).parameters
+    located = dict(kwargs)
+    for key, value in kwargs.items():
+        if not (_is_path_option(parameters[key]) and isinstance(value, str)):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute() and not (root / path).exists() and not path.exists() \
+                and (working_dir / path).exists():
+            located[key] = str(working_dir / path)
+    return located
+
+
+def _is_path_option(parameter: inspect.Parameter) -> bool:
+    """A loader parameter that names a file or folder: ``str | None``, None by default (ImageFolder's path)."""
+    return parameter.default is None and "str" in str(parameter.annotation)
 
 
 def caches(name: str, kwargs: dict) -> bool:
@@ -163,12 +190,13 @@ def check_dataset_options(name: str, kwargs: dict) -> None:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(options)}")
     for key, value in kwargs.items():  # each option of the type of its default: "False" is not false
-        _check_option_type(name, key, value, parameters[key].default, parameters[key].annotation)
+        _check_option_type(name, key, value, parameters[key])
 
 
-def _check_option_type(dataset: str, key: str, value, default, annotation="") -> None:
+def _check_option_type(dataset: str, key: str, value, parameter: inspect.Parameter) -> None:
+    default = parameter.default
     kind = type(default)
-    if default is None and "str" in str(annotation):  # a path: 2024 or true on the command line is JSON
+    if _is_path_option(parameter):  # a path: 2024 or true on the command line is JSON
         if value is None or isinstance(value, str):
             return
         raise ConfigError(f"dataset {dataset!r} option {key} must be a string, got {value!r} (on the command "

@@ -480,7 +480,8 @@ def load_imagefolder(
     if not p.is_absolute() and (Path(root) / p).exists():
         p = Path(root) / p
     if not p.exists():
-        raise DataError(f"ImageFolder source {p} not found: give a folder holding train/ and test/, or a tar "
+        where = "" if p.is_absolute() else f" (looked for under the data root {root} and in {Path.cwd()})"
+        raise DataError(f"ImageFolder source {p} not found{where}: give a folder holding train/ and test/, or a tar "
                         "archive of one")
 
     def decode() -> dict[str, torch.Tensor]:

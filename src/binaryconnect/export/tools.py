@@ -64,7 +64,9 @@ def dataset_of(net: PackedNetwork, data_dir: str | None):
     kwargs = dict(kwargs)
     if source.get("val_size") is not None:
         kwargs["val_size"] = source["val_size"]
-    return load_dataset(name, data_dir, download=False, **kwargs)
+    working_dir = source.get("working_dir")  # where the run was trained: its relative dataset paths start there
+    return load_dataset(name, data_dir, download=False,
+                        working_dir=working_dir if isinstance(working_dir, str) else None, **kwargs)
 
 
 def evaluate_packed(model: PackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
