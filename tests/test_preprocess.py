@@ -169,8 +169,9 @@ def test_none_scales_to_unit_range(images):
     assert out2.shape == (2, 3, 8, 8)
 
 
-def np_lcn(x, kernel=7, sigma=2.0, threshold=1e-4):
-    """Direct (loop) LCN: zero-padded Gaussian window sums, per image and channel."""
+def np_lcn(x, kernel=7, sigma=2.0, threshold=1e-4, pylearn2=False):
+    """Direct (loop) LCN: zero-padded Gaussian window sums, per image and channel; ``pylearn2``: the local
+    norm of the divisive step from the input, as pylearn2's ``lecun_lcn`` (``sum_sqr_XX = ... lmul(X ** 2)``)."""
     r = np.arange(kernel) - kernel // 2
     g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
     g /= g.sum()
@@ -185,7 +186,7 @@ def np_lcn(x, kernel=7, sigma=2.0, threshold=1e-4):
     for a in range(n):
         for b in range(c):
             v = x[a, b] - blur(x[a, b])
-            s = np.sqrt(blur(v**2))
+            s = np.sqrt(blur((x[a, b] if pylearn2 else v) ** 2))
             out[a, b] = v / np.maximum(np.maximum(s, s.mean()), threshold)
     return out
 
@@ -232,6 +233,24 @@ def test_gcn_lcn_pipeline(images):
     ref = np_lcn(np_gcn(images, scale=1.0).reshape(images.shape))
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out2.numpy(), ref[:5], rtol=1e-4, atol=1e-4)
+
+
+def test_gcn_lcn_pylearn2_takes_the_local_norm_from_the_uncentred_image(images):
+    """``gcn-lcn-pylearn2`` against the reference with pylearn2's divisive term, and not equal to ``gcn-lcn``
+    (the two differ wherever the local mean is not zero); its cache key differs from ``gcn-lcn``'s."""
+    out, [out2] = preprocess_splits(torch.from_numpy(images), [torch.from_numpy(images[:5])], "gcn-lcn-pylearn2",
+                                    gcn_scale=1.0)
+    gcn = np_gcn(images, scale=1.0).reshape(images.shape)
+    ref = np_lcn(gcn, pylearn2=True)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out2.numpy(), ref[:5], rtol=1e-4, atol=1e-4)
+    assert np.abs(out.numpy() - np_lcn(gcn)).max() > 0.1
+    x = torch.from_numpy(gcn)
+    np.testing.assert_allclose(local_contrast_normalize(x, norm_of="input").numpy(), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="norm_of must be 'centered' or 'input'"):
+        local_contrast_normalize(x, norm_of="raw")
+    assert preprocessing_params("gcn-lcn-pylearn2", 1, 0.1)["name"] == "gcn-lcn-pylearn2"
+    assert preprocessing_params("gcn-lcn-pylearn2", 1, 0.1).keys() == preprocessing_params("gcn-lcn", 1, 0.1).keys()
 
 
 def test_unknown_preprocessing_and_params():

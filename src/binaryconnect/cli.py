@@ -95,8 +95,9 @@ def _add_train(sub) -> None:
     p.add_argument("--val-size", type=_positive_int, help="training examples held out for validation")
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N training examples only")
     p.add_argument("--dataset", help="dataset instead of the recipe's (mnist, cifar10, svhn, imagefolder)")
-    p.add_argument("--preprocess", help="image preprocessing: none, gcn, gcn-zca (CIFAR-10), gcn-lcn (SVHN); MNIST: "
-                                        "symmetric ([-1, 1], default), center ([0, 1] minus the pixel means)")
+    p.add_argument("--preprocess", help="image preprocessing: none, gcn, gcn-zca (CIFAR-10), gcn-lcn (SVHN), "
+                                        "gcn-lcn-pylearn2 (LCN's norm from the uncentred image, as pylearn2); "
+                                        "MNIST: symmetric ([-1, 1], default), center ([0, 1] minus the pixel means)")
     p.add_argument("--augment", help="training-batch augmentation: none (paper), crop, crop-flip")
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="any option of the dataset loader, e.g. source=jpeg, extra=false, path=DIR (repeatable)")

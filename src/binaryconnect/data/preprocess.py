@@ -8,7 +8,14 @@ Goodfellow et al.'s maxout networks did; its original code reads the datasets py
   subtract the mean over its 3,072 values, scale to L2 norm 55), then ``preprocessing.ZCA()`` (filter bias
   0.1) fitted on the training images.
 - SVHN: ``pylearn2/scripts/papers/maxout/svhn_preprocessing.py``: ``GlobalContrastNormalization()``
-  (L2 norm 1) then ``LeCunLCN((32, 32))`` (7 x 7 Gaussian window, sigma 2, threshold 1e-4, per channel).
+  (L2 norm 1) then ``LeCunLCN((32, 32))`` (7 x 7 Gaussian window, sigma 2, threshold 1e-4).
+
+  ``gcn-lcn`` is Jarrett et al.'s LCN, per channel. ``gcn-lcn-pylearn2`` is what pylearn2's ``lecun_lcn``
+  computes: the divisive step's local norm taken from the input ``x`` instead of the centred ``v``. pylearn2's
+  versions also differ among themselves in which channels they normalise: an older ``LeCunLCN`` loops over
+  the three channels; a later one returns from inside its channel loop, so only channel 0 (red) is
+  normalised. Which version made the paper's SVHN data is not known; ``gcn-lcn-pylearn2`` normalises every
+  channel.
 
 A preprocessing is named by a string (``PREPROCESSINGS``) and its numeric options, and
 ``preprocess_splits`` applies it to train / validation / test with every statistic fitted on the
@@ -25,7 +32,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 #: Names accepted by ``preprocess_splits``.
-PREPROCESSINGS = ("none", "gcn", "gcn-zca", "gcn-lcn")
+PREPROCESSINGS = ("none", "gcn", "gcn-zca", "gcn-lcn", "gcn-lcn-pylearn2")
+_LCN = {"gcn-lcn": "centered", "gcn-lcn-pylearn2": "input"}  # LCN preprocessings: where the local norm comes from
 
 _CHUNK = 4096  # images per chunk: bounds the float64 temporaries to ~100 MB for 32x32x3 images
 
@@ -156,7 +164,7 @@ def gaussian_window(kernel_size: int = 7, sigma: float = 2.0) -> torch.Tensor:
 
 def local_contrast_normalize(
     x: torch.Tensor, kernel_size: int = 7, sigma: float = 2.0, threshold: float = 1e-4,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, norm_of: str = "centered",
 ) -> torch.Tensor:
     """Local contrast normalisation (Jarrett, Kavukcuoglu, Ranzato & LeCun, ICCV 2009), per channel.
 
@@ -166,10 +174,12 @@ def local_contrast_normalize(
         ``v = x - G * x``   (subtractive),   ``s = sqrt(G * v ** 2)``,
         ``y = v / max(mean(s), s, threshold)``   (divisive; ``mean`` over the image's pixels).
 
-    Jarrett et al.'s definition, which pylearn2's ``LeCunLCN`` (the paper's SVHN data) follows except
-    that pylearn2 computes ``s`` from ``x ** 2`` instead of ``v ** 2``. Input ``(N, C, H, W)``; float32
-    result, written into ``out`` when given (``out=x`` works in place: each chunk is read before written).
+    Jarrett et al.'s definition. ``norm_of="input"`` computes ``s = sqrt(G * x ** 2)`` instead, as
+    pylearn2's ``lecun_lcn`` (the paper's SVHN data) does. Input ``(N, C, H, W)``; float32 result, written
+    into ``out`` when given (``out=x`` works in place: each chunk is read before written).
     """
+    if norm_of not in ("centered", "input"):
+        raise ConfigError(f"LCN norm_of must be 'centered' or 'input', got {norm_of!r}")
     if x.dim() != 4:
         raise ConfigError(f"LCN expects images (N, C, H, W), got shape {tuple(x.shape)}")
     window = gaussian_window(kernel_size, sigma).to(torch.float64)[None, None]
@@ -180,7 +190,7 @@ def local_contrast_normalize(
     for i in range(0, n, _CHUNK):
         xb = x[i : i + _CHUNK].double().reshape(-1, 1, h, w)
         v = xb - F.conv2d(xb, window, padding=pad)
-        s = F.conv2d(v.square(), window, padding=pad).sqrt()
+        s = F.conv2d((v if norm_of == "centered" else xb).square(), window, padding=pad).sqrt()
         divisor = torch.maximum(s, s.mean(dim=(2, 3), keepdim=True)).clamp_min(threshold)
         out[i : i + _CHUNK] = (v / divisor).reshape(-1, c, h, w)
     return out
@@ -213,7 +223,8 @@ def preprocess_splits(
     - ``none``: pixels scaled to [-1, 1];
     - ``gcn``: ``global_contrast_normalize(scale=gcn_scale)`` on 0..255 pixels;
     - ``gcn-zca``: GCN, then ``ZCA(zca_bias)`` fitted on ``train`` only and applied to all;
-    - ``gcn-lcn``: GCN, then ``local_contrast_normalize``.
+    - ``gcn-lcn``: GCN, then ``local_contrast_normalize``; ``gcn-lcn-pylearn2``: the same with
+      ``norm_of="input"``.
 
     GCN and LCN are per-example maps; only ZCA has statistics, and they come from ``train`` only.
     """
@@ -223,8 +234,9 @@ def preprocess_splits(
     gcn = [global_contrast_normalize(t, scale=gcn_scale) for t in [train, *others]]
     if name == "gcn":
         return gcn[0], gcn[1:]
-    if name == "gcn-lcn":  # in place: SVHN train + extra is 7.4 GB per float32 copy
-        lcn = [local_contrast_normalize(t, lcn_kernel, lcn_sigma, lcn_threshold, out=t) for t in gcn]
+    if name in _LCN:  # in place: SVHN train + extra is 7.4 GB per float32 copy
+        lcn = [local_contrast_normalize(t, lcn_kernel, lcn_sigma, lcn_threshold, out=t, norm_of=_LCN[name])
+               for t in gcn]
         return lcn[0], lcn[1:]
     zca = ZCA(zca_bias).fit(gcn[0])
     return zca.apply(gcn[0]), [zca.apply(t) for t in gcn[1:]]
@@ -238,7 +250,7 @@ def preprocessing_params(name: str, gcn_scale: float, zca_bias: float, lcn_kerne
         params["gcn_scale"] = float(gcn_scale)
     if name == "gcn-zca":
         params["zca_bias"] = float(zca_bias)
-    if name == "gcn-lcn":
+    if name in _LCN:
         params.update(lcn_kernel=int(lcn_kernel), lcn_sigma=float(lcn_sigma), lcn_threshold=float(lcn_threshold))
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):

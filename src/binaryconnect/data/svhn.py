@@ -13,8 +13,9 @@ with ``extra=True`` (training on train + extra, as the paper did) two thirds of 
 from train and one third from extra (400 + 200 per digit for the paper's 6,000), else all from train.
 The examples are drawn with a fixed seed; the rest of train (and extra) is the training set, in a fixed
 pseudo-random order. Preprocessing: the paper's GCN (L2 norm ``gcn_scale``, 1 as in pylearn2) then LCN
-(``gcn-lcn``), or any of ``preprocess.PREPROCESSINGS``. No augmentation in the paper (``augment="crop"``
-is offered; horizontal flips change digits, so ``crop-flip`` is a poor choice here).
+(``gcn-lcn``; ``gcn-lcn-pylearn2`` is pylearn2's variant of LCN), or any of ``preprocess.PREPROCESSINGS``.
+No augmentation in the paper (``augment="crop"`` is offered; horizontal flips change digits, so
+``crop-flip`` is a poor choice here).
 """
 
 from __future__ import annotations
