@@ -453,6 +453,40 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _add_export_c(sub) -> None:
+    p = sub.add_parser("export-c", help="write a packed model (.bcnn) as portable C99 source (.h and .c)",
+                       description="Write NAME.h and NAME.c: the network's packed tensors as constant arrays (1 "
+                                   "bit per binary weight) and its layers in C99, with no allocation and no "
+                                   "library call, for targets without Python: NAME_logits(input, logits), "
+                                   "NAME_predict(input). See the README, \"C source\".")
+    p.add_argument("model", type=Path, help="packed model file (.bcnn; `binaryconnect export RUN` makes one)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="folder to write NAME.h and NAME.c in (created)")
+    p.add_argument("--name", default="bcnn_model", help="prefix of the files and the C functions (a C identifier; "
+                                                        "default bcnn_model)")
+    p.add_argument("--force", action="store_true", help="overwrite NAME.h / NAME.c if they exist")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_export_c)
+
+
+def _cmd_export_c(args) -> int:
+    from .export import read_packed
+    from .export.csource import check_name, write_c_source
+
+    check_name(args.name)  # before reading anything: a typo costs nothing
+    if args.model.is_dir():
+        raise ConfigError(f"{args.model} is a directory: export-c takes a packed .bcnn file; make one from a run "
+                          f"directory with `binaryconnect export {args.model}`")
+    written = write_c_source(read_packed(args.model), args.out, args.name, force=args.force)
+    result = {"header": str(written.header), "source": str(written.source), "const_bytes": written.const_bytes,
+              "scratch_bytes": 4 * written.scratch_floats, "layers": written.layers}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {written.header} and {written.source}: {written.layers} layers, {written.const_bytes:,} bytes "
+              f"of constants (1 bit per binary weight), {4 * written.scratch_floats:,} bytes of working memory")
+    return 0
+
+
 def _add_summary(sub) -> None:
     p = sub.add_parser("summary", help="per-layer parameters, bytes and additions of a packed model or run",
                        description="Per layer and in total: parameters, binary parameters, bytes as float32 and "
@@ -583,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"binaryconnect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_train, _add_sweep, _add_evaluate, _add_recipes, _add_report, _add_export, _add_predict,
-                _add_summary):
+    for add in (_add_train, _add_sweep, _add_evaluate, _add_recipes, _add_report, _add_export, _add_export_c,
+                _add_predict, _add_summary):
         add(sub)
     return parser
 

@@ -1,0 +1,243 @@
+"""A packed network as portable C99 source, for targets without Python or PyTorch (microcontrollers,
+embedded Linux, other languages through a C interface).
+
+``write_c_source(net, folder, name)`` writes ``<name>.h`` and ``<name>.c``. The source holds the
+network's tensors as constant arrays, byte for byte those of the ``.bcnn`` file: 1 bit per binary weight,
+float32 ``scale`` / ``offset`` (the folded batch norm) and the weights of float layers. It also holds the
+layers (``kernels/c_runtime.inc``): a binary layer adds or subtracts its inputs and multiplies once per
+output. It needs only a C99 compiler: no allocation, no library call, no header beyond its own. The
+header declares::
+
+    #define <NAME>_INPUT_SIZE      floats of one example, [C][H][W] (or [F]) as PyTorch lays it out
+    #define <NAME>_NUM_CLASSES     logits
+    #define <NAME>_SCRATCH_FLOATS  working memory of <name>_logits_scratch
+    #define <NAME>_CONST_BYTES     bytes of the constant arrays (weights, scales, offsets)
+    void <name>_logits(const float *input, float *logits);     /* a static scratch buffer: not reentrant */
+    void <name>_logits_scratch(const float *input, float *logits, float *scratch);
+    int <name>_predict(const float *input);                     /* argmax, the first on ties */
+
+The input is preprocessed as the training data were. Float constants are written as C99 hexadecimal
+literals, so they are exactly the file's float32 values; the sums run in another order than PyTorch's,
+so logits agree with the packed model to float32 rounding (tests/test_export_csource.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import atomic_write_bytes
+from ..errors import ConfigError
+from .format import PackedNetwork, layer_shapes
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if inline int long "
+    "register restrict return short signed sizeof static struct switch typedef union unsigned void volatile "
+    "while".split())
+
+
+@dataclass
+class CSource:
+    """What ``write_c_source`` wrote."""
+
+    header: Path
+    source: Path
+    const_bytes: int  # the constant arrays: equal to the .bcnn file's tensor bytes
+    scratch_floats: int
+    layers: int
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can prefix C identifiers and name files, else a ConfigError saying what would."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _C_KEYWORDS:
+        raise ConfigError(f"--name {name!r} must be a C identifier (letters, digits and _, not starting with a "
+                          "digit, at most 63 characters, not a C keyword), e.g. mnist_bc")
+    return name
+
+
+def _floats(t: torch.Tensor) -> list[str]:
+    return [float(v).hex() + "f" for v in t.detach().to(torch.float32).flatten().tolist()]
+
+
+def _bytes(t: torch.Tensor) -> list[str]:
+    return [f"0x{v:02x}" for v in t.detach().to(torch.uint8).flatten().tolist()]
+
+
+def _array(ctype: str, name: str, values: list[str], per_line: int) -> str:
+    lines = [", ".join(values[i:i + per_line]) for i in range(0, len(values), per_line)]
+    return f"static const {ctype} {name}[{len(values)}] = {{\n    " + ",\n    ".join(lines) + "\n};\n"
+
+
+def _runtime(functions: set[str]) -> str:
+    """``kernels/c_runtime.inc``: its opening comment and the sections of ``functions`` (unused static
+    functions would make compilers warn)."""
+    text = resources.files(__package__).joinpath("kernels/c_runtime.inc").read_text()
+    head, *sections = re.split(r"^/\* == bcnn_(\w+) == \*/\n", text, flags=re.M)
+    chosen = [body for fn, body in zip(sections[::2], sections[1::2], strict=True) if fn in functions]
+    return head + "".join(chosen)
+
+
+def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, int, int]:
+    """``(header, source, const_bytes, scratch_floats)`` of ``net`` as C99 (module docstring)."""
+    check_name(name)
+    macro = name.upper()
+    shapes = layer_shapes(net.layers, tuple(net.input_shape))
+    arrays, calls, const_bytes, buffer_floats, work_floats = [], [], 0, 1, 0
+    current, spare = "input", ("a", "b")
+    fused_relu: set[int] = set()
+    for i, layer in enumerate(net.layers):
+        kind = layer["type"]
+        if kind == "relu" and i - 1 in fused_relu:
+            continue
+        if (kind in ("linear", "conv2d", "affine") and i + 1 < len(net.layers)
+                and net.layers[i + 1]["type"] == "relu"):
+            fused_relu.add(i)
+        shape_in, shape_out = shapes[i]
+        if kind == "flatten":
+            calls.append(f"    /* layer {i}: flatten (a no-op in [C][H][W] order) */")
+            continue
+        out = spare[0] if current != spare[0] else spare[1]
+        relu = int(i in fused_relu)
+        prefix = f"{name}_l{i}"
+        for tensor_name, tensor in sorted((k.split(".", 2)[2], v) for k, v in net.tensors.items()
+                                          if k.startswith(f"layers.{i}.")):
+            values = _bytes(tensor) if tensor.dtype == torch.uint8 else _floats(tensor)
+            ctype = "unsigned char" if tensor.dtype == torch.uint8 else "float"
+            arrays.append(_array(ctype, f"{prefix}_{tensor_name}", values, 16 if ctype != "float" else 4))
+            const_bytes += tensor.numel() * tensor.element_size()
+        if kind in ("linear", "conv2d"):
+            weights = (f"{prefix}_weight_bits, 0" if layer["binary"] else f"0, {prefix}_weight")
+            comment = f"{'binary' if layer['binary'] else 'float'} weights{', ReLU' if relu else ''}"
+            if kind == "linear":
+                c, o = layer["in_features"], layer["out_features"]
+                if layer["binary"]:  # its table of signed sums: 16 floats per 4 inputs (padding included)
+                    work_floats = max(work_floats, 32 * ((c + 7) // 8))
+                calls.append(f"    /* layer {i}: linear {c}->{o}, {comment} */\n"
+                             f"    bcnn_linear({current}, {out}, {c}, {o}, {weights}, {prefix}_scale, {prefix}_offset, "
+                             f"{relu}, work);")
+            else:
+                (c, h, w), (o, oh, ow) = shape_in, shape_out
+                geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"], *layer["dilation"])
+                if layer["stride"] == [1, 1]:  # the zero-padded input and the sums at its row pitch
+                    ph, padded_w = layer["padding"][0], w + 2 * layer["padding"][1]
+                    work_floats = max(work_floats, c * (h + 2 * ph) * padded_w + oh * padded_w)
+                calls.append(f"    /* layer {i}: conv2d {c}->{o} {layer['kernel_size'][0]}x{layer['kernel_size'][1]}, "
+                             f"{comment} */\n"
+                             f"    bcnn_conv2d({current}, {out}, {c}, {h}, {w}, {o}, {', '.join(map(str, geometry))}, "
+                             f"{oh}, {ow},\n                {weights}, {prefix}_scale, {prefix}_offset, {relu}, work);")
+        elif kind == "affine":
+            size = math.prod(shape_in[1:])
+            calls.append(f"    /* layer {i}: affine (batch norm) on {layer['channels']} channels"
+                         f"{', ReLU' if relu else ''} */\n"
+                         f"    bcnn_affine({current}, {out}, {layer['channels']}, {size}L, {prefix}_scale, "
+                         f"{prefix}_offset, {relu});")
+        elif kind == "relu":
+            calls.append(f"    /* layer {i}: ReLU */\n    bcnn_relu({current}, {out}, {math.prod(shape_in)}L);")
+        elif kind == "maxpool2d":
+            (c, h, w), (_, oh, ow) = shape_in, shape_out
+            geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"])
+            calls.append(f"    /* layer {i}: max pooling {layer['kernel_size'][0]}x{layer['kernel_size'][1]} */\n"
+                         f"    bcnn_maxpool2d({current}, {out}, {c}, {h}, {w}, {', '.join(map(str, geometry))}, "
+                         f"{oh}, {ow});")
+        else:  # format.LAYER_TYPES and this function must list the same layers
+            raise ConfigError(f"layer {i}: no C implementation of layer type {kind!r}")
+        buffer_floats = max(buffer_floats, math.prod(shape_out))
+        current = out
+    runtime = _runtime({f for f in ("linear", "conv2d", "affine", "relu", "maxpool2d")
+                        if f"bcnn_{f}(" in "\n".join(calls)})
+    input_size = math.prod(net.input_shape)
+    scratch_floats = 2 * buffer_floats + work_floats
+    shape = "[" + "][".join(map(str, net.input_shape)) + "]"
+    header = f"""/* {name}.h: a binaryconnect network as C99, generated by binaryconnect {__version__}. Do not edit. */
+#ifndef {macro}_H
+#define {macro}_H
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+#define {macro}_INPUT_SIZE {input_size} /* floats of one example, {shape} in C order, preprocessed as in training */
+#define {macro}_NUM_CLASSES {net.num_classes}
+#define {macro}_SCRATCH_FLOATS {scratch_floats} /* working memory of {name}_logits_scratch, in floats */
+#define {macro}_CONST_BYTES {const_bytes} /* the constant arrays: 1 bit per binary weight */
+
+/* The logits of one example. Uses a static scratch buffer: not reentrant. */
+void {name}_logits(const float *input, float *logits);
+/* The same with the caller's scratch memory of {macro}_SCRATCH_FLOATS floats: reentrant. */
+void {name}_logits_scratch(const float *input, float *logits, float *scratch);
+/* The predicted class (the first of the largest logits). Not reentrant. */
+int {name}_predict(const float *input);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif
+"""
+    body = "\n".join(calls)
+    offsets = {"a": 0, "b": buffer_floats, "work": 2 * buffer_floats}  # the scratch: two buffers, a work area
+    uses = [v for v in offsets if re.search(rf"\b{v}\b", body)]
+    declarations = "".join(f"    float *{v} = scratch{f' + {offsets[v]}' if offsets[v] else ''};\n" for v in uses)
+    layers = ", ".join(la["type"] for la in net.layers)
+    source = f"""/* {name}.c: a binaryconnect network as C99, generated by binaryconnect {__version__}. Do not edit.
+ * Layers: {layers}. Input {shape}, {net.num_classes} classes. */
+#include "{name}.h"
+
+{runtime}
+/* ---- the network's tensors, as in its .bcnn file ---- */
+{"".join(arrays)}
+/* ---- the network ---- */
+void {name}_logits_scratch(const float *input, float *logits, float *scratch)
+{{
+{declarations}    int i;
+{body}
+    for (i = 0; i < {macro}_NUM_CLASSES; ++i)
+        logits[i] = {current}[i];
+}}
+
+static float {name}_scratch[{macro}_SCRATCH_FLOATS];
+
+void {name}_logits(const float *input, float *logits)
+{{
+    {name}_logits_scratch(input, logits, {name}_scratch);
+}}
+
+int {name}_predict(const float *input)
+{{
+    static float logits[{macro}_NUM_CLASSES];
+    int i, best = 0;
+    {name}_logits(input, logits);
+    for (i = 1; i < {macro}_NUM_CLASSES; ++i)
+        if (logits[i] > logits[best])
+            best = i;
+    return best;
+}}
+"""
+    if not uses:  # a network of flatten layers only: the scratch is unused
+        source = source.replace("    int i;\n", "    int i;\n    (void)scratch;\n", 1)
+    return header, source, const_bytes, scratch_floats
+
+
+def write_c_source(net: PackedNetwork, folder: str | Path, name: str = "bcnn_model",
+                   force: bool = False) -> CSource:
+    """Write ``<folder>/<name>.h`` and ``<folder>/<name>.c`` (``folder`` is created); an existing file is
+    refused unless ``force``, before anything is written."""
+    header, source, const_bytes, scratch = c_source(net, name)
+    folder = Path(folder)
+    paths = (folder / f"{name}.h", folder / f"{name}.c")
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --force "
+                          "to overwrite, or choose another -o folder or --name")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"-o {folder} is a file, not a folder: give the folder to write {name}.h and {name}.c in")
+    for path, text in zip(paths, (header, source), strict=True):
+        atomic_write_bytes(path, text.encode())
+    return CSource(paths[0], paths[1], const_bytes, scratch, len(net.layers))
