@@ -3,6 +3,11 @@ example at a time (what an embedded target runs).
 
     python bench/bench_c_source.py                          # MLP and convnet, -O2 and -O3 -march=native
     python bench/bench_c_source.py --models mlp --runs 400 --cflags="-O2" --json /tmp/c.json
+    python bench/bench_c_source.py --packed runs/det-s0/model.bcnn --models ""   # a trained model's test split
+
+``--packed FILE`` also writes that packed model as C, compiles it, and runs the test split of the dataset
+it was trained on (``--data-dir``, else ``$BINARYCONNECT_DATA``) through the program: its test error, the
+packed model's (torch engine), the share of identical predictions and the largest logit difference.
 
 The networks are ``bench_inference.py``'s: random-initialised (seeded), batch norms calibrated on random
 inputs. Each is exported (``export_model``), written as C (``write_c_source``) and compiled with the
@@ -89,6 +94,59 @@ def compile_c(folder: Path, cc: str, cflags: str) -> Path:
     return program
 
 
+STREAM = r"""
+#include <stdio.h>
+#include "net.h"
+
+/* Reads examples (float32) from stdin, writes their logits (float32) to stdout. */
+int main(void)
+{
+    static float input[NET_INPUT_SIZE], logits[NET_NUM_CLASSES];
+    while (fread(input, sizeof(float), NET_INPUT_SIZE, stdin) == NET_INPUT_SIZE) {
+        net_logits(input, logits);
+        fwrite(logits, sizeof(float), NET_NUM_CLASSES, stdout);
+    }
+    return 0;
+}
+"""
+
+
+def check_packed(path: Path, data_dir: str | None, folder: Path, cc: str, cflags: str) -> dict:
+    """The packed model at ``path`` as C, on its dataset's test split, against the packed model itself."""
+    from binaryconnect.export import read_packed
+    from binaryconnect.export.tools import dataset_of
+
+    net = read_packed(path)
+    packed = PackedModel(net, engine="torch")
+    data = dataset_of(net, data_dir)
+    x, y = data.test_x, data.test_y
+    sub = folder / "packed"
+    sub.mkdir()
+    written = write_c_source(net, sub, "net")
+    (sub / "main.c").write_text(STREAM)
+    subprocess.run([cc, "-std=c99", *cflags.split(), "-o", str(sub / "run"), str(sub / "main.c"), str(sub / "net.c")],
+                   check=True)
+    start = time.perf_counter()
+    out = subprocess.run([str(sub / "run")], input=x.numpy().astype(np.float32).tobytes(), capture_output=True,
+                         check=True).stdout
+    seconds = time.perf_counter() - start
+    logits = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(len(x), net.num_classes)
+    with torch.inference_mode():
+        reference = torch.cat([packed(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+    row = {"packed": str(path), "cflags": cflags, "examples": len(x),
+           "c_test_error": float((logits.argmax(1) != y).float().mean()),
+           "packed_test_error": float((reference.argmax(1) != y).float().mean()),
+           "same_prediction": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+           "max_abs_diff": float((logits - reference).abs().max()), "c_seconds": seconds,
+           "const_bytes": written.const_bytes, "file_bytes": path.stat().st_size}
+    print(f"## {path} in C ({cflags}): test error {100 * row['c_test_error']:.2f}% on {len(x):,} examples, "
+          f"packed model {100 * row['packed_test_error']:.2f}%; same prediction on "
+          f"{100 * row['same_prediction']:.2f}%, largest logit difference {row['max_abs_diff']:.2e}; "
+          f"{seconds:.2f} s for the whole split, input and output through a pipe; "
+          f"{written.const_bytes:,} bytes of constants ({row['file_bytes']:,} bytes in the .bcnn file)")
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="mlp,convnet")
@@ -96,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the C code runs on one)")
     p.add_argument("--runs", type=int, default=0, help="timed calls per side (default: by size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packed", help="also check this packed model (.bcnn) in C on its dataset's test split")
+    p.add_argument("--data-dir", help="dataset root for --packed (default: $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
     cflags = args.cflags or ["-O2", "-O3 -march=native"]
@@ -113,7 +173,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "main.c").write_text(HARNESS)
-        for name in args.models.split(","):
+        if args.packed:
+            results.append(check_packed(Path(args.packed), args.data_dir, folder, cc, cflags[-1]))
+        for name in filter(None, args.models.split(",")):
             if name not in MODELS:
                 p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
             model, origin = build(name, args.seed)
