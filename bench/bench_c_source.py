@@ -23,7 +23,6 @@ logits are checked against float32 PyTorch's on the same input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_inference import LAYERS, MODELS, build, cpu_name, float_twin, loadavg
+from bench_inference import LAYERS, MODELS, build, cpu_name, finish, float_twin, loadavg
 from binaryconnect.export import PackedModel, export_model
 from binaryconnect.export.csource import write_c_source
 
@@ -221,11 +220,7 @@ def main(argv=None) -> int:
                                 "float32_ms": 1e3 * med["float32"], "packed_ms": 1e3 * med["packed"],
                                 "c_vs_float32": med["float32"] / med[flags], "max_abs_diff": diff,
                                 "const_bytes": written.const_bytes, "runs": runs})
-    env["loadavg_after"] = loadavg()
-    print(f"# load average after: {env['loadavg_after']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=2)
+    finish(env, results, args.json)
     return 0
 
 

@@ -234,12 +234,17 @@ def main(argv=None) -> int:
                 print(f"{threads:>7} {batch:>5} {runs:>5} {row['float32_ms']:>11.3f} {row['packed_ms']:>10.3f} "
                       f"{row['speedup']:>7.2f}x {diff:>10.2e} {100 * same:>10.1f}%"
                       + (f"  {row['training_model_ms']:.3f}" if args.training_model else ""))
+    finish(env, results, args.json)
+    return 0
+
+
+def finish(env: dict, results: list[dict], path: str | None) -> None:
+    """Print the load average after the run; write the environment and the results to ``path`` (JSON)."""
     env["loadavg_after"] = loadavg()
     print(f"# load average after: {env['loadavg_after']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump({"environment": env, "results": results}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":
