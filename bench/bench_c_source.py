@@ -16,8 +16,8 @@ with ``clock_gettime`` (warm-up calls first) and prints the median. Float32 PyTo
 ``nn.Conv2d`` holding the +-1 weights, ``eval()``, ``inference_mode``) and the packed native engine run
 batch 1 in this process with ``--threads`` threads (the C code runs on one). The sides take turns in 3
 blocks of ``--runs / 3`` calls, so background load falls on all of them; PyTorch's and the engine's numbers
-are medians of all their calls, the C program's the median of its 3 blocks' medians. The C program's
-logits are checked against float32 PyTorch's on the same input.
+are medians of all their calls, the C program's the median of its 3 blocks' medians. The largest
+difference between the C program's logits and float32 PyTorch's on the same input is printed.
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="dataset root for --packed (default: $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.runs and args.runs < 3:
+        p.error(f"--runs must be at least 3 (the sides take turns in 3 blocks), got {args.runs}")
     cflags = args.cflags or ["-O2", "-O3 -march=native"]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:

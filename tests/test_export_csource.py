@@ -22,8 +22,9 @@ from binaryconnect.layers import BinaryConv2d, BinaryLinear
 from binaryconnect.models import create_model
 from test_export_convert import _mixed_convnet, _small_convnet, _tolerance, calibrate
 
-#: Strict: the generated code must compile cleanly for users who build with warnings as errors.
-CFLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Wpedantic", "-Wshadow", "-Wconversion", "-Werror"]
+#: Strict: the generated code must compile cleanly for users who build with warnings as errors (-O3: gcc's
+#: loop analyses warn there, not at -O2).
+CFLAGS = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wpedantic", "-Wshadow", "-Wconversion", "-Werror"]
 
 HARNESS = r"""
 #include <stdio.h>
@@ -104,6 +105,15 @@ def _strided_net() -> nn.Sequential:
         nn.Flatten(), BinaryLinear(7 * 4 * 4, 9), nn.BatchNorm1d(9), nn.ReLU(), BinaryLinear(9, 4), nn.BatchNorm1d(4))
 
 
+def _lenet() -> nn.Sequential:
+    """5x5 convolutions padded by 2 on 14x14 planes: the stride-1 run of additions is 248 long, a multiple of
+    8, where a loop bound written `i + 8 <= n` made gcc -O3 warn of undefined behaviour."""
+    return nn.Sequential(
+        BinaryConv2d(1, 6, 5, padding=2), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        BinaryConv2d(6, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), BinaryLinear(8 * 7 * 7, 10), nn.BatchNorm1d(10))
+
+
 def test_the_paper_mlp_in_c_matches_the_eval_model(tmp_path):
     model = calibrate(create_model("mlp", hidden=256), torch.rand(512, 1, 28, 28) * 2 - 1)
     net = export_model(model, (1, 28, 28))
@@ -112,12 +122,52 @@ def test_the_paper_mlp_in_c_matches_the_eval_model(tmp_path):
 
 @pytest.mark.parametrize("make, shape", [(lambda: _small_convnet(True), (3, 16, 16)),
                                          (lambda: _small_convnet(False), (3, 16, 16)),
-                                         (_mixed_convnet, (3, 10, 10)), (_strided_net, (3, 15, 15))],
-                         ids=["bn-after-pool", "bn-before-pool", "mixed-binary-float", "strided-dilated"])
+                                         (_mixed_convnet, (3, 10, 10)), (_strided_net, (3, 15, 15)),
+                                         (_lenet, (1, 28, 28))],
+                         ids=["bn-after-pool", "bn-before-pool", "mixed-binary-float", "strided-dilated", "lenet"])
 def test_convnets_in_c_match_the_eval_model(make, shape, tmp_path):
     model = calibrate(make(), torch.randn(256, *shape))
     net = export_model(model, shape)
     check_c(model, net, torch.randn(12, *shape), tmp_path)
+
+
+def test_max_pooling_propagates_nan_as_pytorch_does(tmp_path):
+    """A NaN anywhere in a pooling window is that window's maximum (PyTorch's max_pool2d), not only when
+    it comes first; the logits after it are NaN where the packed model's are."""
+    model = calibrate(nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), BinaryLinear(4, 3), nn.BatchNorm1d(3)),
+                      torch.randn(32, 2, 4, 2))
+    net = export_model(model, (2, 4, 2))
+    x = torch.randn(3, 2, 4, 2)
+    x[0, 0, 1, 1] = float("nan")  # last in its window
+    x[1, 1, 2, 0] = float("nan")  # first in its window
+    logits, _, _ = run_c(build(net, tmp_path), x, 3)
+    reference = PackedModel(net, engine="torch")(x)
+    assert torch.equal(logits.isnan(), reference.isnan()) and reference[:2].isnan().all()
+    torch.testing.assert_close(logits[2], reference[2], rtol=1e-5, atol=1e-5)
+
+
+def test_a_network_of_one_flatten_layer_compiles_cleanly(tmp_path):
+    """No compute layer: the output is the input; no scratch variable is declared unused."""
+    net = export_model(nn.Sequential(nn.Flatten()), (2, 5), num_classes=10)
+    x = torch.randn(4, 2, 5)
+    logits, _, predicted = run_c(build(net, tmp_path), x, 10)
+    assert torch.equal(logits, x.reshape(4, 10)) and torch.equal(predicted, x.reshape(4, 10).argmax(1))
+
+
+def test_32_bit_targets_compile_without_warnings(tmp_path):
+    """Where long is 32 bits (Cortex-M, i386) the usual arithmetic conversions differ: compiled (not linked:
+    the source includes no system header, so no 32-bit C library is needed) with -m32 and the strict flags,
+    for a binary linear, a binary convolution and pooling."""
+    cc = compiler()
+    probe = tmp_path / "probe.c"
+    probe.write_text("int probe(void) { return 0; }\n")
+    if subprocess.run([cc, "-m32", "-c", "-o", str(tmp_path / "probe.o"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"{cc} cannot compile for 32-bit x86")
+    model = calibrate(_strided_net(), torch.randn(64, 3, 15, 15))
+    write_c_source(export_model(model, (3, 15, 15)), tmp_path, "net")
+    result = subprocess.run([cc, "-m32", *CFLAGS, "-c", "-o", str(tmp_path / "net.o"), str(tmp_path / "net.c")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_constants_are_the_packed_files_tensors(tmp_path):
@@ -164,7 +214,7 @@ def test_a_trained_mnist_run_exported_to_c_agrees_with_the_packed_file(tmp_path,
 
 
 def test_export_c_refuses_bad_names_existing_files_and_non_packed_inputs(tmp_path, capsys):
-    for bad in ("9lives", "my-net", "int", "", "x" * 64):
+    for bad in ("9lives", "my-net", "_STDIO", "__", "", "x" * 64):
         with pytest.raises(ConfigError, match="must be a C identifier"):
             check_name(bad)
     model = calibrate(nn.Sequential(nn.Flatten(), BinaryLinear(6, 3), nn.BatchNorm1d(3)), torch.randn(32, 6))

@@ -457,8 +457,9 @@ def _add_export_c(sub) -> None:
     p = sub.add_parser("export-c", help="write a packed model (.bcnn) as portable C99 source (.h and .c)",
                        description="Write NAME.h and NAME.c: the network's packed tensors as constant arrays (1 "
                                    "bit per binary weight) and its layers in C99, with no allocation and no "
-                                   "library call, for targets without Python: NAME_logits(input, logits), "
-                                   "NAME_predict(input). See the README, \"C source\".")
+                                   "library call in the source (compilers may still emit memset: "
+                                   "-ffreestanding for bare metal), for targets without Python: "
+                                   "NAME_logits(input, logits), NAME_predict(input). See the README, \"C source\".")
     p.add_argument("model", type=Path, help="packed model file (.bcnn; `binaryconnect export RUN` makes one)")
     p.add_argument("-o", "--out", type=Path, required=True, help="folder to write NAME.h and NAME.c in (created)")
     p.add_argument("--name", default="bcnn_model", help="prefix of the files and the C functions (a C identifier; "
@@ -482,8 +483,9 @@ def _cmd_export_c(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"wrote {written.header} and {written.source}: {written.layers} layers, {written.const_bytes:,} bytes "
-              f"of constants (1 bit per binary weight), {4 * written.scratch_floats:,} bytes of working memory")
+        layers = f"{written.layers} layer" + ("s" if written.layers != 1 else "")
+        print(f"wrote {written.header} and {written.source}: {layers}, {written.const_bytes:,} bytes of constants "
+              f"(1 bit per binary weight), {4 * written.scratch_floats:,} bytes of working memory")
     return 0
 
 
