@@ -269,6 +269,50 @@ def test_train_run_directory_default_and_an_empty_one(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.splitlines() == ['{"test_error": 0.5}'] * 3  # -q: the summary, as JSON
 
 
+def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch, capsys):
+    """A new run claims its directory with a file created exclusively before it writes anything. Runs
+    started in the same second without -o get numbered directories (the default name is taken, by a
+    finished run or by one starting); a --out another run is starting in is refused, nothing written; the
+    claim is gone once the run ends, and a failed start leaves no directory behind."""
+    import time as time_module
+
+    from binaryconnect import cli, train
+
+    seen = []
+
+    def fake_fit(config, run_dir, **kw):
+        seen.append((run_dir, sorted(f.name for f in run_dir.iterdir())))
+        (run_dir / "model.safetensors").write_text("x")
+        return {"test_error": 0.5}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(time_module, "strftime", lambda fmt, *a: "20261126-120000")
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "runs" / "mnist-float-s0-20261126-120000"
+    assert main(["train", "mnist-float", "-q"]) == 0
+    (tmp_path / "runs" / "mnist-float-s0-20261126-120000-2").mkdir()
+    (tmp_path / "runs" / "mnist-float-s0-20261126-120000-2" / cli._CLAIM).touch()  # a run starting in it
+    assert main(["train", "mnist-float", "-q"]) == 0
+    assert [(str(d), files) for d, files in seen] == [
+        ("runs/mnist-float-s0-20261126-120000", [cli._CLAIM]),
+        ("runs/mnist-float-s0-20261126-120000-3", [cli._CLAIM])]
+    assert not (base / cli._CLAIM).exists() and (base / "model.safetensors").exists()
+
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / cli._CLAIM).touch()
+    assert main(["train", "mnist-float", "-o", str(starting), "-q"]) == 2
+    assert "already exists and is not empty (or another run is starting in it)" in capsys.readouterr().err
+    assert sorted(f.name for f in starting.iterdir()) == [cli._CLAIM] and len(seen) == 2
+
+    def failing_fit(config, run_dir, **kw):
+        raise cli.ConfigError("no data")
+
+    monkeypatch.setattr(train, "fit", failing_fit)
+    assert main(["train", "mnist-float", "-o", "fresh", "-q"]) == 2
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_interrupt_os_error_and_closed_pipe_exit_codes(monkeypatch, capsys, tmp_path):
     """Ctrl-C in a command: exit code 130 and one line; an unwritable path: exit code 1 and one line naming
     the path (not 2, which says the input was wrong); the output's reader gone (a BrokenPipeError, itself an

@@ -144,16 +144,50 @@ def _cmd_train(args) -> int:
             raise ConfigError("--resume continues RUN_DIR in place: drop --out")
         summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
                          **overrides)
+        (args.resume / _CLAIM).unlink(missing_ok=True)  # left by a start that was killed
     else:
         config = _new_run_config(args)
-        run_dir = args.out or Path("runs") / f"{args.recipe}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out, "
-                              f"or continue that run with `binaryconnect train --resume {run_dir}`")
-        summary = fit(config, run_dir, progress=progress, log=log)
+        named = args.out is None  # the default name: runs/<recipe>-s<seed>-<time>, numbered if taken
+        run_dir, created = _claim_run_dir(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
+        try:
+            summary = fit(config, run_dir, progress=progress, log=log)
+        finally:
+            (run_dir / _CLAIM).unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):  # nothing written (bad data, a typo): nothing left behind
+                run_dir.rmdir()
     if args.quiet:
         print(json.dumps(summary))
     return 0
+
+
+#: The file that claims a new run directory while its run starts (created exclusively, removed at the end).
+_CLAIM = ".binaryconnect-starting"
+
+
+def _claim_run_dir(run_dir: Path, numbered: bool) -> tuple[Path, bool]:
+    """``(run_dir, created)``: the run directory of a new run, claimed by creating ``_CLAIM`` in it
+    exclusively, so that two runs started at once (the same ``--out``, or default names from the same
+    second) never write into one directory. A directory with files in it is refused, unless ``numbered``:
+    then ``run_dir-2``, ``run_dir-3`` ... are tried."""
+    for n in range(1, 1000):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+        created = not candidate.exists()
+        candidate.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(candidate / _CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            os.close(fd)
+            if not any(f.name != _CLAIM for f in candidate.iterdir()):
+                return candidate, created
+            (candidate / _CLAIM).unlink()
+        if not numbered:
+            raise ConfigError(f"run directory {run_dir} already exists and is not empty (or another run is starting "
+                              f"in it); choose another --out, or continue that run with `binaryconnect train "
+                              f"--resume {run_dir}`")
+    raise ConfigError(f"{run_dir} and 998 numbered variants of it are taken: choose a --out")
 
 
 def _train_overrides(args) -> tuple[dict, dict]:
