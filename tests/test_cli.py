@@ -269,6 +269,39 @@ def test_train_run_directory_default_and_an_empty_one(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.splitlines() == ['{"test_error": 0.5}'] * 3  # -q: the summary, as JSON
 
 
+def test_a_run_with_a_relative_data_dir_is_evaluated_exported_predicted_and_resumed_elsewhere(
+        tmp_path, data_root, monkeypatch, capsys):
+    """`--data-dir reldata`, relative to the folder the run was started from: evaluate, export --evaluate,
+    predict and --resume run from another folder (no --data-dir, no $BINARYCONNECT_DATA) find it there. A
+    recorded data dir that does not exist here (a run trained on another machine) gives way to
+    $BINARYCONNECT_DATA."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "reldata").symlink_to(data_root, target_is_directory=True)
+    monkeypatch.delenv("BINARYCONNECT_DATA", raising=False)
+    monkeypatch.chdir(project)
+    run = tmp_path / "run"
+    assert main(["train", "mnist-deterministic", "--data-dir", "reldata", "-o", str(run), "-q", *SMALL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_error"] == summary["test_error"]
+    assert main(["export", str(run), "--evaluate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_test_error"] == summary["test_error"]
+    assert main(["predict", str(run / "model.bcnn"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 10_000
+    assert main(["train", "--resume", str(run), "--epochs", "3", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 3
+
+    (project / "reldata").unlink()  # the recorded folder is gone: $BINARYCONNECT_DATA is used
+    assert main(["evaluate", str(run), "--json"]) == 2
+    assert "MNIST not found: data/MNIST/raw lacks" in capsys.readouterr().err  # ./data, the default
+    monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
+    assert main(["evaluate", str(run), "--json"]) == 0
+    capsys.readouterr()
+
+
 def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch, capsys):
     """A new run claims its directory with a file created exclusively before it writes anything. Runs
     started in the same second without -o get numbered directories (the default name is taken, by a

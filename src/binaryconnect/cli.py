@@ -240,7 +240,8 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="test error of a trained run's best model",
                        description="Evaluate the best-validation model of a run directory (or a model file).")
     p.add_argument("run", type=Path, help="run directory or model.safetensors")
-    p.add_argument("--data-dir", help="dataset root (default: the run's, else $BINARYCONNECT_DATA, else ./data)")
+    p.add_argument("--data-dir", help="dataset root (default: the run's where that folder exists, else "
+                                      "$BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--split", choices=("test", "val", "both"), default="test")
     p.add_argument("--stochastic-eval", choices=STOCHASTIC_EVAL,
                    help="stochastic models: real weights (paper) or sampled binary weights")
@@ -255,7 +256,7 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import torch
 
-    from .data import load_dataset
+    from .data import load_dataset, run_data_root
     from .layers import set_generator, set_stochastic_eval
     from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir
 
@@ -264,8 +265,10 @@ def _cmd_evaluate(args) -> int:
     if args.stochastic_eval:
         set_stochastic_eval(model, args.stochastic_eval)
     set_generator(model, torch.Generator(device=device).manual_seed(args.seed))
-    data = load_dataset(config.dataset, args.data_dir or config.data_dir, val_size=config.val_size, download=False,
-                        working_dir=run_working_dir(meta), **config.dataset_kwargs).to(device)  # its preprocessing
+    started_in = run_working_dir(meta)
+    data = load_dataset(config.dataset, run_data_root(args.data_dir, config.data_dir, started_in),
+                        val_size=config.val_size, download=False, working_dir=started_in,
+                        **config.dataset_kwargs).to(device)  # the run's preprocessing
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = args.stochastic_eval or config.stochastic_eval
@@ -312,15 +315,15 @@ def _add_export(sub) -> None:
                    help="first recompute the batch-norm statistics for the exported weights H * sign(W) on this "
                         "many batches (the run's batch size) of its training split: a stochastic model needs it "
                         "(100 is plenty for MNIST)")
-    p.add_argument("--data-dir", help="dataset root for --evaluate and --recalibrate (default: $BINARYCONNECT_DATA, "
-                                      "else ./data)")
+    p.add_argument("--data-dir", help="dataset root for --evaluate and --recalibrate (default: the run's where that "
+                                      "folder exists, else $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--engine", choices=ENGINES, help="engine for --evaluate (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from .data import load_dataset
+    from .data import load_dataset, run_data_root
     from .export import PackedModel, summarize
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import evaluate_packed, model_predictions
@@ -334,9 +337,10 @@ def _cmd_export(args) -> int:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
     data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
-    if args.recalibrate or args.evaluate:  # the data root: --data-dir, else $BINARYCONNECT_DATA (not the run's)
-        data = load_dataset(config.dataset, args.data_dir, val_size=config.val_size, download=False,
-                            working_dir=run_working_dir(meta), **config.dataset_kwargs)
+    if args.recalibrate or args.evaluate:  # the data root: --data-dir, the run's where it exists, the default
+        started_in = run_working_dir(meta)
+        data = load_dataset(config.dataset, run_data_root(args.data_dir, config.data_dir, started_in),
+                            val_size=config.val_size, download=False, working_dir=started_in, **config.dataset_kwargs)
     packed_model, recalibrated = model, None
     if args.recalibrate:
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
@@ -395,7 +399,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--input", type=Path, help="examples [N, *input_shape] as .npy (no pickle) or .safetensors")
     p.add_argument("--output", type=Path, help="write the logits [N, classes] to this .npy file")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("--data-dir", help="dataset root (default: $BINARYCONNECT_DATA, else ./data)")
+    p.add_argument("--data-dir", help="dataset root (default: the training run's where that folder exists, "
+                                      "else $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--engine", choices=ENGINES, help="native kernels, pure PyTorch, or auto (default)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")

@@ -62,7 +62,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, keeps_plan, resume_config
 from .cudagraph import GraphedStep
-from .data import Splits, load_dataset
+from .data import Splits, load_dataset, run_data_root
 from .errors import DIVERGED_NAME, CheckpointError, ConfigError, CudaGraphError, TrainingDiverged, TrainingInterrupted
 from .layers import set_generator
 from .losses import square_hinge_loss
@@ -508,7 +508,10 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     # --- data, on the training device once ---
     started_in = None if checkpoint is None else run_working_dir(checkpoint[1])  # a resume finds its data from it
     if data is None:
-        data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, download=config.download,
+        root = config.data_dir  # a resume: a relative data_dir may be the folder the run was started from's
+        if started_in is not None and root is not None:
+            root = run_data_root(None, root, started_in) or root
+        data = load_dataset(config.dataset, root, val_size=config.val_size, download=config.download,
                             working_dir=started_in, **config.dataset_kwargs)
     if config.train_subset is not None:
         data = data.subset_train(config.train_subset)

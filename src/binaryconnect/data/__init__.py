@@ -60,6 +60,21 @@ def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get(ENV_DATA_ROOT) or "data")
 
 
+def run_data_root(given: str | None, recorded, working_dir: str | None = None) -> str | None:
+    """The data root of a command on an existing run (evaluate, export, predict): ``given`` (its
+    ``--data-dir``) if any; else the run's own ``data_dir`` (``recorded``) where that folder exists, a
+    relative one looked for in the working folder, then in ``working_dir`` (the folder the run was started
+    from); else None: ``$BINARYCONNECT_DATA``, else ``./data`` (``resolve_data_root``). A run trained on
+    another machine, whose folder is not here, so falls back to this machine's setting."""
+    if given is not None:
+        return given
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    path = Path(recorded).expanduser()
+    places = [path] if path.is_absolute() else [path] + ([Path(working_dir) / path] if working_dir else [])
+    return next((str(p) for p in places if p.is_dir()), None)
+
+
 def file_digest(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.new(algorithm)
