@@ -384,6 +384,25 @@ def test_every_truncation_is_refused_by_both_readers_saying_what_is_missing(tmp_
     assert read_checkpoint_state(path) == load_checkpoint(path)[1] == {"n": 1}
 
 
+@pytest.mark.parametrize("content, kind", [
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }" + b" " * 64,
+     "it is a NumPy .npy array"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "it is a PNG image"),
+    (b'{"config": {"seed": 0}, "environment": {}}\n', "it looks like JSON text"),
+    (b"epoch,loss\n1,0.5\n" * 4, "its first bytes are no safetensors header"),
+])
+def test_a_file_of_another_kind_is_called_so_not_truncated(tmp_path, capsys, content, kind):
+    """A .npy, a PNG, a config.json or a CSV given where a model, checkpoint or packed file belongs: one line
+    saying it is not a safetensors file and what it looks like (before: "truncated: its header claims
+    379676406402707 bytes"), from every command that reads such files."""
+    path = tmp_path / "wrong.safetensors"
+    path.write_bytes(content)
+    for argv in (["evaluate", str(path)], ["summary", str(path)], ["predict", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is not a safetensors file ({kind}" in err and "truncated" not in err, (argv, err)
+
+
 @pytest.mark.parametrize("header, message", [
     (b"[1, 2]", r"corrupt safetensors header \(not a JSON object\)"),
     (b'"text"', r"corrupt safetensors header \(not a JSON object\)"),

@@ -112,6 +112,17 @@ def _refuse_pickle(data: bytes, path) -> None:
         )
 
 
+def _kind_of(data: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes, for an error message."""
+    for signature, kind in ((b"\x93NUMPY", "a NumPy .npy array"), (b"\x89PNG", "a PNG image"),
+                            (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip file")):
+        if data.startswith(signature):
+            return f"it is {kind}"
+    if data.lstrip()[:1] in (b"{", b"["):
+        return "it looks like JSON text"
+    return "its first bytes are no safetensors header"
+
+
 def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>", size: int | None = None) -> dict:
     """The JSON header of a safetensors blob; raise CheckpointError if it is truncated or malformed.
 
@@ -122,6 +133,9 @@ def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>", si
     if len(data) < 8:
         raise CheckpointError(f"{path} is truncated ({len(data)} bytes): not a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 and len(data) > 8 and data[8:9] != b"{":  # no length it can hold, no JSON object after
+        raise CheckpointError(f"{path} is not a safetensors file ({_kind_of(data)}): give a file binaryconnect wrote "
+                              "(a run's model.safetensors or checkpoint.safetensors, or a packed .bcnn)")
     if n > len(data) - 8:
         raise CheckpointError(f"{path} is truncated: its header claims {n} bytes, the file has {len(data) - 8}")
     try:
