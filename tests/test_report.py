@@ -126,6 +126,14 @@ def test_cli_report_plot_and_its_errors(runs, tmp_path, capsys, monkeypatch):
     assert out.startswith("| experiment |") and f"training curves written to {tmp_path / 'curves.svg'}" in err
     assert "<svg" in (tmp_path / "curves.svg").read_text()
 
+    (tmp_path / "notes.png").write_text("my notes")  # an existing file: refused before anything, kept
+    assert main(["report", *dirs, "--plot", str(tmp_path / "notes.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "notes.png already exists; pass --force to overwrite it" in err
+    assert (tmp_path / "notes.png").read_text() == "my notes"
+    assert main(["report", *dirs, "--plot", str(tmp_path / "curves.svg"), "--force"]) == 0  # drawn again
+    capsys.readouterr()
+
     assert main(["report", *dirs, "--plot", str(tmp_path / "curves.xyz")]) == 2
     err = capsys.readouterr().err
     assert "cannot tell the plot's format from 'curves.xyz'" in err and ".png" in err and len(err.splitlines()) == 1

@@ -473,12 +473,15 @@ def _add_report(sub) -> None:
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="also draw the training curves (validation error and training loss per epoch, one colour "
                         "per experiment, unfinished runs too) into FILE (.png, .pdf, .svg; needs matplotlib)")
+    p.add_argument("--force", action="store_true", help="overwrite the --plot file if it exists")
     p.set_defaults(handler=_cmd_report)
 
 
 def _cmd_report(args) -> int:
     from .report import format_report, read_run, report_dict
 
+    if args.plot is not None and args.plot.exists() and not args.force:  # before any work: nothing is lost
+        raise ConfigError(f"{args.plot} already exists; pass --force to overwrite it or choose another --plot")
     runs = [read_run(path) for path in args.runs]  # a directory named twice counts once (report.unique_runs)
     if args.json:
         print(json.dumps(report_dict(runs)))
