@@ -75,6 +75,9 @@ def test_recipes_lists_the_paper_recipes(capsys):
          "verify=true)"),
         (["evaluate", "/nonexistent/run", "--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda"),
         (["train", "mnist-float", "--data-dir", "/nonexistent/dir", "--no-download"], "MNIST not found"),
+        # a model option the model lacks: refused before the data are read (here there are none to read)
+        (["train", "cifar10-deterministic", "--depth", "2", "--data-dir", "/nonexistent/dir", "--no-download"],
+         "model 'convnet' has no option 'depth'; its options: input_shape, num_classes, channels"),
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
     ],
 )

@@ -90,8 +90,10 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr-start", type=_positive_float)
     p.add_argument("--lr-end", type=_positive_float)
-    p.add_argument("--hidden", type=_positive_int, help="MLP: units per hidden layer (paper: 1024)")
-    p.add_argument("--depth", type=_non_negative_int, help="MLP: number of hidden layers (paper: 3)")
+    p.add_argument("--hidden", type=_positive_int, help="units per hidden dense layer: the MLP's, the convnet's "
+                                                        "fully connected layers (paper: 1024)")
+    p.add_argument("--depth", type=_non_negative_int, help="MLP: number of hidden layers (paper: 3); the convnet "
+                                                           "has no such option")
     p.add_argument("--val-size", type=_positive_int, help="training examples held out for validation")
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N training examples only")
     p.add_argument("--dataset", help="dataset instead of the recipe's (mnist, cifar10, svhn, imagefolder)")

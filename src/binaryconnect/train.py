@@ -95,13 +95,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _model_options(config: TrainConfig) -> dict:
+    return dict(binarization=config.binarization, H=config.H, ste=config.ste, stochastic_eval=config.stochastic_eval,
+                **config.model_kwargs)
+
+
+def check_model_options(config: TrainConfig) -> None:
+    """ConfigError unless ``config.model`` is registered and takes ``config.model_kwargs`` (by name)."""
+    from .models import check_model_options as check
+
+    try:
+        check(config.model, partial=True, **_model_options(config))  # input_shape, num_classes: from the data
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The network ``config`` names, for inputs of ``input_shape``."""
     try:
-        return create_model(
-            config.model, input_shape=input_shape, num_classes=num_classes, binarization=config.binarization,
-            H=config.H, ste=config.ste, stochastic_eval=config.stochastic_eval, **config.model_kwargs,
-        )
+        return create_model(config.model, input_shape=input_shape, num_classes=num_classes, **_model_options(config))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -504,6 +516,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     _check_cuda_graph(config, device)
     if progress is None:
         progress = sys.stderr.isatty()
+
+    check_model_options(config)  # a model option's typo, before minutes of data loading
 
     # --- data, on the training device once ---
     started_in = None if checkpoint is None else run_working_dir(checkpoint[1])  # a resume finds its data from it

@@ -31,17 +31,42 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the model registered as ``name`` with ``kwargs``; raise a clear error on an unknown name."""
+def forwarding_signature(factory: Callable, cls: type, computed: tuple[str, ...] = ()) -> inspect.Signature:
+    """The signature of a ``factory(own..., **kwargs)`` that passes ``kwargs`` on to ``cls``: its own parameters
+    and ``cls``'s (keyword-only), less those the factory ``computed`` itself; set as the factory's
+    ``__signature__``, options are checked by name before anything is built (``check_model_options``)."""
+    own = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in own} | set(computed)
+    extra = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(cls).parameters.values()
+             if p.name not in taken and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return inspect.Signature(own + extra)
+
+
+def check_model_options(name: str, partial: bool = False, **kwargs) -> None:
+    """Raise a ValueError unless model ``name`` is registered and takes every option of ``kwargs`` (by name:
+    values are checked when the model is built), and, unless ``partial``, gets every one it requires; the
+    message lists its options."""
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     signature = inspect.signature(factory)
     try:
-        signature.bind(**kwargs)
+        (signature.bind_partial if partial else signature.bind)(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"bad options for model {name!r}: {exc}") from None
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            raise ValueError(f"bad options for model {name!r}: {exc}") from None
+        unknown = sorted(set(kwargs) - set(signature.parameters))
+        options = ", ".join(signature.parameters)
+        what = f"no option {', '.join(map(repr, unknown))}" if unknown else f"bad options ({exc})"
+        raise ValueError(f"model {name!r} has {what}; its options: {options}") from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the model registered as ``name`` with ``kwargs``; raise a clear error on an unknown name."""
+    check_model_options(name, **kwargs)
+    factory = _REGISTRY[name]
+    signature = inspect.signature(factory)
     passes_on = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     try:
         return factory(**kwargs)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..layers import BinaryConv2d, BinaryLinear
-from . import register_model
+from . import forwarding_signature, register_model
 
 #: Convolution channels of the paper's networks.
 CIFAR10_CHANNELS = (128, 256, 512)
@@ -100,3 +100,6 @@ class BinaryConvNet(nn.Module):
 def convnet(input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, **kwargs) -> BinaryConvNet:
     """The paper's CIFAR-10 network by default; ``channels=(64, 128, 256)`` gives its SVHN network."""
     return BinaryConvNet(input_shape=input_shape, num_classes=num_classes, **kwargs)
+
+
+convnet.__signature__ = forwarding_signature(convnet, BinaryConvNet)  # options checked before building

@@ -12,7 +12,7 @@ import math
 from torch import nn
 
 from ..layers import BinaryLinear
-from . import register_model
+from . import forwarding_signature, register_model
 
 
 class BinaryMLP(nn.Module):
@@ -62,3 +62,6 @@ class BinaryMLP(nn.Module):
 def mlp(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, **kwargs) -> BinaryMLP:
     """The paper's MNIST MLP (3 x 1024 hidden units by default) for inputs of ``input_shape``."""
     return BinaryMLP(in_features=math.prod(input_shape), num_classes=num_classes, **kwargs)
+
+
+mlp.__signature__ = forwarding_signature(mlp, BinaryMLP, computed=("in_features",))  # checked before building
