@@ -75,13 +75,16 @@ def test_recipes_lists_the_paper_recipes(capsys):
          "verify=true)"),
         (["evaluate", "/nonexistent/run", "--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda"),
         (["train", "mnist-float", "--data-dir", "/nonexistent/dir", "--no-download"], "MNIST not found"),
+        (["train", "mnist-float", "--train-subset", "50001", "--data-dir", "DATA"],
+         "train_subset 50001 is more than the 50000 training examples of mnist: give at most 50000"),
         # a model option the model lacks: refused before the data are read (here there are none to read)
         (["train", "cifar10-deterministic", "--depth", "2", "--data-dir", "/nonexistent/dir", "--no-download"],
          "model 'convnet' has no option 'depth'; its options: input_shape, num_classes, channels"),
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
     ],
 )
-def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
+def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path, data_root):
+    argv = [str(data_root) if a == "DATA" else a for a in argv]
     if argv[0] == "train":
         argv = [*argv, "-o", str(tmp_path / "r")]
     assert_one_line_error(argv, message, capsys)

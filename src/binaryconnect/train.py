@@ -528,6 +528,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         data = load_dataset(config.dataset, root, val_size=config.val_size, download=config.download,
                             working_dir=started_in, **config.dataset_kwargs)
     if config.train_subset is not None:
+        if config.train_subset > len(data.train_x):
+            raise ConfigError(f"train_subset {config.train_subset} is more than the {len(data.train_x)} training "
+                              f"examples of {config.dataset}: give at most {len(data.train_x)}, or drop --train-subset")
         data = data.subset_train(config.train_subset)
     fingerprint = _data_fingerprint(data)
     data = data.to(device)
