@@ -45,6 +45,20 @@ def test_train_then_evaluate(tmp_path, data_root, capsys):
     error, loss = evaluate(model, mnist.test_x, mnist.test_y, 1000, 4)
     assert (sampled["test_error"], sampled["test_loss"]) == (error, loss)
     assert sampled["test_error"] != result["test_error"]  # sampled weights are not the real ones
+    assert main(["evaluate", str(run), "--data-dir", str(data_root), "--json", "--stochastic-eval", "sample",
+                 "--samples", "4", "--split", "both"]) == 0
+    both = json.loads(capsys.readouterr().out)  # the test split's samples do not depend on the val split's
+    assert (both["test_error"], both["test_loss"]) == (error, loss)
+
+    # options that would change nothing are refused, not echoed as if they applied
+    assert main(["evaluate", str(run), "--data-dir", str(data_root), "--samples", "16"]) == 2
+    assert "--samples 16 averages sampled binary weights: add --stochastic-eval sample" in capsys.readouterr().err
+    assert "samples" not in result  # real-valued weights: one output, no sample count reported
+    det = tmp_path / "det"
+    assert main(["train", "mnist-deterministic", "--data-dir", str(data_root), "-o", str(det), "-q", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(det), "--data-dir", str(data_root), "--stochastic-eval", "sample"]) == 2
+    assert "apply to stochastic runs; " in capsys.readouterr().err
 
 
 def test_recipes_lists_the_paper_recipes(capsys):

@@ -247,7 +247,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", choices=("test", "val", "both"), default="test")
     p.add_argument("--stochastic-eval", choices=STOCHASTIC_EVAL,
                    help="stochastic models: real weights (paper) or sampled binary weights")
-    p.add_argument("--samples", type=_positive_int, default=1, help="average the outputs of N weight samples")
+    p.add_argument("--samples", type=_positive_int, default=1,
+                   help="with --stochastic-eval sample: average the outputs of N weight samples")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weight samples")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--device", default="auto")
@@ -264,19 +265,29 @@ def _cmd_evaluate(args) -> int:
 
     device = resolve_device(args.device)
     model, config, meta = load_run_with_metadata(args.run, device=str(device))
+    mode = args.stochastic_eval or config.stochastic_eval
+    if config.binarization != "stochastic" and (args.stochastic_eval or args.samples > 1):
+        weights = "its binary weights" if config.binarization == "deterministic" else "its float weights"
+        raise ConfigError(f"--stochastic-eval and --samples apply to stochastic runs; {args.run} is "
+                          f"{config.binarization} and is evaluated with {weights}")
+    if mode != "sample" and args.samples > 1:
+        raise ConfigError(f"--samples {args.samples} averages sampled binary weights: add --stochastic-eval sample "
+                          "(the real-valued weights give one output)")
     if args.stochastic_eval:
         set_stochastic_eval(model, args.stochastic_eval)
-    set_generator(model, torch.Generator(device=device).manual_seed(args.seed))
     started_in = run_working_dir(meta)
     data = load_dataset(config.dataset, run_data_root(args.data_dir, config.data_dir, started_in),
                         val_size=config.val_size, download=False, working_dir=started_in,
                         **config.dataset_kwargs).to(device)  # the run's preprocessing
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
-        result["stochastic_eval"] = args.stochastic_eval or config.stochastic_eval
-        result["samples"] = args.samples
+        result["stochastic_eval"] = mode
+        if mode == "sample":
+            result["samples"] = args.samples
     splits = {"test": (data.test_x, data.test_y), "val": (data.val_x, data.val_y)}
     for name in (("val", "test") if args.split == "both" else (args.split,)):
+        # each split's samples from --seed: a split's error does not depend on --split asking for the other
+        set_generator(model, torch.Generator(device=device).manual_seed(args.seed))
         err, loss = evaluate(model, *splits[name], args.batch_size, args.samples)
         result[f"{name}_error"] = err
         result[f"{name}_loss"] = loss
