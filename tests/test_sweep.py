@@ -376,6 +376,21 @@ def test_exit_codes_of_a_stop_are_stopped_others_failed(tmp_path, monkeypatch, c
     assert job.state == state
 
 
+def test_a_failed_run_is_reported_with_its_logs_error_line(tmp_path, monkeypatch):
+    """The sweep's line for a failed run, and the job, carry the error its log ends with (the last
+    "binaryconnect: error:" line, without the prefix), so the cause shows without opening the log."""
+    child = ("import sys; print('loading'); print('binaryconnect: error: checksum mismatch for MNIST/raw/x.gz',"
+             " file=sys.stderr); print('binaryconnect: warning: later noise'); sys.exit(2)")
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child])
+    lines = []
+    [job] = sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lines.append, poll=0.02)
+    assert job.state == "failed" and job.error == "checksum mismatch for MNIST/raw/x.gz"
+    assert lines[-1].endswith(f"failed (exit code 2, log {job.log}): checksum mismatch for MNIST/raw/x.gz")
+    (tmp_path / "quiet.log").write_text("Traceback ...\nRuntimeError: boom\n\n")
+    assert sweep.last_error(tmp_path / "quiet.log") == "RuntimeError: boom"  # no error line: the last line
+    assert sweep.last_error(tmp_path / "missing.log") is None
+
+
 def test_sigterm_on_the_sweep_stops_its_runs_like_ctrl_c(tmp_path):
     """A sweep process sent SIGTERM (a batch system's time limit) passes SIGINT to its runs, starts no
     more and returns; run in its own process, so that a SIGTERM not handled ends only that process."""

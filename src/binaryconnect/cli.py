@@ -629,9 +629,11 @@ def _cmd_sweep(args) -> int:
     left = [job for job in jobs if job.state not in ("finished", "skipped")]
     if left:
         diverged = [job for job in left if job.state == "diverged"]
+        failed = [job for job in left if job.state == "failed"]
         print(f"\n{len(left)} of {len(jobs)} runs did not finish: "
-              + ", ".join(f"{job.run_dir.name} ({job.state})" for job in left)
-              + ("; repeat the same sweep command to resume or start them" if len(diverged) < len(left) else "")
+              + ", ".join(f"{job.run_dir.name} ({job.state}{': ' + job.error if job.error else ''})" for job in left)
+              + (("; fix what stopped the failed ones (their logs say more), then" if failed else ";")
+                 + " repeat the same sweep command to resume or start them" if len(diverged) < len(left) else "")
               + ("; a repeat does not resume a diverged run (its loss became NaN/Inf, see its log): sweep "
                  "again with a lower --lr-start into another -o" if diverged else ""), file=sys.stderr)
         return 1

@@ -43,6 +43,7 @@ class Job:
     run_dir: Path
     log: Path
     state: str = "pending"  # pending | finished | failed | diverged | stopped | not started | skipped
+    error: str | None = None  # a failed run: its log's error line
     returncode: int | None = None
     resumed: bool = False
     more_epochs: bool = False  # finished, but asked for more epochs: resumed, not skipped
@@ -163,6 +164,22 @@ def train_command(job: Job, train_args: list[str]) -> list[str]:
     return [*base, job.recipe, "--seed", str(job.seed), "-o", str(job.run_dir), *train_args, "--no-progress"]
 
 
+def last_error(log: Path, limit: int = 300) -> str | None:
+    """The last ``binaryconnect: error:`` line of a run's log (else its last line), without the prefix,
+    cut to ``limit`` characters; None if the log cannot be read or is empty."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16384))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    errors = [line for line in lines if line.startswith("binaryconnect: error:")]
+    line = (errors[-1].removeprefix("binaryconnect: error:").strip() if errors else lines[-1])
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float | None = None,
              log=print, poll: float = 0.5, prepare=None) -> list[Job]:
     """Run ``jobs`` (``slots`` at a time) to completion, or until ``deadline`` seconds have passed or the
@@ -228,7 +245,10 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                 stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
                 job.state = ("finished" if code == 0 else "stopped" if stopped
                              else "diverged" if code == TrainingDiverged.exit_code else "failed")
-                log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})"))
+                why = last_error(job.log) if job.state == "failed" else None
+                log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})")
+                    + (f": {why}" if why else ""))
+                job.error = why
     finally:
         for process in running.values():  # only after an error in this loop: no run is left behind
             process.send_signal(signal.SIGINT)
