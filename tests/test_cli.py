@@ -194,6 +194,8 @@ def test_errors_and_warnings_print_as_one_line(monkeypatch, capsys):
     # warnings (the JPEG copy of CIFAR-10 gives one) print as one line, without the source line
     assert cli._one_line_warning("a library's\nwarning", UserWarning, "lib.py", 7, "warn(...)") == (
         "binaryconnect: warning: a library's warning\n")
+    assert cli._one_line_warning("binaryconnect: compiled kernels unavailable", RuntimeWarning, "e.py", 1) == (
+        "binaryconnect: warning: compiled kernels unavailable\n")  # the package named once
 
 
 def test_every_train_option_reaches_the_configuration():

@@ -347,3 +347,11 @@ def test_damaged_source_metadata(net, tmp_path):
         loaded = _load(_bytes(net.tensors, {**net.metadata(), "source": json.dumps(source)}), tmp_path)
         with pytest.raises(ConfigError, match="source metadata is damaged"):
             dataset_of(loaded, None)
+
+
+def test_summary_says_smaller_when_the_float32_parameters_take_fewer_bytes_than_the_file():
+    """A float network's file holds its float32 parameters plus a header: not "1.0x larger"."""
+    from binaryconnect.export.summary import _relative
+
+    assert _relative(390_272 * 30, 390_272) == "30.0x larger"
+    assert _relative(203_856, 205_944) == "0.99x the file: smaller, its header included"

@@ -303,6 +303,9 @@ def test_cli_resume_reports_a_mismatch_in_one_line(tmp_path, mnist, capsys, one_
     assert err.count("\n") == 1 and err.startswith(f"binaryconnect: error: cannot resume {run}: ")
     assert "binarization (run: 'deterministic', asked: 'stochastic')" in err and "'hidden': 32" in err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'} does not exist (or is not a directory)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
     assert "holds no checkpoint.safetensors: nothing to resume" in capsys.readouterr().err
 
 

@@ -684,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings on the command line as one line each, without the source line that raised them."""
-    return "binaryconnect: warning: " + " ".join(str(message).split()) + "\n"
+    text = " ".join(str(message).split()).removeprefix("binaryconnect: ")  # library warnings name the package
+    return "binaryconnect: warning: " + text + "\n"
 
 
 def _silence_stdout() -> None:

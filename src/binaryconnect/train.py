@@ -468,6 +468,9 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
     """
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT_NAME
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} does not exist (or is not a directory): --resume takes the run directory "
+                              "`binaryconnect train` wrote")
     if not path.is_file():
         raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_NAME}: nothing to resume "
                               "(is it a binaryconnect run directory?)")

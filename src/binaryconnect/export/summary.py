@@ -41,6 +41,12 @@ class LayerRow:
         return self.float32_bytes / self.packed_bytes if self.packed_bytes and self.float32_bytes else None
 
 
+def _relative(float32_bytes: int, packed_bytes: int) -> str:
+    """How the float32 parameters' bytes compare with the file's: "29.9x larger", or "0.99x: smaller"."""
+    ratio = float32_bytes / packed_bytes
+    return f"{ratio:.1f}x larger" if ratio >= 1 else f"{ratio:.2f}x the file: smaller, its header included"
+
+
 def _describe(layer: dict) -> str:
     kind = layer["type"]
     if kind == "linear":
@@ -116,7 +122,7 @@ def format_summary(summary: dict, title: str = "") -> str:
                      f"{r.macs:>13,} {share:>6s}")
     t = summary["total"]
     lines.append(f"file: {t.packed_bytes:,} bytes; float32 parameters: {t.float32_bytes:,} bytes "
-                 f"({t.float32_bytes / t.packed_bytes:.1f}x larger); {t.binary_params:,} of {t.params:,} parameters "
+                 f"({_relative(t.float32_bytes, t.packed_bytes)}); {t.binary_params:,} of {t.params:,} parameters "
                  f"binary; {100 * t.macs_replaced / max(1, t.macs):.2f}% of {t.macs:,} MACs per example are additions, "
                  f"plus {summary['scale_multiplications']:,} multiplications by the folded batch-norm scales")
     note = summary["source"].get("stochastic_weights") if isinstance(summary["source"], dict) else None
