@@ -464,3 +464,24 @@ def test_double_dash_ends_the_options_of_report(tmp_path, monkeypatch, capsys):
     assert main(["report", "--json", "--", "-odd-name"]) == 0
     [group] = json.loads(capsys.readouterr().out)["groups"]
     assert [r["seed"] for r in group["runs"]] == [3]
+
+
+def test_files_among_the_paths_are_skipped_with_a_warning(runs, tmp_path, capsys):
+    """`report OUT/*` over a sweep's folder also names the runs' .log files: they are skipped with one warning
+    line, the runs reported; only files is an error; a missing path is still an error."""
+    root, _ = runs
+    log = tmp_path / "det-s0.log"
+    log.write_text("started\n")
+    with pytest.warns(UserWarning, match=r"^skipped 1 file given as run directories \(det-s0.log\)$"):
+        assert main(["report", str(root / "det-s0"), str(log), "--json"]) == 0
+    assert [g["n"] for g in json.loads(capsys.readouterr().out)["groups"]] == [1]
+    assert main(["report", str(log)]) == 2
+    assert "no run directories among the paths given (only files)" in capsys.readouterr().err
+    assert main(["report", str(root / "det-s0"), str(tmp_path / "missing")]) == 2
+    assert "is not a binaryconnect run directory" in capsys.readouterr().err
+
+
+def test_evaluate_of_a_packed_file_points_at_predict(tmp_path, capsys):
+    (tmp_path / "m.bcnn").write_bytes(b"\0" * 16)
+    assert main(["evaluate", str(tmp_path / "m.bcnn")]) == 2
+    assert f"{tmp_path / 'm.bcnn'} is a packed model: `binaryconnect predict" in capsys.readouterr().err

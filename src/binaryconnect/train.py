@@ -867,6 +867,9 @@ def load_run_with_metadata(path: str | Path, device: str = "cpu") -> tuple[nn.Mo
     """``load_run`` and the model file's metadata (input shape, number of classes, epoch ...), from one read."""
     path = Path(path)
     model_path = path / "model.safetensors" if path.is_dir() else path
+    if path.suffix == ".bcnn" and path.is_file():
+        raise CheckpointError(f"{path} is a packed model: `binaryconnect predict {path}` runs it (on its test split, "
+                              "or on --input); evaluate takes a run directory or its model.safetensors")
     if path.is_dir() and not model_path.is_file():
         raise CheckpointError(f"{path} holds no model.safetensors: is it a finished binaryconnect run directory?")
     state, config_dict, metadata = load_model_file(model_path)
