@@ -496,13 +496,13 @@ def _cmd_report(args) -> int:
     if args.plot is not None and args.plot.exists() and not args.force:  # before any work: nothing is lost
         raise ConfigError(f"{args.plot} already exists; pass --force to overwrite it or choose another --plot")
     files = [path for path in args.runs if path.is_file()]  # a glob over a sweep's -o folder names its logs
-    if files:
-        warnings.warn(f"skipped {len(files)} file{'s' if len(files) != 1 else ''} given as run directories ("
-                      f"{', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''})", stacklevel=1)
     dirs = [path for path in args.runs if not path.is_file()]
     if not dirs:
         raise ConfigError("no run directories among the paths given (only files): give the folders "
                           "`binaryconnect train` or `sweep` wrote")
+    if files:
+        warnings.warn(f"skipped {len(files)} file{'s' if len(files) != 1 else ''} given as run directories ("
+                      f"{', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''})", stacklevel=1)
     runs = [read_run(path) for path in dirs]  # a directory named twice counts once (report.unique_runs)
     if args.json:
         print(json.dumps(report_dict(runs)))
