@@ -124,9 +124,10 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, in
             else:
                 (c, h, w), (o, oh, ow) = shape_in, shape_out
                 geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"], *layer["dilation"])
-                if layer["stride"] == [1, 1]:  # the zero-padded input and the sums at its row pitch
+                if layer["stride"] == [1, 1]:  # the zero-padded input (and its negation), the sums at its pitch
                     ph, padded_w = layer["padding"][0], w + 2 * layer["padding"][1]
-                    work_floats = max(work_floats, c * (h + 2 * ph) * padded_w + oh * padded_w)
+                    planes = 2 if layer["binary"] else 1
+                    work_floats = max(work_floats, planes * c * (h + 2 * ph) * padded_w + oh * padded_w)
                 calls.append(f"    /* layer {i}: conv2d {c}->{o} {layer['kernel_size'][0]}x{layer['kernel_size'][1]}, "
                              f"{comment} */\n"
                              f"    bcnn_conv2d({current}, {out}, {c}, {h}, {w}, {o}, {', '.join(map(str, geometry))}, "
