@@ -93,7 +93,7 @@ def test_recipes_lists_the_paper_recipes(capsys):
          "train_subset 50001 is more than the 50000 training examples of mnist: give at most 50000"),
         # a model option the model lacks: refused before the data are read (here there are none to read)
         (["train", "cifar10-deterministic", "--depth", "2", "--data-dir", "/nonexistent/dir", "--no-download"],
-         "model 'convnet' has no option 'depth'; its options: input_shape, num_classes, channels"),
+         "bad options for model 'convnet': no option 'depth'; its options: input_shape, num_classes, channels"),
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
     ],
 )

@@ -56,8 +56,10 @@ def test_unknown_model_lists_known_ones():
 def test_impossible_shapes_are_rejected():
     with pytest.raises(ValueError, match="impossible MLP shape"):
         create_model("mlp", hidden=0)
-    with pytest.raises(ValueError, match="bad options"):
+    with pytest.raises(ValueError, match="bad options for model 'mlp': no option 'widht'; its options: "):
         create_model("mlp", widht=3)
+    with pytest.raises(ValueError, match="bad options for model 'convnet': 'int' object is not iterable"):
+        create_model("convnet", channels=5)  # a TypeError inside, from the options: still "bad options"
 
 
 def test_a_registered_factorys_own_errors_are_not_called_bad_options(monkeypatch):
@@ -69,7 +71,8 @@ def test_a_registered_factorys_own_errors_are_not_called_bad_options(monkeypatch
         return torch.zeros(3) + "oops"
 
     monkeypatch.setitem(_REGISTRY, "buggy", buggy)
-    with pytest.raises(ValueError, match=r"bad options for model 'buggy': got an unexpected keyword argument 'depth'"):
+    with pytest.raises(ValueError, match=r"bad options for model 'buggy': no option 'depth'; its options: "
+                                         r"input_shape, num_classes, hidden$"):
         create_model("buggy", input_shape=(4,), num_classes=2, depth=3)
     with pytest.raises(TypeError, match="unsupported operand type"):
         create_model("buggy", input_shape=(4,), num_classes=2)

@@ -285,7 +285,7 @@ def test_same_seed_is_bit_identical_and_another_seed_is_not(tmp_path, mnist, one
          "dataset 'mnist' has no option 'foo'; its options: verify, preprocess"),
         (["train", "mnist-deterministic", "--preprocess", "gcn", "--no-download"],
          "MNIST preprocess must be one of symmetric, center, got 'gcn'"),
-        (["train", "--resume", "/nonexistent/run"], "/nonexistent/run holds no checkpoint.safetensors"),
+        (["train", "--resume", "/nonexistent/run"], "/nonexistent/run does not exist (or is not a directory)"),
         (["train", "mnist-deterministic", "--resume", "/nonexistent/run", "-o", "x"], "--resume continues RUN_DIR"),
     ],
 )

@@ -31,15 +31,17 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def forwarding_signature(factory: Callable, cls: type, computed: tuple[str, ...] = ()) -> inspect.Signature:
-    """The signature of a ``factory(own..., **kwargs)`` that passes ``kwargs`` on to ``cls``: its own parameters
-    and ``cls``'s (keyword-only), less those the factory ``computed`` itself; set as the factory's
-    ``__signature__``, options are checked by name before anything is built (``check_model_options``)."""
+def forward_options(factory: Callable, cls: type, computed: tuple[str, ...] = ()) -> None:
+    """Give a ``factory(own..., **kwargs)`` that passes ``kwargs`` on to ``cls`` the signature of both: its own
+    parameters and ``cls``'s (keyword-only), less those the factory ``computed`` itself; options are then
+    checked by name before anything is built (``check_model_options``), and a TypeError the options cause
+    inside is still reported as bad options (``create_model``)."""
     own = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
     taken = {p.name for p in own} | set(computed)
     extra = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(cls).parameters.values()
              if p.name not in taken and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return inspect.Signature(own + extra)
+    factory.__signature__ = inspect.Signature(own + extra)
+    factory.passes_options_on = True
 
 
 def check_model_options(name: str, partial: bool = False, **kwargs) -> None:
@@ -57,9 +59,9 @@ def check_model_options(name: str, partial: bool = False, **kwargs) -> None:
         if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             raise ValueError(f"bad options for model {name!r}: {exc}") from None
         unknown = sorted(set(kwargs) - set(signature.parameters))
-        options = ", ".join(signature.parameters)
-        what = f"no option {', '.join(map(repr, unknown))}" if unknown else f"bad options ({exc})"
-        raise ValueError(f"model {name!r} has {what}; its options: {options}") from None
+        what = f"no option {', '.join(map(repr, unknown))}" if unknown else str(exc)
+        raise ValueError(f"bad options for model {name!r}: {what}; its options: {', '.join(signature.parameters)}") \
+            from None
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -67,7 +69,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     check_model_options(name, **kwargs)
     factory = _REGISTRY[name]
     signature = inspect.signature(factory)
-    passes_on = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    passes_on = (getattr(factory, "passes_options_on", False)
+                 or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()))
     try:
         return factory(**kwargs)
     except TypeError as exc:  # options passed on (``**kwargs``) are checked only by what they are passed to;

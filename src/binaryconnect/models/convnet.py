@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..layers import BinaryConv2d, BinaryLinear
-from . import forwarding_signature, register_model
+from . import forward_options, register_model
 
 #: Convolution channels of the paper's networks.
 CIFAR10_CHANNELS = (128, 256, 512)
@@ -102,4 +102,4 @@ def convnet(input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, *
     return BinaryConvNet(input_shape=input_shape, num_classes=num_classes, **kwargs)
 
 
-convnet.__signature__ = forwarding_signature(convnet, BinaryConvNet)  # options checked before building
+forward_options(convnet, BinaryConvNet)  # options checked by name before building

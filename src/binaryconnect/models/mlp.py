@@ -12,7 +12,7 @@ import math
 from torch import nn
 
 from ..layers import BinaryLinear
-from . import forwarding_signature, register_model
+from . import forward_options, register_model
 
 
 class BinaryMLP(nn.Module):
@@ -64,4 +64,4 @@ def mlp(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, **kwa
     return BinaryMLP(in_features=math.prod(input_shape), num_classes=num_classes, **kwargs)
 
 
-mlp.__signature__ = forwarding_signature(mlp, BinaryMLP, computed=("in_features",))  # checked before building
+forward_options(mlp, BinaryMLP, computed=("in_features",))  # options checked by name before building
