@@ -346,7 +346,7 @@ def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch
     base = tmp_path / "runs" / "mnist-float-s0-20261126-120000"
     assert main(["train", "mnist-float", "-q"]) == 0
     (tmp_path / "runs" / "mnist-float-s0-20261126-120000-2").mkdir()
-    (tmp_path / "runs" / "mnist-float-s0-20261126-120000-2" / cli._CLAIM).touch()  # a run starting in it
+    held = _hold_claim(tmp_path / "runs" / "mnist-float-s0-20261126-120000-2" / cli._CLAIM)  # a run starting in it
     assert main(["train", "mnist-float", "-q"]) == 0
     assert [(str(d), files) for d, files in seen] == [
         ("runs/mnist-float-s0-20261126-120000", [cli._CLAIM]),
@@ -355,17 +355,67 @@ def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch
 
     starting = tmp_path / "starting"
     starting.mkdir()
-    (starting / cli._CLAIM).touch()
+    held2 = _hold_claim(starting / cli._CLAIM)
     assert main(["train", "mnist-float", "-o", str(starting), "-q"]) == 2
     assert "already exists and is not empty (or another run is starting in it)" in capsys.readouterr().err
     assert sorted(f.name for f in starting.iterdir()) == [cli._CLAIM] and len(seen) == 2
+    os.close(held2)  # its process gone (SIGKILL): the claim no one holds is taken over
+    assert main(["train", "mnist-float", "-o", str(starting), "-q"]) == 0
+    assert seen[-1] == (starting, [cli._CLAIM]) and sorted(f.name for f in starting.iterdir()) == ["model.safetensors"]
+    os.close(held)
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "mnist-float", "-o", str(tmp_path / "afile"), "-q"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
     def failing_fit(config, run_dir, **kw):
         raise cli.ConfigError("no data")
 
     monkeypatch.setattr(train, "fit", failing_fit)
-    assert main(["train", "mnist-float", "-o", "fresh", "-q"]) == 2
-    assert not (tmp_path / "fresh").exists()
+    assert main(["train", "mnist-float", "-o", "fresh/deeper/run", "-q"]) == 2
+    assert not (tmp_path / "fresh").exists()  # the folders made for it too
+
+
+def _hold_claim(path):
+    """Create and lock a claim file as a starting run does; return the descriptor (closing it releases it)."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_start_killed_while_loading_leaves_nothing_that_blocks_the_next(tmp_path, sig):
+    """SIGTERM while a new run loads its data: exit 143 and no run directory. SIGKILL: the claim file stays,
+    held by no process, and the next start with the same --out takes it over."""
+    import signal
+    import time
+
+    from binaryconnect import cli
+
+    run = tmp_path / "run"
+    code = ("import time, sys; from binaryconnect import train, cli\n"
+            "train.fit = lambda *a, **k: time.sleep(60)  # a long data load\n"
+            f"sys.exit(cli.main(['train', 'mnist-float', '-o', {str(run)!r}, '-q']))")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / cli._CLAIM).exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.2)  # the lock is taken right after the file is created
+    process.send_signal(getattr(signal, sig))
+    _, err = process.communicate(timeout=60)
+    if sig == "SIGTERM":
+        assert process.returncode == 143 and "terminated (SIGTERM) before training started" in err
+        assert not run.exists()
+    else:
+        assert process.returncode == -signal.SIGKILL and sorted(f.name for f in run.iterdir()) == [cli._CLAIM]
+        again = ("from binaryconnect import train, cli\n"
+                 "train.fit = lambda config, run_dir, **k: (run_dir / 'summary.json').write_text('{}') and {}\n"
+                 f"raise SystemExit(cli.main(['train', 'mnist-float', '-o', {str(run)!r}]))")
+        result = subprocess.run([sys.executable, "-c", again], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert sorted(f.name for f in run.iterdir()) == ["summary.json"]
 
 
 def test_interrupt_os_error_and_closed_pipe_exit_codes(monkeypatch, capsys, tmp_path):

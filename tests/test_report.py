@@ -476,7 +476,13 @@ def test_files_among_the_paths_are_skipped_with_a_warning(runs, tmp_path, capsys
         assert main(["report", str(root / "det-s0"), str(log), "--json"]) == 0
     assert [g["n"] for g in json.loads(capsys.readouterr().out)["groups"]] == [1]
     assert main(["report", str(log)]) == 2
-    assert "no run directories among the paths given (only files)" in capsys.readouterr().err
+    assert "no run directories among the paths given" in capsys.readouterr().err
+    starting = tmp_path / "starting"  # a start killed before it wrote anything: its claim file only
+    starting.mkdir()
+    (starting / ".binaryconnect-starting").touch()
+    with pytest.warns(UserWarning, match=r"^skipped 1 run directory with nothing written yet \(starting\)$"):
+        assert main(["report", str(root / "det-s0"), str(starting), "--json"]) == 0
+    capsys.readouterr()
     assert main(["report", str(root / "det-s0"), str(tmp_path / "missing")]) == 2
     assert "is not a binaryconnect run directory" in capsys.readouterr().err
 

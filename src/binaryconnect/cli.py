@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -150,14 +152,18 @@ def _cmd_train(args) -> int:
     else:
         config = _new_run_config(args)
         named = args.out is None  # the default name: runs/<recipe>-s<seed>-<time>, numbered if taken
-        run_dir, created = _claim_run_dir(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
-                                          f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
+        handles = threading.current_thread() is threading.main_thread()  # signal handlers: the main thread's
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles else None  # (training sets its own)
         try:
-            summary = fit(config, run_dir, progress=progress, log=log)
+            run_dir, created, fd = _claim_run_dir(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
+                                                  f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
+            try:
+                summary = fit(config, run_dir, progress=progress, log=log)
+            finally:  # nothing written (bad data, a typo, SIGTERM while loading): nothing left behind
+                _release_run_dir(run_dir, created, fd)
         finally:
-            (run_dir / _CLAIM).unlink(missing_ok=True)
-            if created and not any(run_dir.iterdir()):  # nothing written (bad data, a typo): nothing left behind
-                run_dir.rmdir()
+            if handles:
+                signal.signal(signal.SIGTERM, previous)
     if args.quiet:
         print(json.dumps(summary))
     return 0
@@ -167,29 +173,66 @@ def _cmd_train(args) -> int:
 _CLAIM = ".binaryconnect-starting"
 
 
-def _claim_run_dir(run_dir: Path, numbered: bool) -> tuple[Path, bool]:
-    """``(run_dir, created)``: the run directory of a new run, claimed by creating ``_CLAIM`` in it
-    exclusively, so that two runs started at once (the same ``--out``, or default names from the same
-    second) never write into one directory. A directory with files in it is refused, unless ``numbered``:
-    then ``run_dir-2``, ``run_dir-3`` ... are tried."""
+class _Terminated(Exception):
+    """SIGTERM while a new run starts, before training handles it: the run directory is released, exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _claim_run_dir(run_dir: Path, numbered: bool) -> tuple[Path, list[Path], int]:
+    """``(run_dir, created, fd)``: the run directory of a new run, the folders created for it (deepest
+    first) and the open claim file ``_CLAIM`` in it, created and locked (``flock``) for the run's lifetime,
+    so that two runs started at once (the same ``--out``, or default names from the same second) never
+    write into one directory. A claim no process holds (a start killed by SIGKILL) is taken over. A
+    directory with other files in it, or claimed by a live process, is refused, unless ``numbered``: then
+    ``run_dir-2``, ``run_dir-3`` ... are tried."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the exclusive creation alone claims it
+        fcntl = None
     for n in range(1, 1000):
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
-        created = not candidate.exists()
+        if candidate.exists() and not candidate.is_dir():
+            if numbered:
+                continue
+            raise ConfigError(f"--out {run_dir} is a file, not a directory: choose another --out")
+        created = [d for d in (candidate, *candidate.parents) if not d.exists()]
         candidate.mkdir(parents=True, exist_ok=True)
+        claim = candidate / _CLAIM
         try:
-            fd = os.open(candidate / _CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            fd, fresh = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), True
         except FileExistsError:
-            fd = None
-        if fd is not None:
-            os.close(fd)
+            fd, fresh = os.open(claim, os.O_WRONLY), False
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live run: BlockingIOError
+            elif not fresh:
+                raise BlockingIOError
             if not any(f.name != _CLAIM for f in candidate.iterdir()):
-                return candidate, created
-            (candidate / _CLAIM).unlink()
+                return candidate, created, fd
+            if fresh:
+                claim.unlink()
+        except BlockingIOError:
+            pass
+        os.close(fd)
         if not numbered:
             raise ConfigError(f"run directory {run_dir} already exists and is not empty (or another run is starting "
                               f"in it); choose another --out, or continue that run with `binaryconnect train "
                               f"--resume {run_dir}`")
     raise ConfigError(f"{run_dir} and 998 numbered variants of it are taken: choose a --out")
+
+
+def _release_run_dir(run_dir: Path, created: list[Path], fd: int) -> None:
+    """Remove the claim (still holding its lock), then the folders created for a run that wrote nothing."""
+    (run_dir / _CLAIM).unlink(missing_ok=True)
+    os.close(fd)
+    for folder in created:  # deepest first; a folder with anything in it stays, and so do its parents
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _train_overrides(args) -> tuple[dict, dict]:
@@ -495,14 +538,21 @@ def _cmd_report(args) -> int:
 
     if args.plot is not None and args.plot.exists() and not args.force:  # before any work: nothing is lost
         raise ConfigError(f"{args.plot} already exists; pass --force to overwrite it or choose another --plot")
+    def unstarted(path: Path) -> bool:  # a run starting, or a start killed before it wrote anything
+        return path.is_dir() and [f.name for f in path.iterdir()] == [_CLAIM]
+
     files = [path for path in args.runs if path.is_file()]  # a glob over a sweep's -o folder names its logs
-    dirs = [path for path in args.runs if not path.is_file()]
+    empty = [path for path in args.runs if unstarted(path)]
+    dirs = [path for path in args.runs if not path.is_file() and not unstarted(path)]
     if not dirs:
-        raise ConfigError("no run directories among the paths given (only files): give the folders "
-                          "`binaryconnect train` or `sweep` wrote")
-    if files:
-        warnings.warn(f"skipped {len(files)} file{'s' if len(files) != 1 else ''} given as run directories ("
-                      f"{', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''})", stacklevel=1)
+        raise ConfigError("no run directories among the paths given: give the folders `binaryconnect train` or "
+                          "`sweep` wrote")
+    for skipped, one, many in ((files, "file given as run directories", "files given as run directories"),
+                               (empty, "run directory with nothing written yet",
+                                "run directories with nothing written yet")):
+        if skipped:
+            names = ", ".join(p.name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            warnings.warn(f"skipped {len(skipped)} {one if len(skipped) == 1 else many} ({names})", stacklevel=1)
     runs = [read_run(path) for path in dirs]  # a directory named twice counts once (report.unique_runs)
     if args.json:
         print(json.dumps(report_dict(runs)))
@@ -718,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.handler(args)
+    except _Terminated:  # SIGTERM before training started: nothing written
+        print("binaryconnect: terminated (SIGTERM) before training started", file=sys.stderr)
+        return 143
     except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)
         print(f"binaryconnect: {exc}", file=sys.stderr)
         return exc.exit_code
