@@ -386,6 +386,15 @@ def test_a_failed_run_is_reported_with_its_logs_error_line(tmp_path, monkeypatch
     [job] = sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lines.append, poll=0.02)
     assert job.state == "failed" and job.error == "checksum mismatch for MNIST/raw/x.gz"
     assert lines[-1].endswith(f"failed (exit code 2, log {job.log}): checksum mismatch for MNIST/raw/x.gz")
+    # a repeat appends to the log: its error is its own, not the attempt's before
+    child2 = "import sys; print('Traceback ...'); print('RuntimeError: boom'); sys.exit(1)"
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child2])
+    [job] = sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lines.append, poll=0.02)
+    assert job.error == "RuntimeError: boom" and "checksum mismatch" in job.log.read_text()
+    child3 = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(sweep, "train_command", lambda job, args: [sys.executable, "-c", child3])
+    [job] = sweep.run_jobs(sweep.plan(["a"], [0], tmp_path), [], slots=1, log=lines.append, poll=0.02)
+    assert job.state == "failed" and job.error == "killed by SIGKILL"
     (tmp_path / "quiet.log").write_text("Traceback ...\nRuntimeError: boom\n\n")
     assert sweep.last_error(tmp_path / "quiet.log") == "RuntimeError: boom"  # no error line: the last line
     assert sweep.last_error(tmp_path / "missing.log") is None

@@ -43,7 +43,8 @@ class Job:
     run_dir: Path
     log: Path
     state: str = "pending"  # pending | finished | failed | diverged | stopped | not started | skipped
-    error: str | None = None  # a failed run: its log's error line
+    error: str | None = None  # a failed run: its log's error line, or the signal that killed it
+    log_start: int = 0  # the byte of its log where the last attempt's output begins
     returncode: int | None = None
     resumed: bool = False
     more_epochs: bool = False  # finished, but asked for more epochs: resumed, not skipped
@@ -164,12 +165,13 @@ def train_command(job: Job, train_args: list[str]) -> list[str]:
     return [*base, job.recipe, "--seed", str(job.seed), "-o", str(job.run_dir), *train_args, "--no-progress"]
 
 
-def last_error(log: Path, limit: int = 300) -> str | None:
-    """The last ``binaryconnect: error:`` line of a run's log (else its last line), without the prefix,
-    cut to ``limit`` characters; None if the log cannot be read or is empty."""
+def last_error(log: Path, start: int = 0, limit: int = 300) -> str | None:
+    """The last ``binaryconnect: error:`` line of a run's log after byte ``start`` (where this attempt's
+    output begins: logs are appended to), else its last line, without the prefix, cut to ``limit``
+    characters; None if there is none or the log cannot be read."""
     try:
         with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 16384))
+            f.seek(max(start, f.seek(0, 2) - 16384))
             lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
     except OSError:
         return None
@@ -231,6 +233,7 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                 job.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 command = train_command(job, train_args)
                 with open(job.log, "ab") as out:
+                    job.log_start = out.tell()  # this attempt's output starts here (a repeat appends)
                     running[job] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
                 log(f"{job.run_dir.name}: {'resumed' if job.resumed else 'started'} (log {job.log})")
             time.sleep(poll)
@@ -245,7 +248,10 @@ def run_jobs(jobs: list[Job], train_args: list[str], slots: int, deadline: float
                 stopped = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
                 job.state = ("finished" if code == 0 else "stopped" if stopped
                              else "diverged" if code == TrainingDiverged.exit_code else "failed")
-                why = last_error(job.log) if job.state == "failed" else None
+                why = None
+                if job.state == "failed":
+                    why = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                           else last_error(job.log, job.log_start))
                 log(f"{job.run_dir.name}: {job.state}" + ("" if code == 0 else f" (exit code {code}, log {job.log})")
                     + (f": {why}" if why else ""))
                 job.error = why
