@@ -209,6 +209,8 @@ def test_a_repeated_sweep_must_ask_for_the_runs_it_finds_and_more_epochs_resume_
     (["sweep", "mnist-float", "mnist-float", "--seeds", "0"], "a recipe is named twice: mnist-float mnist-float"),
     (["sweep", "mnist-float", "--seeds", "0", "--", "--device", "cuda:7"], "device 'cuda:7' asked for"),
     (["sweep", "mnist-float", "--seeds", "0", "--", "--dataset-option", "foo=1"], "dataset 'mnist' has no option"),
+    (["sweep", "cifar10-deterministic", "--seeds", "0", "--", "--depth", "2"],
+     "bad options for model 'convnet': no option 'depth'"),  # before the CIFAR-10 data are prepared
 ])
 def test_sweep_checks_what_every_run_would_refuse_before_starting_any(argv, message, tmp_path, capsys):
     cut = argv.index("--seeds") + 2

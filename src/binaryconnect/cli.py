@@ -661,7 +661,7 @@ def _cmd_sweep(args) -> int:
     from .data import check_dataset_options
     from .report import format_report, read_run
     from .sweep import plan, prepare_data, run_jobs
-    from .train import resolve_device
+    from .train import check_model_options, resolve_device
 
     if len(set(args.recipes)) != len(args.recipes):  # two processes would share one run directory
         raise ConfigError(f"a recipe is named twice: {' '.join(args.recipes)}")
@@ -675,6 +675,7 @@ def _cmd_sweep(args) -> int:
         configs[recipe] = config = _new_run_config(train_args)
         resolve_device(config.device)
         check_dataset_options(config.dataset, config.dataset_kwargs)
+        check_model_options(config)  # before the data are prepared for runs that would all fail
     jobs = plan(args.recipes, args.seeds, args.out)
     for job in jobs:
         _check_existing_run(job, configs[job.recipe])
