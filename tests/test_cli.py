@@ -316,12 +316,34 @@ def test_a_run_with_a_relative_data_dir_is_evaluated_exported_predicted_and_resu
     assert main(["train", "--resume", str(run), "--epochs", "3", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs"] == 3
 
-    (project / "reldata").unlink()  # the recorded folder is gone: $BINARYCONNECT_DATA is used
-    assert main(["evaluate", str(run), "--json"]) == 2
-    assert "MNIST not found: data/MNIST/raw lacks" in capsys.readouterr().err  # ./data, the default
-    monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
+    (elsewhere / "reldata").mkdir()  # a folder of the recorded name here, holding no MNIST: gives way
     assert main(["evaluate", str(run), "--json"]) == 0
     capsys.readouterr()
+
+    (project / "reldata").unlink()  # the recorded folder is gone: $BINARYCONNECT_DATA, else ./data
+    assert main(["evaluate", str(run), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "MNIST not found: reldata/MNIST/raw lacks" in err and "also tried the default root data" in err
+    monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "4", "-q", "--no-download"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs"] == 4
+
+
+def test_a_tilde_data_dir_is_the_home_folder_for_training_and_evaluation(tmp_path, data_root, monkeypatch, capsys):
+    """`--data-dir '~/x'` (quoted: the shell leaves it) means the home folder's x, when training and when
+    evaluating (before, training took it literally, ./~/x, and evaluation expanded it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mnistroot").symlink_to(data_root, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("BINARYCONNECT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "mnist-float", "--data-dir", "~/mnistroot", "-o", str(run), "-q", *SMALL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_error"] == summary["test_error"]
 
 
 def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch, capsys):

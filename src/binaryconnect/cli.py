@@ -302,7 +302,7 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import torch
 
-    from .data import load_dataset, run_data_root
+    from .data import load_run_dataset
     from .layers import set_generator, set_stochastic_eval
     from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir
 
@@ -319,9 +319,8 @@ def _cmd_evaluate(args) -> int:
     if args.stochastic_eval:
         set_stochastic_eval(model, args.stochastic_eval)
     started_in = run_working_dir(meta)
-    data = load_dataset(config.dataset, run_data_root(args.data_dir, config.data_dir, started_in),
-                        val_size=config.val_size, download=False, working_dir=started_in,
-                        **config.dataset_kwargs).to(device)  # the run's preprocessing
+    data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
+                            download=False, **config.dataset_kwargs).to(device)  # the run's preprocessing
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = mode
@@ -379,7 +378,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .data import load_dataset, run_data_root
+    from .data import load_run_dataset
     from .export import PackedModel, summarize
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import evaluate_packed, model_predictions
@@ -395,8 +394,8 @@ def _cmd_export(args) -> int:
     data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
     if args.recalibrate or args.evaluate:  # the data root: --data-dir, the run's where it exists, the default
         started_in = run_working_dir(meta)
-        data = load_dataset(config.dataset, run_data_root(args.data_dir, config.data_dir, started_in),
-                            val_size=config.val_size, download=False, working_dir=started_in, **config.dataset_kwargs)
+        data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
+                                download=False, **config.dataset_kwargs)
     packed_model, recalibrated = model, None
     if args.recalibrate:
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)

@@ -62,7 +62,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, keeps_plan, resume_config
 from .cudagraph import GraphedStep
-from .data import Splits, load_dataset, run_data_root
+from .data import Splits, load_dataset, load_run_dataset
 from .errors import DIVERGED_NAME, CheckpointError, ConfigError, CudaGraphError, TrainingDiverged, TrainingInterrupted
 from .layers import set_generator
 from .losses import square_hinge_loss
@@ -492,7 +492,8 @@ def resume(run_dir: str | Path, progress: bool | None = None, log=print, data: S
             "it further")
         return finished
     remove_stale_temp_files(run_dir)
-    return _run(config, run_dir, progress, log, data, checkpoint=(tensors, state), changes=changes)
+    return _run(config, run_dir, progress, log, data, checkpoint=(tensors, state), changes=changes,
+                data_dir_given=overrides.get("data_dir") is not None)
 
 
 def _finished_summary(run_dir: Path) -> dict | None:
@@ -512,8 +513,11 @@ def _check_cuda_graph(config: TrainConfig, device: torch.device) -> None:
 
 
 def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: Splits | None,
-         checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None) -> dict:
-    """The training run behind ``fit`` (``checkpoint`` None) and ``resume`` (a loaded checkpoint)."""
+         checkpoint: tuple[dict, dict] | None = None, changes: dict | None = None,
+         data_dir_given: bool = True) -> dict:
+    """The training run behind ``fit`` (``checkpoint`` None) and ``resume`` (a loaded checkpoint;
+    ``data_dir_given``: whether the resume was given a --data-dir, else the run's data are looked for as
+    ``data.run_data_roots`` says)."""
     config = dataclasses.replace(config)  # a time budget sets its epochs: the caller's object stays as it was
     device = resolve_device(config.device)
     _check_cuda_graph(config, device)
@@ -524,11 +528,11 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
 
     # --- data, on the training device once ---
     started_in = None if checkpoint is None else run_working_dir(checkpoint[1])  # a resume finds its data from it
-    if data is None:
-        root = config.data_dir  # a resume: a relative data_dir may be the folder the run was started from's
-        if started_in is not None and root is not None:
-            root = run_data_root(None, root, started_in) or root
-        data = load_dataset(config.dataset, root, val_size=config.val_size, download=config.download,
+    if data is None and checkpoint is not None and not data_dir_given:  # a resume: where the run's data are
+        data = load_run_dataset(config.dataset, None, config.data_dir, started_in, val_size=config.val_size,
+                                download=config.download, **config.dataset_kwargs)
+    elif data is None:
+        data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, download=config.download,
                             working_dir=started_in, **config.dataset_kwargs)
     if config.train_subset is not None:
         if config.train_subset > len(data.train_x):

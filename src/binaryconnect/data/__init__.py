@@ -56,23 +56,41 @@ _TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """``data_dir`` if given, else ``$BINARYCONNECT_DATA``, else ``./data``."""
     if data_dir is not None:
-        return Path(data_dir)
-    return Path(os.environ.get(ENV_DATA_ROOT) or "data")
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get(ENV_DATA_ROOT) or "data").expanduser()
 
 
-def run_data_root(given: str | None, recorded, working_dir: str | None = None) -> str | None:
-    """The data root of a command on an existing run (evaluate, export, predict): ``given`` (its
-    ``--data-dir``) if any; else the run's own ``data_dir`` (``recorded``) where that folder exists, a
-    relative one looked for in the working folder, then in ``working_dir`` (the folder the run was started
-    from); else None: ``$BINARYCONNECT_DATA``, else ``./data`` (``resolve_data_root``). A run trained on
-    another machine, whose folder is not here, so falls back to this machine's setting."""
+def run_data_roots(given: str | None, recorded, working_dir: str | None = None) -> list[str | None]:
+    """The data roots to try, in order, for a command on an existing run (evaluate, export, predict,
+    ``--resume``): ``given`` (its ``--data-dir``) alone if any; else the run's own ``data_dir`` (``recorded``)
+    wherever that folder exists (a relative one in the working folder, then in ``working_dir``, the folder
+    the run was started from), then None: ``$BINARYCONNECT_DATA``, else ``./data`` (``resolve_data_root``).
+    A run trained on another machine, whose folder is not here, so falls back to this machine's setting."""
     if given is not None:
-        return given
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    path = Path(recorded).expanduser()
-    places = [path] if path.is_absolute() else [path] + ([Path(working_dir) / path] if working_dir else [])
-    return next((str(p) for p in places if p.is_dir()), None)
+        return [given]
+    roots: list[str | None] = []
+    if isinstance(recorded, str) and recorded:
+        path = Path(recorded).expanduser()
+        places = [path] if path.is_absolute() else [path] + ([Path(working_dir) / path] if working_dir else [])
+        roots = list(dict.fromkeys(str(p) for p in places if p.is_dir()))
+    return [*roots, None]
+
+
+def load_run_dataset(name: str, given: str | None, recorded, working_dir: str | None = None, **kwargs) -> Splits:
+    """``load_dataset`` for a command on an existing run, from the first of ``run_data_roots`` that holds the
+    data: a folder of the run's name that exists but holds other data gives way to the next. If none does,
+    the error of the first place tried, naming the others."""
+    roots = run_data_roots(given, recorded, working_dir)
+    errors = []
+    for root in roots:
+        try:
+            return load_dataset(name, root, working_dir=working_dir, **kwargs)
+        except DataError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    others = ", ".join(str(r) if r is not None else f"the default root {resolve_data_root()}" for r in roots[1:])
+    raise DataError(f"{errors[0]} (also tried {others}: {' '.join(str(errors[-1]).split())[:200]})") from errors[0]
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:

@@ -50,7 +50,7 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
 
 def dataset_of(net: PackedNetwork, data_dir: str | None):
     """The dataset splits the packed network was trained on, as its ``source`` metadata names them."""
-    from ..data import load_dataset, run_data_root
+    from ..data import load_run_dataset
 
     source = net.source
     name = source.get("dataset")
@@ -67,8 +67,7 @@ def dataset_of(net: PackedNetwork, data_dir: str | None):
     working_dir = source.get("working_dir")  # where the run was trained: its relative paths start there
     working_dir = working_dir if isinstance(working_dir, str) else None
     recorded = (net.config or {}).get("data_dir") if isinstance(net.config, dict) else None
-    return load_dataset(name, run_data_root(data_dir, recorded, working_dir), download=False,
-                        working_dir=working_dir, **kwargs)
+    return load_run_dataset(name, data_dir, recorded, working_dir, download=False, **kwargs)
 
 
 def evaluate_packed(model: PackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
