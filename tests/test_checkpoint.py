@@ -390,6 +390,8 @@ def test_every_truncation_is_refused_by_both_readers_saying_what_is_missing(tmp_
     (b"\x89PNG\r\n\x1a\n" + bytes(64), "it is a PNG image"),
     (b'{"config": {"seed": 0}, "environment": {}}\n', "it looks like JSON text"),
     (b"epoch,loss\n1,0.5\n" * 4, "its first bytes are no safetensors header"),
+    (b'{"runs":{"a":1}}', "it looks like JSON text"),  # byte 8 is "{" too, but its length is no header's
+    (b'{"a": 1}', "it looks like JSON text"),  # 8 bytes: no header at all
 ])
 def test_a_file_of_another_kind_is_called_so_not_truncated(tmp_path, capsys, content, kind):
     """A .npy, a PNG, a config.json or a CSV given where a model, checkpoint or packed file belongs: one line

@@ -112,6 +112,10 @@ def _refuse_pickle(data: bytes, path) -> None:
         )
 
 
+#: The largest header the safetensors format allows.
+_MAX_HEADER = 100_000_000
+
+
 def _kind_of(data: bytes) -> str:
     """What a file that is not safetensors looks like, from its first bytes, for an error message."""
     for signature, kind in ((b"\x93NUMPY", "a NumPy .npy array"), (b"\x89PNG", "a PNG image"),
@@ -133,7 +137,8 @@ def read_safetensors_header(data: bytes, path: str | os.PathLike = "<bytes>", si
     if len(data) < 8:
         raise CheckpointError(f"{path} is truncated ({len(data)} bytes): not a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 and len(data) > 8 and data[8:9] != b"{":  # no length it can hold, no JSON object after
+    # a length the file cannot hold, and no JSON object after it or more than safetensors allows (100 MB)
+    if n > len(data) - 8 and (n > _MAX_HEADER or (len(data) > 8 and data[8:9] != b"{")):
         raise CheckpointError(f"{path} is not a safetensors file ({_kind_of(data)}): give a file binaryconnect wrote "
                               "(a run's model.safetensors or checkpoint.safetensors, or a packed .bcnn)")
     if n > len(data) - 8:
