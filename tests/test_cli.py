@@ -59,6 +59,12 @@ def test_train_then_evaluate(tmp_path, data_root, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(det), "--data-dir", str(data_root), "--stochastic-eval", "sample"]) == 2
     assert "apply to stochastic runs; " in capsys.readouterr().err
+    averaged = tmp_path / "averaged"  # a run evaluated with 3 samples in training: 3 by default here too
+    assert main(["train", "mnist-stochastic", "--stochastic-eval", "sample", "--eval-samples", "3", "--data-dir",
+                 str(data_root), "-o", str(averaged), "-q", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(averaged), "--data-dir", str(data_root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 3
 
 
 def test_recipes_lists_the_paper_recipes(capsys):

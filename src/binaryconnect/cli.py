@@ -290,8 +290,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", choices=("test", "val", "both"), default="test")
     p.add_argument("--stochastic-eval", choices=STOCHASTIC_EVAL,
                    help="stochastic models: real weights (paper) or sampled binary weights")
-    p.add_argument("--samples", type=_positive_int, default=1,
-                   help="with --stochastic-eval sample: average the outputs of N weight samples")
+    p.add_argument("--samples", type=_positive_int,
+                   help="with --stochastic-eval sample: average the outputs of N weight samples (default: the "
+                        "run's --eval-samples)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weight samples")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--device", default="auto")
@@ -309,11 +310,13 @@ def _cmd_evaluate(args) -> int:
     device = resolve_device(args.device)
     model, config, meta = load_run_with_metadata(args.run, device=str(device))
     mode = args.stochastic_eval or config.stochastic_eval
-    if config.binarization != "stochastic" and (args.stochastic_eval or args.samples > 1):
+    given = args.samples
+    args.samples = given or (config.eval_samples if mode == "sample" else 1)  # the run's own, as in training
+    if config.binarization != "stochastic" and (args.stochastic_eval or (given or 1) > 1):
         weights = "its binary weights" if config.binarization == "deterministic" else "its float weights"
         raise ConfigError(f"--stochastic-eval and --samples apply to stochastic runs; {args.run} is "
                           f"{config.binarization} and is evaluated with {weights}")
-    if mode != "sample" and args.samples > 1:
+    if mode != "sample" and (given or 1) > 1:
         raise ConfigError(f"--samples {args.samples} averages sampled binary weights: add --stochastic-eval sample "
                           "(the real-valued weights give one output)")
     if args.stochastic_eval:
