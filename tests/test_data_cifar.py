@@ -10,6 +10,8 @@ import json
 import math
 import pickle
 import re
+import shutil
+import warnings
 import tarfile
 from pathlib import Path
 
@@ -523,7 +525,9 @@ def test_a_run_on_a_relative_imagefolder_path_is_evaluated_exported_and_resumed_
     assert info["environment"]["working_dir"] == str(project)
 
     monkeypatch.chdir(elsewhere)
-    assert main(["evaluate", str(run), "--device", "cpu", "--json"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the data the run was trained on: no warning
+        assert main(["evaluate", str(run), "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_error"] == summary["test_error"]
     assert main(["export", str(run), "--evaluate", "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
@@ -532,6 +536,17 @@ def test_a_run_on_a_relative_imagefolder_path_is_evaluated_exported_and_resumed_
     assert json.loads(capsys.readouterr().out)["test_error"] == exported["packed_test_error"]
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress", "-q"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+
+    make_image_tree(elsewhere / "tree", classes=("cat", "dog", "emu"), n_train=9, n_test=4)  # other images, same
+    with pytest.warns(UserWarning, match=r"the imagefolder data found are not those the run was trained on"):
+        assert main(["evaluate", str(run), "--device", "cpu", "--json"]) == 0  # name, found first: a warning
+    capsys.readouterr()
+    for name in ("evaluate", "predict"):  # the packed file records the data too
+        target = run / "model.bcnn" if name == "predict" else run
+        with pytest.warns(UserWarning, match="not those the run was trained on"):
+            main([name, str(target), "--json"])
+        capsys.readouterr()
+    shutil.rmtree(elsewhere / "tree")
 
     (project / "tree").rename(project / "moved")  # found nowhere now: the message says where it looked
     assert main(["evaluate", str(run), "--device", "cpu"]) == 2

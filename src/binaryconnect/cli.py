@@ -305,7 +305,7 @@ def _cmd_evaluate(args) -> int:
 
     from .data import load_run_dataset
     from .layers import set_generator, set_stochastic_eval
-    from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir
+    from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir, warn_if_other_data
 
     device = resolve_device(args.device)
     model, config, meta = load_run_with_metadata(args.run, device=str(device))
@@ -323,7 +323,9 @@ def _cmd_evaluate(args) -> int:
         set_stochastic_eval(model, args.stochastic_eval)
     started_in = run_working_dir(meta)
     data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
-                            download=False, **config.dataset_kwargs).to(device)  # the run's preprocessing
+                            download=False, **config.dataset_kwargs)  # the run's preprocessing
+    warn_if_other_data(data, config.dataset, config.train_subset, meta.get("data_fingerprint"), "the error")
+    data = data.to(device)
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = mode
@@ -386,7 +388,7 @@ def _cmd_export(args) -> int:
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import evaluate_packed, model_predictions
     from .layers import binary_layers
-    from .train import load_run_with_metadata, run_working_dir
+    from .train import load_run_with_metadata, run_working_dir, warn_if_other_data
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
     if out.suffix != ".bcnn":  # also keeps it off the run's own files (.json, .jsonl, .safetensors)
@@ -399,6 +401,8 @@ def _cmd_export(args) -> int:
         started_in = run_working_dir(meta)
         data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
                                 download=False, **config.dataset_kwargs)
+        warn_if_other_data(data, config.dataset, config.train_subset, meta.get("data_fingerprint"),
+                           "the recalibration" if args.recalibrate else "the test error")
     packed_model, recalibrated = model, None
     if args.recalibrate:
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
@@ -494,6 +498,11 @@ def _cmd_predict(args) -> int:
         x, y = read_inputs(args.input), None
     else:
         data = dataset_of(model.net, args.data_dir)
+        from .train import warn_if_other_data
+
+        source, config = model.net.source, model.net.config if isinstance(model.net.config, dict) else {}
+        warn_if_other_data(data, source.get("dataset"), config.get("train_subset"), source.get("data_fingerprint"),
+                           "the error")
         x, y = (data.test_x, data.test_y) if args.split == "test" else (data.val_x, data.val_y)
     start = time.perf_counter()
     logits = torch.cat([model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)])

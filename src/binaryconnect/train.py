@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._values import is_int
 from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_bytes,
@@ -443,6 +445,20 @@ def _data_fingerprint(data: Splits) -> str:
     return h.hexdigest()[:16]
 
 
+def warn_if_other_data(data: Splits, dataset: str, train_subset, recorded, what: str) -> None:
+    """Warn when ``data`` (loaded for a run on ``dataset`` with ``train_subset``, which is taken here) are not
+    the data the run was trained on, by ``_data_fingerprint`` against ``recorded`` (from the model file or
+    the packed file; nothing to compare for files from before it was recorded): a relative path that found
+    another folder, other data under the same name."""
+    if not isinstance(recorded, str) or not recorded:
+        return
+    subset = data.subset_train(train_subset) if is_int(train_subset) and train_subset > 0 else data
+    if _data_fingerprint(subset) != recorded:
+        warnings.warn(f"the {dataset} data found are not those the run was trained on (fingerprint "
+                      f"{_data_fingerprint(subset)}, trained on {recorded}): {what} is measured on other data; "
+                      "--data-dir chooses the folder", stacklevel=2)
+
+
 def fit(config: TrainConfig, run_dir: str | Path, progress: bool | None = None, log=print,
         data: Splits | None = None) -> dict:
     """Train ``config`` from scratch and write the run directory ``run_dir``; return the summary dictionary.
@@ -728,7 +744,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 p.best_metadata = model_metadata(config.to_dict(), epoch=str(epoch + 1),
                                                  input_shape=json.dumps(list(data.input_shape)),
                                                  num_classes=str(data.num_classes),
-                                                 working_dir=run_working_dir(info) or "")
+                                                 working_dir=run_working_dir(info) or "",
+                                                 data_fingerprint=fingerprint)
             record["best_epoch"] = p.best["epoch"]
             p.history.append(record)
             with open(metrics_path, "a") as f:

@@ -281,7 +281,8 @@ def export_loaded_run(path: str | Path, model: nn.Module, config, meta: dict[str
     source = {"run": str(path), "model": config.model, "model_kwargs": config.model_kwargs,
               "dataset": config.dataset, "dataset_kwargs": config.dataset_kwargs, "val_size": config.val_size,
               "binarization": config.binarization, "recipe": config.recipe, "seed": config.seed,
-              "epoch": meta.get("epoch"), "working_dir": meta.get("working_dir") or None}
+              "epoch": meta.get("epoch"), "working_dir": meta.get("working_dir") or None,
+              "data_fingerprint": meta.get("data_fingerprint") or None}
     if recalibrated:
         source["batch_norm_recalibrated"] = recalibrated
     return export_model(model, input_shape, num_classes, source=source, config=config.to_dict())
