@@ -11,8 +11,8 @@ import math
 import pickle
 import re
 import shutil
-import warnings
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
