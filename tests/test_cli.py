@@ -257,7 +257,7 @@ def test_option_defaults_and_the_edges_they_accept():
     assert parse(["sweep", "mnist-float", "--seeds", "0", "--deadline", "0.5", "-j", "3"]).deadline == 0.5
     e = parse(["evaluate", "r"])
     assert (e.split, e.samples, e.seed, e.batch_size, e.device, e.stochastic_eval, e.json) == (
-        "test", 1, 0, 1000, "auto", None, False)
+        "test", None, 0, 1000, "auto", None, False)  # samples: the run's --eval-samples
     t = parse(["train", "mnist-float", "--checkpoint-seconds", "0", "--depth", "0", "--seed", "0"])
     assert (t.checkpoint_seconds, t.depth, t.seed) == (0.0, 0, 0)
     assert all(getattr(t, name) is None for name in ("epochs", "batch_size", "lr_start", "H", "compile", "download"))

@@ -169,7 +169,8 @@ def _cmd_train(args) -> int:
     return 0
 
 
-#: The file that claims a new run directory while its run starts (created exclusively, removed at the end).
+#: The file that claims a new run directory for its run (created, flock-held while the run lasts, removed at
+#: its end; one left by a killed start is held by no process and is taken over: ``_claim_run_dir``).
 _CLAIM = ".binaryconnect-starting"
 
 
@@ -480,6 +481,7 @@ def _cmd_predict(args) -> int:
     from .checkpoint import atomic_write_bytes
     from .export import load_packed
     from .export.tools import dataset_of, read_inputs
+    from .train import warn_if_other_data
 
     if args.output is not None:  # checked before any work: nothing is lost to a typo
         if args.output.suffix != ".npy":
@@ -498,8 +500,6 @@ def _cmd_predict(args) -> int:
         x, y = read_inputs(args.input), None
     else:
         data = dataset_of(model.net, args.data_dir)
-        from .train import warn_if_other_data
-
         source, config = model.net.source, model.net.config if isinstance(model.net.config, dict) else {}
         warn_if_other_data(data, source.get("dataset"), config.get("train_subset"), source.get("data_fingerprint"),
                            "the error")
@@ -549,6 +549,7 @@ def _cmd_report(args) -> int:
 
     if args.plot is not None and args.plot.exists() and not args.force:  # before any work: nothing is lost
         raise ConfigError(f"{args.plot} already exists; pass --force to overwrite it or choose another --plot")
+
     def unstarted(path: Path) -> bool:  # a run starting, or a start killed before it wrote anything
         return path.is_dir() and [f.name for f in path.iterdir()] == [_CLAIM]
 
