@@ -452,10 +452,10 @@ def warn_if_other_data(data: Splits, dataset: str, train_subset, recorded, what:
     another folder, other data under the same name."""
     if not isinstance(recorded, str) or not recorded:
         return
-    subset = data.subset_train(train_subset) if is_int(train_subset) and train_subset > 0 else data
-    if _data_fingerprint(subset) != recorded:
+    found = _data_fingerprint(data.subset_train(train_subset) if is_int(train_subset) and train_subset > 0 else data)
+    if found != recorded:
         warnings.warn(f"the {dataset} data found are not those the run was trained on (fingerprint "
-                      f"{_data_fingerprint(subset)}, trained on {recorded}): {what} is measured on other data; "
+                      f"{found}, trained on {recorded}): {what} is measured on other data; "
                       "--data-dir chooses the folder", stacklevel=2)
 
 
