@@ -3,7 +3,10 @@
 Definitions (per layer of the packed file, and in total):
 
 - parameters: the real-valued numbers the same network needs in float32 after batch-norm folding:
-  the weights plus ``scale`` and ``offset`` (2 per output channel);
+  the weights plus ``scale`` and ``offset`` (2 per output channel). Where max pooling sits between a
+  convolution and its batch norm (the paper's convnets), the convolution keeps a ``scale`` (H) and
+  ``offset`` of its own and the batch norm becomes an ``affine`` layer: 2 numbers per such channel more
+  than the PyTorch model counts (the CIFAR-10 convnet: 14,031,508 against 14,029,716);
 - binary parameters: the weights stored as 1 bit;
 - float32 bytes: ``4 x parameters``;
 - packed bytes: the bytes of the layer's tensors in the file. The safetensors header (8 bytes + its
