@@ -359,7 +359,7 @@ def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch
     claim is gone once the run ends, and a failed start leaves no directory behind."""
     import time as time_module
 
-    from binaryconnect import cli, train
+    from binaryconnect import cli, rundir, train
 
     seen = []
 
@@ -374,22 +374,23 @@ def test_runs_started_together_never_share_a_run_directory(tmp_path, monkeypatch
     base = tmp_path / "runs" / "mnist-float-s0-20261126-120000"
     assert main(["train", "mnist-float", "-q"]) == 0
     (tmp_path / "runs" / "mnist-float-s0-20261126-120000-2").mkdir()
-    held = _hold_claim(tmp_path / "runs" / "mnist-float-s0-20261126-120000-2" / cli._CLAIM)  # a run starting in it
+    held = _hold_claim(tmp_path / "runs" / "mnist-float-s0-20261126-120000-2" / rundir.CLAIM)  # a run starting in it
     assert main(["train", "mnist-float", "-q"]) == 0
     assert [(str(d), files) for d, files in seen] == [
-        ("runs/mnist-float-s0-20261126-120000", [cli._CLAIM]),
-        ("runs/mnist-float-s0-20261126-120000-3", [cli._CLAIM])]
-    assert not (base / cli._CLAIM).exists() and (base / "model.safetensors").exists()
+        ("runs/mnist-float-s0-20261126-120000", [rundir.CLAIM]),
+        ("runs/mnist-float-s0-20261126-120000-3", [rundir.CLAIM])]
+    assert not (base / rundir.CLAIM).exists() and (base / "model.safetensors").exists()
 
     starting = tmp_path / "starting"
     starting.mkdir()
-    held2 = _hold_claim(starting / cli._CLAIM)
+    held2 = _hold_claim(starting / rundir.CLAIM)
     assert main(["train", "mnist-float", "-o", str(starting), "-q"]) == 2
-    assert "already exists and is not empty (or another run is starting in it)" in capsys.readouterr().err
-    assert sorted(f.name for f in starting.iterdir()) == [cli._CLAIM] and len(seen) == 2
+    assert "is in use: another binaryconnect process is starting or training a run in it" in capsys.readouterr().err
+    assert sorted(f.name for f in starting.iterdir()) == [rundir.CLAIM] and len(seen) == 2
     os.close(held2)  # its process gone (SIGKILL): the claim no one holds is taken over
     assert main(["train", "mnist-float", "-o", str(starting), "-q"]) == 0
-    assert seen[-1] == (starting, [cli._CLAIM]) and sorted(f.name for f in starting.iterdir()) == ["model.safetensors"]
+    assert seen[-1] == (starting, [rundir.CLAIM])
+    assert sorted(f.name for f in starting.iterdir()) == ["model.safetensors"]
     os.close(held)
     (tmp_path / "afile").write_text("x")
     assert main(["train", "mnist-float", "-o", str(tmp_path / "afile"), "-q"]) == 2
@@ -419,7 +420,7 @@ def test_a_start_killed_while_loading_leaves_nothing_that_blocks_the_next(tmp_pa
     import signal
     import time
 
-    from binaryconnect import cli
+    from binaryconnect import rundir
 
     run = tmp_path / "run"
     code = ("import time, sys; from binaryconnect import train, cli\n"
@@ -427,7 +428,7 @@ def test_a_start_killed_while_loading_leaves_nothing_that_blocks_the_next(tmp_pa
             f"sys.exit(cli.main(['train', 'mnist-float', '-o', {str(run)!r}, '-q']))")
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (run / cli._CLAIM).exists():
+    while not (run / rundir.CLAIM).exists():
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
     time.sleep(0.2)  # the lock is taken right after the file is created
@@ -437,7 +438,7 @@ def test_a_start_killed_while_loading_leaves_nothing_that_blocks_the_next(tmp_pa
         assert process.returncode == 143 and "terminated (SIGTERM) before training started" in err
         assert not run.exists()
     else:
-        assert process.returncode == -signal.SIGKILL and sorted(f.name for f in run.iterdir()) == [cli._CLAIM]
+        assert process.returncode == -signal.SIGKILL and sorted(f.name for f in run.iterdir()) == [rundir.CLAIM]
         again = ("from binaryconnect import train, cli\n"
                  "train.fit = lambda config, run_dir, **k: (run_dir / 'summary.json').write_text('{}') and {}\n"
                  f"raise SystemExit(cli.main(['train', 'mnist-float', '-o', {str(run)!r}]))")

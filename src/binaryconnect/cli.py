@@ -21,6 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import rundir
 from .binarize import BINARIZATIONS, STE_VARIANTS
 from .config import RECIPES, list_recipes, recipe_config
 from .errors import BinaryConnectError, ConfigError, TrainingInterrupted
@@ -146,21 +147,30 @@ def _cmd_train(args) -> int:
     if args.resume is not None:  # the options given must agree with the run's, or be allowed to change
         if args.out is not None:
             raise ConfigError("--resume continues RUN_DIR in place: drop --out")
-        summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
-                         **overrides)
-        (args.resume / _CLAIM).unlink(missing_ok=True)  # left by a start that was killed
+        held = rundir.hold(args.resume) if args.resume.is_dir() else None  # one writer at a time
+        try:
+            summary = resume(args.resume, progress=progress, log=log, recipe=args.recipe, model_kwargs=model_kwargs,
+                             **overrides)
+        finally:
+            if held is not None:
+                held.release()
     else:
         config = _new_run_config(args)
         named = args.out is None  # the default name: runs/<recipe>-s<seed>-<time>, numbered if taken
         handles = threading.current_thread() is threading.main_thread()  # signal handlers: the main thread's
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles else None  # (training sets its own)
         try:
-            run_dir, created, fd = _claim_run_dir(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
-                                                  f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
+            claim = rundir.claim_new(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
             try:
-                summary = fit(config, run_dir, progress=progress, log=log)
+                summary = fit(config, claim.run_dir, progress=progress, log=log)
+            except _Terminated:  # before training handled signals: after its first checkpoint, or before anything
+                if (claim.run_dir / "checkpoint.safetensors").is_file():
+                    raise _Terminated(f"stopped (SIGTERM) as training started, with a checkpoint: continue with "
+                                      f"`binaryconnect train --resume {claim.run_dir}`") from None
+                raise
             finally:  # nothing written (bad data, a typo, SIGTERM while loading): nothing left behind
-                _release_run_dir(run_dir, created, fd)
+                claim.release()
         finally:
             if handles:
                 signal.signal(signal.SIGTERM, previous)
@@ -169,71 +179,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
-#: The file that claims a new run directory for its run (created, flock-held while the run lasts, removed at
-#: its end; one left by a killed start is held by no process and is taken over: ``_claim_run_dir``).
-_CLAIM = ".binaryconnect-starting"
-
-
 class _Terminated(Exception):
     """SIGTERM while a new run starts, before training handles it: the run directory is released, exit 143."""
 
+    def __init__(self, message: str = "terminated (SIGTERM) before training started; nothing was written"):
+        super().__init__(message)
+
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise _Terminated()
-
-
-def _claim_run_dir(run_dir: Path, numbered: bool) -> tuple[Path, list[Path], int]:
-    """``(run_dir, created, fd)``: the run directory of a new run, the folders created for it (deepest
-    first) and the open claim file ``_CLAIM`` in it, created and locked (``flock``) for the run's lifetime,
-    so that two runs started at once (the same ``--out``, or default names from the same second) never
-    write into one directory. A claim no process holds (a start killed by SIGKILL) is taken over. A
-    directory with other files in it, or claimed by a live process, is refused, unless ``numbered``: then
-    ``run_dir-2``, ``run_dir-3`` ... are tried."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the exclusive creation alone claims it
-        fcntl = None
-    for n in range(1, 1000):
-        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
-        if candidate.exists() and not candidate.is_dir():
-            if numbered:
-                continue
-            raise ConfigError(f"--out {run_dir} is a file, not a directory: choose another --out")
-        created = [d for d in (candidate, *candidate.parents) if not d.exists()]
-        candidate.mkdir(parents=True, exist_ok=True)
-        claim = candidate / _CLAIM
-        try:
-            fd, fresh = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), True
-        except FileExistsError:
-            fd, fresh = os.open(claim, os.O_WRONLY), False
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live run: BlockingIOError
-            elif not fresh:
-                raise BlockingIOError
-            if not any(f.name != _CLAIM for f in candidate.iterdir()):
-                return candidate, created, fd
-            if fresh:
-                claim.unlink()
-        except BlockingIOError:
-            pass
-        os.close(fd)
-        if not numbered:
-            raise ConfigError(f"run directory {run_dir} already exists and is not empty (or another run is starting "
-                              f"in it); choose another --out, or continue that run with `binaryconnect train "
-                              f"--resume {run_dir}`")
-    raise ConfigError(f"{run_dir} and 998 numbered variants of it are taken: choose a --out")
-
-
-def _release_run_dir(run_dir: Path, created: list[Path], fd: int) -> None:
-    """Remove the claim (still holding its lock), then the folders created for a run that wrote nothing."""
-    (run_dir / _CLAIM).unlink(missing_ok=True)
-    os.close(fd)
-    for folder in created:  # deepest first; a folder with anything in it stays, and so do its parents
-        try:
-            folder.rmdir()
-        except OSError:
-            break
 
 
 def _train_overrides(args) -> tuple[dict, dict]:
@@ -550,12 +505,9 @@ def _cmd_report(args) -> int:
     if args.plot is not None and args.plot.exists() and not args.force:  # before any work: nothing is lost
         raise ConfigError(f"{args.plot} already exists; pass --force to overwrite it or choose another --plot")
 
-    def unstarted(path: Path) -> bool:  # a run starting, or a start killed before it wrote anything
-        return path.is_dir() and [f.name for f in path.iterdir()] == [_CLAIM]
-
     files = [path for path in args.runs if path.is_file()]  # a glob over a sweep's -o folder names its logs
-    empty = [path for path in args.runs if unstarted(path)]
-    dirs = [path for path in args.runs if not path.is_file() and not unstarted(path)]
+    empty = [path for path in args.runs if path.is_dir() and rundir.unstarted(path)]  # starting, or killed early
+    dirs = [path for path in args.runs if not path.is_file() and path not in empty]
     if not dirs:
         raise ConfigError("no run directories among the paths given: give the folders `binaryconnect train` or "
                           "`sweep` wrote")
@@ -781,8 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.handler(args)
-    except _Terminated:  # SIGTERM before training started: nothing written
-        print("binaryconnect: terminated (SIGTERM) before training started", file=sys.stderr)
+    except _Terminated as exc:  # SIGTERM before training handled it
+        print(f"binaryconnect: {exc}", file=sys.stderr)
         return 143
     except TrainingInterrupted as exc:  # a clean stop, not an error: exit code 130 (SIGINT) or 143 (SIGTERM)
         print(f"binaryconnect: {exc}", file=sys.stderr)
