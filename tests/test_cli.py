@@ -299,10 +299,10 @@ def test_train_run_directory_default_and_an_empty_one(tmp_path, monkeypatch, cap
 
 def test_a_run_with_a_relative_data_dir_is_evaluated_exported_predicted_and_resumed_elsewhere(
         tmp_path, data_root, monkeypatch, capsys):
-    """`--data-dir reldata`, relative to the folder the run was started from: evaluate, export --evaluate,
-    predict and --resume run from another folder (no --data-dir, no $BINARYCONNECT_DATA) find it there. A
-    recorded data dir that does not exist here (a run trained on another machine) gives way to
-    $BINARYCONNECT_DATA."""
+    """`--data-dir reldata`, relative to the folder the run was started from, is recorded absolute: evaluate,
+    export --evaluate, predict and --resume run from another folder (no --data-dir, no $BINARYCONNECT_DATA)
+    find it. A recorded data dir that does not exist here (a run trained on another machine) gives way to
+    $BINARYCONNECT_DATA, and the error says so when nothing is found."""
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir()
     elsewhere.mkdir()
@@ -322,14 +322,16 @@ def test_a_run_with_a_relative_data_dir_is_evaluated_exported_predicted_and_resu
     assert main(["train", "--resume", str(run), "--epochs", "3", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs"] == 3
 
-    (elsewhere / "reldata").mkdir()  # a folder of the recorded name here, holding no MNIST: gives way
+    assert json.loads((run / "config.json").read_text())["config"]["data_dir"] == str(project / "reldata")
+    (elsewhere / "reldata").mkdir()  # a folder of the given name here, holding no MNIST: not the run's
     assert main(["evaluate", str(run), "--json"]) == 0
     capsys.readouterr()
 
     (project / "reldata").unlink()  # the recorded folder is gone: $BINARYCONNECT_DATA, else ./data
     assert main(["evaluate", str(run), "--json"]) == 2
     err = capsys.readouterr().err
-    assert "MNIST not found: reldata/MNIST/raw lacks" in err and "also tried the default root data" in err
+    assert "MNIST not found: data/MNIST/raw lacks" in err
+    assert f"(the run's data folder {project / 'reldata'} is not here)" in err
     monkeypatch.setenv("BINARYCONNECT_DATA", str(data_root))
     assert main(["evaluate", str(run), "--json"]) == 0
     assert main(["train", "--resume", str(run), "--epochs", "4", "-q", "--no-download"]) == 0

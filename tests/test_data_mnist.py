@@ -166,3 +166,21 @@ def test_subset_train_and_to_keep_every_split(tmp_path):
     for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         assert getattr(moved, name).device.type == "meta" and getattr(moved, name).shape == getattr(s, name).shape
     assert s.train_x.device.type == "cpu"  # a copy: the original stays
+
+
+def test_run_data_roots_of_an_older_run_with_a_relative_data_dir(tmp_path, monkeypatch):
+    """Runs recorded before data_dir was made absolute: a relative one is looked for in the working folder,
+    then in the folder the run was started from; places that are not folders are left out; the default
+    root (None) comes last; a --data-dir given is the only place."""
+    from binaryconnect.data import run_data_roots
+
+    started, here = tmp_path / "started", tmp_path / "here"
+    (started / "d").mkdir(parents=True)
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert run_data_roots(None, "d", str(started)) == [str(started / "d"), None]
+    (here / "d").mkdir()
+    assert run_data_roots(None, "d", str(started)) == ["d", str(started / "d"), None]
+    assert run_data_roots(None, str(tmp_path / "gone"), str(started)) == [None]
+    assert run_data_roots("given", "d", str(started)) == ["given"]
+    assert run_data_roots(None, None, None) == [None]

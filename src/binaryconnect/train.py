@@ -535,6 +535,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     ``data_dir_given``: whether the resume was given a --data-dir, else the run's data are looked for as
     ``data.run_data_roots`` says)."""
     config = dataclasses.replace(config)  # a time budget sets its epochs: the caller's object stays as it was
+    if config.data_dir is not None:  # recorded absolute: later commands find it from any folder
+        config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
     device = resolve_device(config.device)
     _check_cuda_graph(config, device)
     if progress is None:

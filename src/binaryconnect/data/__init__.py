@@ -87,10 +87,13 @@ def load_run_dataset(name: str, given: str | None, recorded, working_dir: str | 
             return load_dataset(name, root, working_dir=working_dir, **kwargs)
         except DataError as exc:
             errors.append(exc)
+    missing = ""  # the run's own folder, when it is not here at all
+    if given is None and isinstance(recorded, str) and recorded and len(roots) == 1:
+        missing = f" (the run's data folder {recorded} is not here)"
     if len(errors) == 1:
-        raise errors[0]
+        raise DataError(f"{errors[0]}{missing}") from errors[0]
     others = ", ".join(str(r) if r is not None else f"the default root {resolve_data_root()}" for r in roots[1:])
-    raise DataError(f"{errors[0]} (also tried {others}: {' '.join(str(errors[-1]).split())[:200]})") from errors[0]
+    raise DataError(f"{errors[0]} (also tried {others}: {' '.join(str(errors[-1]).split())})") from errors[0]
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:
