@@ -56,8 +56,8 @@ def test_a_left_over_claim_and_a_cut_short_write_beside_it_are_taken_over(tmp_pa
     run.mkdir()
     (run / "checkpoint.safetensors").write_bytes(b"x")
     (run / rundir.CLAIM).touch()
-    with pytest.raises(ConfigError, match=r"not empty; choose another --out, or continue that run with `binaryconnect "
-                                          r"train --resume"):
+    with pytest.raises(ConfigError, match=r"already holds a run; choose another --out, or continue that run with "
+                                          r"`binaryconnect train --resume"):
         rundir.claim_new(run, numbered=False)
     assert sorted(f.name for f in run.iterdir()) == ["checkpoint.safetensors"]
     assert not rundir.unstarted(run)
@@ -72,7 +72,7 @@ def test_without_file_locks_the_exclusive_creation_is_the_claim(tmp_path, monkey
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match="this filesystem has no file locks"):
         claim = rundir.claim_new(tmp_path / "a" / "run", numbered=False)
-    with pytest.raises(ConfigError, match="is in use"):
+    with pytest.raises(ConfigError, match="this filesystem has no file locks"):
         rundir.claim_new(tmp_path / "a" / "run", numbered=False)
     claim.release()
     assert not (tmp_path / "a").exists()  # the folders made for it went with it
@@ -115,3 +115,46 @@ def test_many_starts_at_once_never_share_a_directory(tmp_path, numbered):
         assert p.returncode == 0, err
     assert sum(int(out) for out, _ in results) > 0
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_resume_leaves_its_directory_and_reads_a_read_only_one(tmp_path, monkeypatch):
+    """A resume's hold removes only its claim, never the directory (an empty one included); a directory it
+    cannot write is not held (nothing will write there: a finished run on a read-only disk)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rundir.hold(empty).release()
+    assert empty.is_dir()
+
+    def denied(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir.os, "open", denied)
+    assert rundir.hold(empty) is None
+
+
+def test_temp_files_without_a_claim_and_odd_out_paths(tmp_path, monkeypatch):
+    """A cut-short write's temp file left alone (its claim removed by a failed resume) does not block a new
+    run; a broken symbolic link as --out, and a folder name the system refuses, say so and leave nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint.safetensors.x1.tmp").write_bytes(b"partial")
+    rundir.claim_new(run, numbered=False).release()
+    assert not run.exists()
+    (tmp_path / "dangle").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is a broken symbolic link, not a directory"):
+        rundir.claim_new(tmp_path / "dangle", numbered=False)
+    with pytest.raises(OSError):
+        rundir.claim_new(tmp_path / "new" / ("a" * 300), numbered=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_without_file_locks_a_left_over_claim_is_named(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / rundir.CLAIM).touch()
+    with pytest.raises(ConfigError, match=r"exists and this filesystem has no file locks .* delete .*"
+                                          r"\.binaryconnect-starting and try again"):
+        rundir.hold(tmp_path / "run")

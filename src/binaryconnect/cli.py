@@ -158,22 +158,31 @@ def _cmd_train(args) -> int:
         config = _new_run_config(args)
         named = args.out is None  # the default name: runs/<recipe>-s<seed>-<time>, numbered if taken
         handles = threading.current_thread() is threading.main_thread()  # signal handlers: the main thread's
+        stops = {signal.SIGINT, signal.SIGTERM}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops) if handles else None  # a claim: made whole or not
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles else None  # (training sets its own)
         try:
             claim = rundir.claim_new(args.out or Path("runs") / f"{args.recipe}-s{config.seed}-"
                                      f"{time.strftime('%Y%m%d-%H%M%S')}", numbered=named)
             try:
+                if handles:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile: raised here
                 summary = fit(config, claim.run_dir, progress=progress, log=log)
-            except _Terminated:  # before training handled signals: after its first checkpoint, or before anything
+            except _Terminated:  # before or after training handled signals itself
+                if (claim.run_dir / "summary.json").is_file():
+                    raise _Terminated(f"terminated (SIGTERM) as the run ended; it finished: {claim.run_dir}") from None
                 if (claim.run_dir / "checkpoint.safetensors").is_file():
                     raise _Terminated(f"stopped (SIGTERM) as training started, with a checkpoint: continue with "
                                       f"`binaryconnect train --resume {claim.run_dir}`") from None
                 raise
             finally:  # nothing written (bad data, a typo, SIGTERM while loading): nothing left behind
+                if handles:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # the release, whole
                 claim.release()
         finally:
             if handles:
                 signal.signal(signal.SIGTERM, previous)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if args.quiet:
         print(json.dumps(summary))
     return 0
@@ -509,8 +518,9 @@ def _cmd_report(args) -> int:
     empty = [path for path in args.runs if path.is_dir() and rundir.unstarted(path)]  # starting, or killed early
     dirs = [path for path in args.runs if not path.is_file() and path not in empty]
     if not dirs:
-        raise ConfigError("no run directories among the paths given: give the folders `binaryconnect train` or "
-                          "`sweep` wrote")
+        nothing = " (those given hold nothing yet: runs starting, or starts killed before they wrote)" if empty else ""
+        raise ConfigError(f"no run directories among the paths given{nothing}: give the folders `binaryconnect "
+                          "train` or `sweep` wrote")
     for skipped, one, many in ((files, "file given as run directories", "files given as run directories"),
                                (empty, "run directory with nothing written yet",
                                 "run directories with nothing written yet")):

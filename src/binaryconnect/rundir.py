@@ -33,16 +33,18 @@ class Claim:
     run_dir: Path
     fd: int
     created: list[Path] = field(default_factory=list)  # parent folders made for it, deepest first
+    new: bool = True  # a new run's claim (``claim_new``), not a resume's hold
 
     def release(self) -> None:
-        """Remove the claim (still holding its lock), then the run directory if nothing was written in it
-        (whoever made it: starts racing for a name may make it for one another), and the parent folders
-        made for it."""
+        """Remove the claim (still holding its lock); for a new run, then the run directory if nothing was
+        written in it (whoever made it: starts racing for a name may make it for one another) and the parent
+        folders made for it."""
         try:
             (self.run_dir / CLAIM).unlink(missing_ok=True)
         finally:
             os.close(self.fd)
-        _remove_empty([self.run_dir, *(f for f in self.created if f != self.run_dir)])
+        if self.new:
+            _remove_empty([self.run_dir, *(f for f in self.created if f != self.run_dir)])
 
 
 def _take(path: Path) -> tuple[int, bool] | None:
@@ -75,8 +77,10 @@ def _take(path: Path) -> tuple[int, bool] | None:
                 warnings.warn(f"{path.parent}: this filesystem has no file locks; the run directory is claimed by "
                               f"creating {CLAIM} alone (if a killed run leaves it, remove it by hand)", stacklevel=3)
                 return fd, created
-            os.close(fd)  # cannot tell a live claim from a left-over one: as if held
-            return None
+            os.close(fd)  # cannot tell a live claim from a left-over one
+            raise ConfigError(f"{path} exists and this filesystem has no file locks to tell whether a process holds "
+                              f"it: if no binaryconnect process is using {path.parent}, delete {path} and try "
+                              "again") from None
         try:  # still the file at that path? (another process may have removed it after we opened it)
             now, ours = os.stat(path), os.fstat(fd)
             if (now.st_ino, now.st_dev) == (ours.st_ino, ours.st_dev):
@@ -114,6 +118,9 @@ def _make_dirs(path: Path) -> list[Path]:
             return created[::-1]
         except FileNotFoundError:  # a parent removed meanwhile by the start that made it: again
             continue
+        except OSError:  # a name too long, no permission...: what this call made goes
+            _remove_empty(created[::-1])
+            raise
     raise ConfigError(f"could not create {path}: its folders keep disappearing; try again")
 
 
@@ -123,10 +130,11 @@ def claim_new(run_dir: Path, numbered: bool) -> Claim:
     it, or one another process holds, is refused; ``numbered`` tries ``run_dir-2``, ``run_dir-3`` ..."""
     for n in range(1, 1000):
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
-        if candidate.is_file():
+        if candidate.is_file() or (candidate.is_symlink() and not candidate.exists()):
             if numbered:
                 continue
-            raise ConfigError(f"--out {run_dir} is a file, not a directory: choose another --out")
+            what = "a file" if candidate.is_file() else "a broken symbolic link"
+            raise ConfigError(f"--out {run_dir} is {what}, not a directory: choose another --out")
         for _ in range(100):
             created = _make_dirs(candidate)
             try:
@@ -143,32 +151,38 @@ def claim_new(run_dir: Path, numbered: bool) -> Claim:
             raise ConfigError(f"run directory {run_dir} is in use: another binaryconnect process is starting or "
                               "training a run in it; choose another --out")
         claim = Claim(candidate, taken[0], created)
-        try:
-            if not taken[1]:  # a claim no one held: what a killed start's cut-short write left goes too
-                remove_stale_temp_files(candidate)
+        try:  # held now: the temp files of a write a killed process cut short go (ours by their names)
+            remove_stale_temp_files(candidate)
             others = [f.name for f in candidate.iterdir() if f.name != CLAIM]
         except BaseException:
             claim.release()
             raise
         if not others:
             return claim
+        claim.created = []
         claim.release()  # it holds a run (or files of its own): they and it stay
         if not numbered:
-            hint = (f"continue that run with `binaryconnect train --resume {run_dir}`"
-                    if "checkpoint.safetensors" in others else "it holds files of its own")
-            raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out, or "
-                              f"{hint}")
+            if "checkpoint.safetensors" in others:
+                raise ConfigError(f"run directory {run_dir} already holds a run; choose another --out, or continue "
+                                  f"that run with `binaryconnect train --resume {run_dir}`")
+            raise ConfigError(f"{run_dir} already exists and holds files (not a run to resume): choose another --out")
     raise ConfigError(f"{run_dir} and 998 numbered variants of it are taken: choose a --out")
 
 
-def hold(run_dir: Path) -> Claim:
+def hold(run_dir: Path) -> Claim | None:
     """Hold the existing run directory ``run_dir`` for a resume; refused while another process holds it
-    (a run still training there, a resume running, a sweep's run a repeated sweep would resume)."""
-    taken = _take(Path(run_dir) / CLAIM)
+    (a run still training there, a resume running, a sweep's run a repeated sweep would resume). None where
+    the directory cannot be written (a finished run on a read-only disk: nothing will write there)."""
+    try:
+        taken = _take(Path(run_dir) / CLAIM)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
+        raise
     if taken is None:
         raise ConfigError(f"{run_dir} is in use: another binaryconnect process is training it; wait for it to end "
                           "(or stop it: it checkpoints), then resume")
-    return Claim(Path(run_dir), taken[0])
+    return Claim(Path(run_dir), taken[0], new=False)
 
 
 def unstarted(path: Path) -> bool:
