@@ -89,9 +89,13 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+#: The names of ``atomic_write_bytes``'s temp files (``.<name>.<random>.tmp``).
+TEMP_FILES = ".*.tmp"
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files a crash in ``atomic_write_bytes`` left in ``folder``."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    stale = [p for p in Path(folder).glob(TEMP_FILES) if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -15,9 +15,10 @@ import errno
 import os
 import warnings
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
-from .checkpoint import remove_stale_temp_files
+from .checkpoint import TEMP_FILES, remove_stale_temp_files
 from .errors import ConfigError
 
 CLAIM = ".binaryconnect-starting"
@@ -192,4 +193,4 @@ def unstarted(path: Path) -> bool:
         names = [f.name for f in path.iterdir()]
     except OSError:
         return False
-    return CLAIM in names and all(n == CLAIM or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+    return CLAIM in names and all(n == CLAIM or fnmatch(n, TEMP_FILES) for n in names)
