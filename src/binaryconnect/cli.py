@@ -268,9 +268,8 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import torch
 
-    from .data import load_run_dataset
     from .layers import set_generator, set_stochastic_eval
-    from .train import evaluate, load_run_with_metadata, resolve_device, run_working_dir, warn_if_other_data
+    from .train import evaluate, load_run_with_metadata, resolve_device, run_dataset
 
     device = resolve_device(args.device)
     model, config, meta = load_run_with_metadata(args.run, device=str(device))
@@ -286,11 +285,7 @@ def _cmd_evaluate(args) -> int:
                           "(the real-valued weights give one output)")
     if args.stochastic_eval:
         set_stochastic_eval(model, args.stochastic_eval)
-    started_in = run_working_dir(meta)
-    data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
-                            download=False, **config.dataset_kwargs)  # the run's preprocessing
-    warn_if_other_data(data, config.dataset, config.train_subset, meta.get("data_fingerprint"), "the error")
-    data = data.to(device)
+    data = run_dataset(config, meta, args.data_dir, "the error").to(device)
     result = {"run": str(args.run), "binarization": config.binarization}
     if config.binarization == "stochastic":
         result["stochastic_eval"] = mode
@@ -348,12 +343,11 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .data import load_run_dataset
     from .export import PackedModel, summarize
     from .export.convert import _deterministic_twin, export_loaded_run, recalibrate_batch_norm
     from .export.tools import evaluate_packed, model_predictions
     from .layers import binary_layers
-    from .train import load_run_with_metadata, run_working_dir, warn_if_other_data
+    from .train import load_run_with_metadata, run_dataset
 
     out = args.out or (args.run / "model.bcnn" if args.run.is_dir() else args.run.with_suffix(".bcnn"))
     if out.suffix != ".bcnn":  # also keeps it off the run's own files (.json, .jsonl, .safetensors)
@@ -363,11 +357,7 @@ def _cmd_export(args) -> int:
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
     data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
     if args.recalibrate or args.evaluate:  # the data root: --data-dir, the run's where it exists, the default
-        started_in = run_working_dir(meta)
-        data = load_run_dataset(config.dataset, args.data_dir, config.data_dir, started_in, val_size=config.val_size,
-                                download=False, **config.dataset_kwargs)
-        warn_if_other_data(data, config.dataset, config.train_subset, meta.get("data_fingerprint"),
-                           "the recalibration" if args.recalibrate else "the test error")
+        data = run_dataset(config, meta, args.data_dir, "the recalibration" if args.recalibrate else "the test error")
     packed_model, recalibrated = model, None
     if args.recalibrate:
         packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
@@ -445,7 +435,6 @@ def _cmd_predict(args) -> int:
     from .checkpoint import atomic_write_bytes
     from .export import load_packed
     from .export.tools import dataset_of, read_inputs
-    from .train import warn_if_other_data
 
     if args.output is not None:  # checked before any work: nothing is lost to a typo
         if args.output.suffix != ".npy":
@@ -464,9 +453,6 @@ def _cmd_predict(args) -> int:
         x, y = read_inputs(args.input), None
     else:
         data = dataset_of(model.net, args.data_dir)
-        source, config = model.net.source, model.net.config if isinstance(model.net.config, dict) else {}
-        warn_if_other_data(data, source.get("dataset"), config.get("train_subset"), source.get("data_fingerprint"),
-                           "the error")
         x, y = (data.test_x, data.test_y) if args.split == "test" else (data.val_x, data.val_y)
     start = time.perf_counter()
     logits = torch.cat([model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)])

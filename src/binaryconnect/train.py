@@ -445,6 +445,17 @@ def _data_fingerprint(data: Splits) -> str:
     return h.hexdigest()[:16]
 
 
+def run_dataset(config: TrainConfig, meta: dict[str, str], data_dir: str | None, what: str) -> Splits:
+    """The dataset of a trained run (``config``, its model file's ``meta``) for a command on it (evaluate,
+    export): from ``data_dir`` (its --data-dir) or where the run's data are (``data.load_run_dataset``), with
+    the run's preprocessing; a warning when they are not the data it was trained on (``what`` then is
+    measured on other data)."""
+    data = load_run_dataset(config.dataset, data_dir, config.data_dir, run_working_dir(meta), val_size=config.val_size,
+                            download=False, **config.dataset_kwargs)
+    warn_if_other_data(data, config.dataset, config.train_subset, meta.get("data_fingerprint"), what)
+    return data
+
+
 def warn_if_other_data(data: Splits, dataset: str, train_subset, recorded, what: str) -> None:
     """Warn when ``data`` (loaded for a run on ``dataset`` with ``train_subset``, which is taken here) are not
     the data the run was trained on, by ``_data_fingerprint`` against ``recorded`` (from the model file or

@@ -49,8 +49,10 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
 
 
 def dataset_of(net: PackedNetwork, data_dir: str | None):
-    """The dataset splits the packed network was trained on, as its ``source`` metadata names them."""
+    """The dataset splits the packed network was trained on, as its ``source`` metadata names them (with a
+    warning when the data found are not those, ``train.warn_if_other_data``)."""
     from ..data import load_run_dataset
+    from ..train import warn_if_other_data
 
     source = net.source
     name = source.get("dataset")
@@ -66,8 +68,10 @@ def dataset_of(net: PackedNetwork, data_dir: str | None):
         kwargs["val_size"] = source["val_size"]
     working_dir = source.get("working_dir")  # where the run was trained: its relative paths start there
     working_dir = working_dir if isinstance(working_dir, str) else None
-    recorded = (net.config or {}).get("data_dir") if isinstance(net.config, dict) else None
-    return load_run_dataset(name, data_dir, recorded, working_dir, download=False, **kwargs)
+    config = net.config if isinstance(net.config, dict) else {}
+    data = load_run_dataset(name, data_dir, config.get("data_dir"), working_dir, download=False, **kwargs)
+    warn_if_other_data(data, name, config.get("train_subset"), source.get("data_fingerprint"), "the error")
+    return data
 
 
 def evaluate_packed(model: PackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
