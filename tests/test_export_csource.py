@@ -131,6 +131,35 @@ def test_convnets_in_c_match_the_eval_model(make, shape, tmp_path):
     check_c(model, net, torch.randn(12, *shape), tmp_path)
 
 
+def _table_net() -> nn.Sequential:
+    """Binary stride-1 convolutions (the table of signed sums over groups of 4 input channels) on a
+    non-square 11x13 image: 3 and 6 and 9 input channels (a partial last group), dilation 2 padded by 2, a
+    1x3 kernel and a 1x1 kernel (other bit windows than 3x3), more than one group of 4 with 3x3 (several
+    64-bit windows, the last reading fewer than 8 bytes of its row)."""
+    return nn.Sequential(
+        BinaryConv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        BinaryConv2d(6, 9, 3, padding=2, dilation=2), nn.BatchNorm2d(9), nn.ReLU(),
+        BinaryConv2d(9, 5, (1, 3), padding=(0, 1)), nn.BatchNorm2d(5), nn.ReLU(),
+        BinaryConv2d(5, 4, 1), nn.BatchNorm2d(4),
+        nn.Flatten(), BinaryLinear(4 * 11 * 13, 10), nn.BatchNorm1d(10))
+
+
+@pytest.mark.parametrize("table_floats", [None, 2200], ids=["whole-image", "bands-of-rows"])
+def test_binary_stride_1_convolutions_in_c_match_the_eval_model(table_floats, tmp_path, monkeypatch):
+    """With the default table budget each layer's table covers the whole image; with 2,200 floats the
+    layers run in bands of 7, 1, 3 and 5 output rows (of 11: the last band shorter), the table rebuilt for
+    each band's input rows."""
+    from binaryconnect.export import csource
+    model = calibrate(_table_net(), torch.randn(256, 3, 11, 13))
+    net = export_model(model, (3, 11, 13))
+    if table_floats is not None:
+        monkeypatch.setattr(csource, "TABLE_FLOATS", table_floats)
+    bands = [csource._conv_work(layer, layer["in_channels"], 11, 13, 11)[0] for layer in net.layers
+             if layer["type"] == "conv2d"]
+    assert bands == ([11] * 4 if table_floats is None else [7, 1, 3, 5])
+    check_c(model, net, torch.randn(12, 3, 11, 13), tmp_path)
+
+
 def test_max_pooling_propagates_nan_as_pytorch_does(tmp_path):
     """A NaN anywhere in a pooling window is that window's maximum (PyTorch's max_pool2d), not only when
     it comes first; the logits after it are NaN where the packed model's are."""

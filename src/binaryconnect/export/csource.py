@@ -83,6 +83,28 @@ def _runtime(functions: set[str]) -> str:
     return head + "".join(chosen)
 
 
+# The most floats a binary stride-1 convolution's table of signed sums may take (8 MiB): a larger layer runs
+# in bands of output rows, as many as fit (at least one). Bands cost a table rebuild per band and shorter
+# runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.2x slower with
+# tables of at most 64 Ki floats than unbanded (2.4 MB for its largest layer), so only large images band.
+TABLE_FLOATS = 1 << 21
+
+
+def _conv_work(layer: dict, c: int, h: int, w: int, oh: int) -> tuple[int, int]:
+    """``(band, work floats)`` of a conv2d layer for ``bcnn_conv2d`` (c_runtime.inc): for a binary layer of
+    stride 1, the output rows per band and its table plus the band's sums; for a float layer of stride 1,
+    the zero-padded input plus the sums; other strides need no work memory (band 0, unused)."""
+    if layer["stride"] != [1, 1]:
+        return 0, 0
+    (kh, _), (ph, pw), (dh, _) = layer["kernel_size"], layer["padding"], layer["dilation"]
+    padded_w = w + 2 * pw
+    if not layer["binary"]:
+        return 0, c * (h + 2 * ph) * padded_w + oh * padded_w
+    reach, per_row = (kh - 1) * dh, 16 * ((c + 3) // 4) * padded_w
+    band = max(1, min(oh, TABLE_FLOATS // per_row - reach))
+    return band, per_row * (band + reach) + band * padded_w
+
+
 def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, int, int]:
     """``(header, source, const_bytes, scratch_floats)`` of ``net`` as C99 (module docstring)."""
     check_name(name)
@@ -124,14 +146,13 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, in
             else:
                 (c, h, w), (o, oh, ow) = shape_in, shape_out
                 geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"], *layer["dilation"])
-                if layer["stride"] == [1, 1]:  # the zero-padded input (and its negation), the sums at its pitch
-                    ph, padded_w = layer["padding"][0], w + 2 * layer["padding"][1]
-                    planes = 2 if layer["binary"] else 1
-                    work_floats = max(work_floats, planes * c * (h + 2 * ph) * padded_w + oh * padded_w)
+                band, floats = _conv_work(layer, c, h, w, oh)
+                work_floats = max(work_floats, floats)
                 calls.append(f"    /* layer {i}: conv2d {c}->{o} {layer['kernel_size'][0]}x{layer['kernel_size'][1]}, "
                              f"{comment} */\n"
                              f"    bcnn_conv2d({current}, {out}, {c}, {h}, {w}, {o}, {', '.join(map(str, geometry))}, "
-                             f"{oh}, {ow},\n                {weights}, {prefix}_scale, {prefix}_offset, {relu}, work);")
+                             f"{oh}, {ow}, {band},\n                {weights}, {prefix}_scale, {prefix}_offset, "
+                             f"{relu}, work);")
         elif kind == "affine":
             size = math.prod(shape_in[1:])
             calls.append(f"    /* layer {i}: affine (batch norm) on {layer['channels']} channels"
