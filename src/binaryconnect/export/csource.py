@@ -85,7 +85,7 @@ def _runtime(functions: set[str]) -> str:
 
 # The most floats a binary stride-1 convolution's table of signed sums may take (8 MiB): a larger layer runs
 # in bands of output rows, as many as fit (at least one). Bands cost a table rebuild per band and shorter
-# runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.2x slower with
+# runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.3x slower with
 # tables of at most 64 Ki floats than unbanded (2.4 MB for its largest layer), so only large images band.
 TABLE_FLOATS = 1 << 21
 
