@@ -415,6 +415,50 @@ def _hold_claim(path):
     return fd
 
 
+@pytest.mark.parametrize("written, message", [
+    ("checkpoint.safetensors", "stopped (SIGTERM) as training started, with a checkpoint: continue with "
+                               "`binaryconnect train --resume {run}`"),
+    ("summary.json", "terminated (SIGTERM) as the run ended; it finished: {run}")])
+def test_sigterm_outside_trainings_own_handler_keeps_what_the_run_wrote(tmp_path, written, message):
+    """SIGTERM after the run wrote its first checkpoint or its summary, but while training's own handler is
+    not installed (it starts after the data load and ends before the last writes): exit 143, the run
+    directory kept, and the message says what to do with it, not "nothing was written"."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    code = ("import time, sys; from binaryconnect import train, cli\n"
+            f"train.fit = lambda config, run_dir, **k: ((run_dir / {written!r}).write_text('{{}}'), "
+            "(run_dir / 'wrote').write_text(''), time.sleep(60))\n"
+            f"sys.exit(cli.main(['train', 'mnist-float', '-o', {str(run)!r}, '-q']))")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / "wrote").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert f"binaryconnect: {message.format(run=run)}" in err
+    assert (run / written).is_file()
+
+
+def test_a_second_sigterm_during_the_clean_up_is_ignored():
+    """The first SIGTERM before training starts raises (the claim is then released); the handler first
+    ignores SIGTERM, so that a second one cannot cut the release short."""
+    import signal
+
+    from binaryconnect import cli
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(cli._Terminated, match="before training started; nothing was written"):
+            cli._on_sigterm(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_start_killed_while_loading_leaves_nothing_that_blocks_the_next(tmp_path, sig):
     """SIGTERM while a new run loads its data: exit 143 and no run directory. SIGKILL: the claim file stays,
