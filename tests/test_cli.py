@@ -443,6 +443,42 @@ def test_sigterm_outside_trainings_own_handler_keeps_what_the_run_wrote(tmp_path
     assert (run / written).is_file()
 
 
+def test_a_run_directory_is_claimed_and_released_with_sigint_and_sigterm_blocked(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM cannot land halfway through making or releasing the claim on a new run directory:
+    both are blocked then (a signal that came meanwhile is raised once the claim is whole), and unblocked
+    while training runs."""
+    import signal
+
+    from binaryconnect import rundir, train
+
+    blocked = {}
+    claim_new = rundir.claim_new
+
+    def recording_claim_new(*args, **kwargs):
+        blocked["claim"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        claim = claim_new(*args, **kwargs)
+        release = claim.release
+
+        def recording_release():
+            blocked["release"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            release()
+        claim.release = recording_release
+        return claim
+
+    def fit(config, run_dir, **kwargs):
+        blocked["fit"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return {}
+
+    monkeypatch.setattr(rundir, "claim_new", recording_claim_new)
+    monkeypatch.setattr(train, "fit", fit)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert main(["train", "mnist-float", "-o", str(tmp_path / "run")]) == 0
+    stops = {signal.SIGINT, signal.SIGTERM}
+    assert stops <= blocked["claim"] and stops <= blocked["release"]
+    assert not stops & blocked["fit"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def test_a_second_sigterm_during_the_clean_up_is_ignored():
     """The first SIGTERM before training starts raises (the claim is then released); the handler first
     ignores SIGTERM, so that a second one cannot cut the release short."""
