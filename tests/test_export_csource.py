@@ -64,9 +64,10 @@ def compiler() -> str:
     return cc
 
 
-def build(net, folder, name="net") -> str:
-    """Write ``net`` as C into ``folder``, compile it with the harness, return the program's path."""
-    write_c_source(net, folder, name)
+def build(net, folder, name="net", **options) -> str:
+    """Write ``net`` as C into ``folder`` (``options``: write_c_source's), compile it with the harness,
+    return the program's path."""
+    write_c_source(net, folder, name, **options)
     (folder / "main.c").write_text(HARNESS.replace("NAME_U", name.upper()).replace("NAME", name))
     program = folder / "run"
     result = subprocess.run([compiler(), *CFLAGS, "-o", str(program), str(folder / "main.c"),
@@ -83,8 +84,8 @@ def run_c(program: str, x: torch.Tensor, num_classes: int) -> tuple[torch.Tensor
     return rows[:, :num_classes], rows[:, num_classes:2 * num_classes], rows[:, -1].long()
 
 
-def check_c(model: nn.Module, net, x: torch.Tensor, folder) -> torch.Tensor:
-    logits, again, predicted = run_c(build(net, folder), x, net.num_classes)
+def check_c(model: nn.Module, net, x: torch.Tensor, folder, **options) -> torch.Tensor:
+    logits, again, predicted = run_c(build(net, folder, **options), x, net.num_classes)
     ref64 = model.double()(x.double()).detach()
     model.float()
     err = (logits.double() - ref64).abs().max().item()
@@ -144,20 +145,49 @@ def _table_net() -> nn.Sequential:
         nn.Flatten(), BinaryLinear(4 * 11 * 13, 10), nn.BatchNorm1d(10))
 
 
-@pytest.mark.parametrize("table_floats", [None, 2200], ids=["whole-image", "bands-of-rows"])
-def test_binary_stride_1_convolutions_in_c_match_the_eval_model(table_floats, tmp_path, monkeypatch):
-    """With the default table budget each layer's table covers the whole image; with 2,200 floats the
-    layers run in bands of 7, 1, 3 and 5 output rows (of 11: the last band shorter), the table rebuilt for
-    each band's input rows."""
-    from binaryconnect.export import csource
+@pytest.mark.parametrize("table_floats", [None, 1500], ids=["whole-image", "bands-of-rows"])
+def test_binary_stride_1_convolutions_in_c_match_the_eval_model(table_floats, tmp_path, capsys):
+    """With the default table budget each layer's table covers the whole image; with 1,500 floats the
+    layers run in bands of 10, 1, 2 and 6 output rows (of 11: the last band shorter), the table rebuilt for
+    each band's input rows, and the working memory shrinks."""
+    from binaryconnect.export.csource import TABLE_FLOATS, _conv_work, c_source
     model = calibrate(_table_net(), torch.randn(256, 3, 11, 13))
     net = export_model(model, (3, 11, 13))
-    if table_floats is not None:
-        monkeypatch.setattr(csource, "TABLE_FLOATS", table_floats)
-    bands = [csource._conv_work(layer, layer["in_channels"], 11, 13, 11)[0] for layer in net.layers
+    options = {} if table_floats is None else {"table_floats": table_floats}
+    bands = [_conv_work(layer, layer["in_channels"], 11, 13, 11, **options)[0] for layer in net.layers
              if layer["type"] == "conv2d"]
-    assert bands == ([11] * 4 if table_floats is None else [7, 1, 3, 5])
-    check_c(model, net, torch.randn(12, 3, 11, 13), tmp_path)
+    assert bands == ([11] * 4 if table_floats is None else [10, 1, 2, 6])
+    if table_floats is not None:
+        assert c_source(net, "net", table_floats)[3] < c_source(net, "net", TABLE_FLOATS)[3]
+        net.save(tmp_path / "m.bcnn")  # the command line's option
+        for given in (["--table-floats", str(table_floats)], []):
+            assert main(["export-c", str(tmp_path / "m.bcnn"), "-o", str(tmp_path / "cli"), "--json", "--force",
+                         *given]) == 0
+            written = json.loads(capsys.readouterr().out)
+            assert written["scratch_bytes"] == 4 * c_source(net, "bcnn_model", table_floats if given else
+                                                            TABLE_FLOATS)[3]
+    check_c(model, net, torch.randn(12, 3, 11, 13), tmp_path, **options)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(BinaryConv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten()), (6, 5, 5)),
+    (lambda: nn.Sequential(nn.Flatten(), BinaryLinear(30, 5), nn.BatchNorm1d(5)), (30,))], ids=["conv", "linear"])
+def test_infinite_inputs_give_pytorchs_infinities(make, shape, tmp_path):
+    """A binary layer's table of signed sums adds each entry's own terms: an infinite input gives the +-inf
+    float32 PyTorch gives, not inf - inf = NaN (as a table built by doubling did), and an input above half
+    the largest float does not overflow."""
+    model = calibrate(make(), torch.randn(256, *shape))
+    net = export_model(model, shape, num_classes=model(torch.zeros(1, *shape)).shape[1])
+    x = torch.randn(4, *shape)
+    x.view(4, -1)[0, 17] = float("inf")
+    x.view(4, -1)[1, 3] = -float("inf")
+    x.view(4, -1)[2, 11] = 3e38
+    logits, _, _ = run_c(build(net, tmp_path), x, net.num_classes)
+    with torch.inference_mode():
+        ref = model.eval()(x)
+    assert not ref.isnan().any() and ref[:2].isinf().any(dim=1).all() and ref[2:].isfinite().all()
+    assert torch.equal(logits.isfinite(), ref.isfinite())
+    assert torch.equal(logits[logits.isinf()], ref[ref.isinf()])
 
 
 def test_max_pooling_propagates_nan_as_pytorch_does(tmp_path):
@@ -262,4 +292,9 @@ def test_export_c_refuses_bad_names_existing_files_and_non_packed_inputs(tmp_pat
     assert main(["export-c", str(tmp_path), "-o", str(tmp_path / "d")]) == 2
     assert "takes a packed .bcnn file" in capsys.readouterr().err
     assert main(["export-c", str(tmp_path / "missing.bcnn"), "-o", str(tmp_path / "d")]) == 2
+    with pytest.raises(SystemExit):
+        main(["export-c", str(tmp_path / "m.bcnn"), "-o", str(tmp_path / "d"), "--table-floats", "0"])
+    assert "argument --table-floats: expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="table_floats must be a positive number"):
+        write_c_source(net, tmp_path / "d", "net", table_floats=0)
     assert not (tmp_path / "d").exists()

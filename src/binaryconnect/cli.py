@@ -538,19 +538,24 @@ def _add_export_c(sub) -> None:
     p.add_argument("--name", default="bcnn_model", help="prefix of the files and the C functions (a C identifier; "
                                                         "default bcnn_model)")
     p.add_argument("--force", action="store_true", help="overwrite NAME.h / NAME.c if they exist")
+    p.add_argument("--table-floats", type=_positive_int, default=None, metavar="N",
+                   help="the most working memory, in floats, a binary stride-1 convolution's table of signed sums "
+                        "may take: a larger layer runs in bands of output rows (at least one row; fewer rows "
+                        "are slower); lowers the working memory for small targets (default 2097152, 8 MiB)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_export_c)
 
 
 def _cmd_export_c(args) -> int:
     from .export import read_packed
-    from .export.csource import check_name, write_c_source
+    from .export.csource import TABLE_FLOATS, check_name, write_c_source
 
     check_name(args.name)  # before reading anything: a typo costs nothing
     if args.model.is_dir():
         raise ConfigError(f"{args.model} is a directory: export-c takes a packed .bcnn file; make one from a run "
                           f"directory with `binaryconnect export {args.model}`")
-    written = write_c_source(read_packed(args.model), args.out, args.name, force=args.force)
+    written = write_c_source(read_packed(args.model), args.out, args.name, force=args.force,
+                             table_floats=args.table_floats or TABLE_FLOATS)
     result = {"header": str(written.header), "source": str(written.source), "const_bytes": written.const_bytes,
               "scratch_bytes": 4 * written.scratch_floats, "layers": written.layers}
     if args.json:

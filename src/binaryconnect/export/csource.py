@@ -20,7 +20,8 @@ header declares::
 
 The input is preprocessed as the training data were. Float constants are written as C99 hexadecimal
 literals, so they are exactly the file's float32 values; the sums run in another order than PyTorch's,
-so logits agree with the packed model to float32 rounding (tests/test_export_csource.py).
+so logits agree with the packed model to float32 rounding (tests/test_export_csource.py); an infinite input
+gives the +-inf logits float32 PyTorch gives (the native engine gives NaN there).
 """
 
 from __future__ import annotations
@@ -83,31 +84,39 @@ def _runtime(functions: set[str]) -> str:
     return head + "".join(chosen)
 
 
-# The most floats a binary stride-1 convolution's table of signed sums may take (8 MiB): a larger layer runs
-# in bands of output rows, as many as fit (at least one). Bands cost a table rebuild per band and shorter
-# runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.3x slower with
-# tables of at most 64 Ki floats than unbanded (2.4 MB for its largest layer), so only large images band.
+# The default of the most floats a binary stride-1 convolution's table of signed sums may take (8 MiB;
+# ``export-c --table-floats``): a larger layer runs in bands of output rows, as many as fit, at least one
+# (so a layer whose one-row band exceeds it still takes that). Bands cost a table rebuild per band and
+# shorter runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.3x slower
+# with tables of at most 64 Ki floats than unbanded (2.4 MB for its largest layer), so by default only
+# large images band.
 TABLE_FLOATS = 1 << 21
 
 
-def _conv_work(layer: dict, c: int, h: int, w: int, oh: int) -> tuple[int, int]:
+def _conv_work(layer: dict, c: int, h: int, w: int, oh: int, table_floats: int = TABLE_FLOATS) -> tuple[int, int]:
     """``(band, work floats)`` of a conv2d layer for ``bcnn_conv2d`` (c_runtime.inc): for a binary layer of
-    stride 1, the output rows per band and its table plus the band's sums; for a float layer of stride 1,
-    the zero-padded input plus the sums; other strides need no work memory (band 0, unused)."""
+    stride 1, the output rows per band (its table at most ``table_floats`` where one row allows) and its
+    table plus the band's sums; for a float layer of stride 1, the zero-padded input plus the sums; other
+    strides need no work memory (band 0, unused)."""
     if layer["stride"] != [1, 1]:
         return 0, 0
     (kh, _), (ph, pw), (dh, _) = layer["kernel_size"], layer["padding"], layer["dilation"]
     padded_w = w + 2 * pw
     if not layer["binary"]:
         return 0, c * (h + 2 * ph) * padded_w + oh * padded_w
-    reach, per_row = (kh - 1) * dh, 16 * ((c + 3) // 4) * padded_w
-    band = max(1, min(oh, TABLE_FLOATS // per_row - reach))
+    groups = (c + 3) // 4
+    reach, per_row = (kh - 1) * dh, (16 * (groups - 1) + 2 ** (c - 4 * (groups - 1))) * padded_w
+    band = max(1, min(oh, table_floats // per_row - reach))
     return band, per_row * (band + reach) + band * padded_w
 
 
-def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, int, int]:
-    """``(header, source, const_bytes, scratch_floats)`` of ``net`` as C99 (module docstring)."""
+def c_source(net: PackedNetwork, name: str = "bcnn_model",
+             table_floats: int = TABLE_FLOATS) -> tuple[str, str, int, int]:
+    """``(header, source, const_bytes, scratch_floats)`` of ``net`` as C99 (module docstring); ``table_floats``
+    as ``TABLE_FLOATS``."""
     check_name(name)
+    if table_floats < 1:
+        raise ConfigError(f"table_floats must be a positive number of floats, not {table_floats}")
     macro = name.upper()
     shapes = layer_shapes(net.layers, tuple(net.input_shape))
     arrays, calls, const_bytes, buffer_floats, work_floats = [], [], 0, 1, 0
@@ -146,7 +155,7 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, in
             else:
                 (c, h, w), (o, oh, ow) = shape_in, shape_out
                 geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"], *layer["dilation"])
-                band, floats = _conv_work(layer, c, h, w, oh)
+                band, floats = _conv_work(layer, c, h, w, oh, table_floats)
                 work_floats = max(work_floats, floats)
                 calls.append(f"    /* layer {i}: conv2d {c}->{o} {layer['kernel_size'][0]}x{layer['kernel_size'][1]}, "
                              f"{comment} */\n"
@@ -171,8 +180,8 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model") -> tuple[str, str, in
             raise ConfigError(f"layer {i}: no C implementation of layer type {kind!r}")
         buffer_floats = max(buffer_floats, math.prod(shape_out))
         current = out
-    runtime = _runtime({f for f in ("linear", "conv2d", "affine", "relu", "maxpool2d")
-                        if f"bcnn_{f}(" in "\n".join(calls)})
+    used = {f for f in ("linear", "conv2d", "affine", "relu", "maxpool2d") if f"bcnn_{f}(" in "\n".join(calls)}
+    runtime = _runtime(used | ({"signed_sums"} if used & {"linear", "conv2d"} else set()))
     input_size = math.prod(net.input_shape)
     scratch_floats = 2 * buffer_floats + work_floats
     shape = "[" + "][".join(map(str, net.input_shape)) + "]"
@@ -248,10 +257,10 @@ int {name}_predict(const float *input)
 
 
 def write_c_source(net: PackedNetwork, folder: str | Path, name: str = "bcnn_model",
-                   force: bool = False) -> CSource:
+                   force: bool = False, table_floats: int = TABLE_FLOATS) -> CSource:
     """Write ``<folder>/<name>.h`` and ``<folder>/<name>.c`` (``folder`` is created); an existing file is
-    refused unless ``force``, before anything is written."""
-    header, source, const_bytes, scratch = c_source(net, name)
+    refused unless ``force``, before anything is written. ``table_floats``: as ``TABLE_FLOATS``."""
+    header, source, const_bytes, scratch = c_source(net, name, table_floats)
     folder = Path(folder)
     paths = (folder / f"{name}.h", folder / f"{name}.c")
     existing = [str(p) for p in paths if p.exists()]
