@@ -295,6 +295,7 @@ def test_export_c_refuses_bad_names_existing_files_and_non_packed_inputs(tmp_pat
     with pytest.raises(SystemExit):
         main(["export-c", str(tmp_path / "m.bcnn"), "-o", str(tmp_path / "d"), "--table-floats", "0"])
     assert "argument --table-floats: expected a positive integer, got '0'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="table_floats must be a positive number"):
-        write_c_source(net, tmp_path / "d", "net", table_floats=0)
+    for bad in (0, 1500.0, True):
+        with pytest.raises(ConfigError, match="table_floats must be a positive number"):
+            write_c_source(net, tmp_path / "d", "net", table_floats=bad)
     assert not (tmp_path / "d").exists()

@@ -115,8 +115,8 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model",
     """``(header, source, const_bytes, scratch_floats)`` of ``net`` as C99 (module docstring); ``table_floats``
     as ``TABLE_FLOATS``."""
     check_name(name)
-    if table_floats < 1:
-        raise ConfigError(f"table_floats must be a positive number of floats, not {table_floats}")
+    if isinstance(table_floats, bool) or not isinstance(table_floats, int) or table_floats < 1:
+        raise ConfigError(f"table_floats must be a positive number of floats (an int), not {table_floats!r}")
     macro = name.upper()
     shapes = layer_shapes(net.layers, tuple(net.input_shape))
     arrays, calls, const_bytes, buffer_floats, work_floats = [], [], 0, 1, 0

@@ -15,10 +15,11 @@ Engines:
   (no im2col buffer).
 - ``torch``: pure PyTorch, for machines without a C++ compiler and as a reference. The bits are
   unpacked once, at load, to +-1 float32 weights used with ``F.linear``/``F.conv2d`` (so it does use
-  multiplications and 32x the memory); results agree with ``native`` to float32 rounding. One exception:
-  an infinite input gives ``native`` NaN where ``torch``, float32 PyTorch
-  and the C source export give +-inf (its tables and single columns subtract one sum from another:
-  inf - inf); ``binaryconnect predict`` refuses non-finite inputs before they get there.
+  multiplications and 32x the memory); results agree with ``native`` to float32 rounding. Exceptions:
+  an infinite input gives ``native`` NaN where ``torch``, float32 PyTorch and the C source export give
+  +-inf, and a finite input beyond half float32's largest value (about 1.7e38) can give it +-inf or NaN
+  where they stay finite (its tables and single columns double a sum, then subtract another: inf - inf);
+  ``binaryconnect predict`` refuses non-finite inputs, not such large ones.
 - ``auto`` (default): ``native`` if the kernels build here, else ``torch`` with a warning.
 
 The default comes from ``$BINARYCONNECT_ENGINE`` when set; an ``engine=`` argument wins over it.
