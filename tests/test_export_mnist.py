@@ -134,6 +134,7 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
     assert len(capsys.readouterr().out.split()) == 3
     bad = {"empty.npy": np.zeros((0, 1, 28, 28), np.float32), "nan.npy": np.where(x == 0, np.nan, x),
            "inf.npy": np.full_like(x, np.inf), "big.npy": np.full(x.shape, 1e300),
+           "huge.npy": np.where(x == 0, 2e38, x),  # finite in float32, above half its largest
            "complex.npy": x.astype(np.complex64)}
     for name, array in bad.items():
         np.save(tmp_path / name, array)
@@ -141,6 +142,7 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
     save_file({"x": np.ones((3, 1, 28, 28), dtype=bool)}, str(tmp_path / "bool.safetensors"))
     for name, message in [("empty.npy", "holds no examples"), ("nan.npy", "NaN or infinite"),
                           ("inf.npy", "NaN or infinite"), ("big.npy", "beyond float32's range"),
+                          ("huge.npy", "holds values beyond +-1.7e+38 (half float32's largest)"),
                           ("complex.npy", "not real numbers"), ("zero.npy", "is not a plain numeric .npy array"),
                           ("bool.safetensors", "holds torch.bool values, not real numbers")]:
         one_line_error(["predict", str(exported), "--input", str(tmp_path / name)], message)

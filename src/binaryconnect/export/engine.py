@@ -19,7 +19,7 @@ Engines:
   an infinite input gives ``native`` NaN where ``torch``, float32 PyTorch and the C source export give
   +-inf, and a finite input beyond half float32's largest value (about 1.7e38) can give it +-inf or NaN
   where they stay finite (its tables and single columns double a sum, then subtract another: inf - inf);
-  ``binaryconnect predict`` refuses non-finite inputs, not such large ones.
+  ``binaryconnect predict`` refuses both kinds of input (``tools.read_inputs``); ``PackedModel`` does not check.
 - ``auto`` (default): ``native`` if the kernels build here, else ``torch`` with a warning.
 
 The default comes from ``$BINARYCONNECT_ENGINE`` when set; an ``engine=`` argument wins over it.

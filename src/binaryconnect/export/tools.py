@@ -12,6 +12,10 @@ from ..errors import ConfigError, DataError
 from .engine import PackedModel
 from .format import PackedNetwork
 
+#: The largest input magnitude ``predict`` accepts: half float32's largest value (about 1.7e38). Beyond it the
+#: native engine's sums (doubled, then another subtracted) overflow where float32 PyTorch's do not.
+HALF_FLOAT32_MAX = float(torch.finfo(torch.float32).max) / 2
+
 
 def read_inputs(path: str | os.PathLike) -> torch.Tensor:
     """A float array from ``.npy`` (read with ``allow_pickle=False``) or a ``.safetensors`` file holding one
@@ -45,6 +49,9 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise DataError(f"{path} holds NaN or infinite values (or values beyond float32's range): inputs must be "
                         "finite, preprocessed as the model's training data were")
+    if x.abs().max() > HALF_FLOAT32_MAX:  # the native engine doubles sums: it would give +-inf or NaN
+        raise DataError(f"{path} holds values beyond +-{HALF_FLOAT32_MAX:.3g} (half float32's largest), where the "
+                        "packed engine's sums overflow: inputs must be preprocessed as the model's training data were")
     return x
 
 
