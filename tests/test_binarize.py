@@ -147,9 +147,14 @@ def test_stochastic_ties_u_equal_p_give_minus_H(device):
     took ``u - p <= 0`` or the sign of ``p - u`` (zero as +H) for the comparison gets the ties wrong."""
     u = torch.rand(100_000, generator=torch.Generator(device).manual_seed(3), device=device)
     w = 2 * u - 1
-    assert torch.equal((w + 1) * 0.5, u)  # the ties are exact
+    # The ties are exact where u >= 1/4 (2u and 1 within a factor of 2: Sterbenz), on every device. Below 1/4
+    # only on the CPU, whose uniforms are multiples of 2^-24; CUDA's carry finer bits there, which 2u - 1 rounds
+    # off (seen on an H100, torch 2.11: this test's first form assumed exact ties everywhere and failed there).
+    exact = (w + 1) * 0.5 == u
+    assert exact[u >= 0.25].all() and (device != "cpu" or exact.all())
     tie = binarize_stochastic(w, 1.0, torch.Generator(device).manual_seed(3))
-    assert torch.equal(tie, torch.full_like(w, -1.0))
+    assert torch.equal(tie[exact], torch.full_like(w[exact], -1.0))
+    assert torch.equal(tie, torch.where(u < (w + 1) * 0.5, 1.0, -1.0))
     w = torch.nextafter(w, torch.full_like(w, 2.0))
     above = binarize_stochastic(w, 1.0, torch.Generator(device).manual_seed(3))
     broken = u < (w + 1) * 0.5  # p above u where W + 1 keeps W's last bit: at least for W < -1/2
