@@ -15,6 +15,7 @@ hardware and software versions.
     python bench/bench_train_step.py --network mnist                          # the MNIST MLP, batch 100
     python bench/bench_train_step.py --network mnist --compile-mode reduce-overhead   # + CUDA graphs
     python bench/bench_train_step.py --network mnist --cuda-graph      # the whole step as CUDA graphs
+    python bench/bench_train_step.py --cuda-graph --profile 5     # + where each variant's device time goes
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -115,6 +116,35 @@ def make_variant(binarization: str, state: dict, args, device: torch.device, x: 
     return step
 
 
+def profile_steps(stepper, x, y, steps: int, device: torch.device) -> dict:
+    """Run ``steps`` steps under torch.profiler: the GPU kernels (CUDA graph replays included, as CUPTI
+    reports them), or on the CPU the operators, by self time per step, the most costly first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            stepper(x, y)
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            if e.device_type != DeviceType.CPU or not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        rows.append({"name": e.key, "calls_per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"steps": steps, "per_step": sum(r["calls_per_step"] for r in rows),
+            "self_us_per_step": sum(r["us_per_step"] for r in rows), "top": rows}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,8 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cuda-graph", action="store_true",
                    help="record each variant's whole step (passes, Adam, clipping) as CUDA graphs, as train "
                         "--cuda-graph does (CUDA only; not with --compile-mode reduce-overhead/max-autotune)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the timing, run STEPS more steps of each variant under torch.profiler and print "
+                        "its kernels (on the CPU: its operators) by self time per step, the most costly first")
+    p.add_argument("--top", type=int, default=12, help="kernels printed per variant with --profile (default 12)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
+    if args.profile < 0 or args.top < 1:
+        p.error("--profile must be >= 0 and --top >= 1")
     args.compile = args.compile or args.compile_mode != "default"  # a compile mode implies --compile
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -195,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_seconds": compile_seconds,
     }
 
+    if args.profile:
+        result["profile"] = {v: profile_steps(steppers[v], x, y, args.profile, device) for v in VARIANTS}
+
     env = result["environment"]
     print(f"binaryconnect {env['binaryconnect']}, torch {env['torch']}, python {env['python']}, {env['platform']}")
     hw = env.get("gpu") or env.get("cpu", "unknown CPU")
@@ -213,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
             line += f"   {r['median']:.3f}x float (rounds: {r['min']:.3f}..{r['max']:.3f})"
         print(line)
     print("goals (one H100): deterministic <= 1.10x, stochastic <= 1.20x the float step")
+    for v, prof in result.get("profile", {}).items():
+        unit = "kernels" if on_gpu else "operators"
+        print(f"profile {names[v]}: {prof['per_step']:.1f} {unit} and {prof['self_us_per_step']:.1f} us of self "
+              f"{'device' if on_gpu else 'CPU'} time per step ({args.profile} steps)")
+        for row in prof["top"][:args.top]:
+            print(f"    {row['us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x  {row['name'][:100]}")
     if args.json:
         print(json.dumps(result))
     return result
