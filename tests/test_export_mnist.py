@@ -2,6 +2,7 @@
 all 10,000 test images; and the export / predict / summary commands end to end."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -162,7 +163,8 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
 def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_root, tmp_path, capsys):
     run, summary = _train(tmp_path_factory, mnist, "stochastic", "sto", hidden=64, depth=1)
     out = tmp_path / "s.bcnn"
-    assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root)]) == 0
+    with pytest.warns(UserWarning, match="again with --recalibrate 100"):  # its statistics do not fit sign(W)
+        assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root)]) == 0
     text = capsys.readouterr().out
     assert "note: stochastic layers exported as H * sign(W)" in text
     # the paper's evaluation (real-valued weights) and the packed network's, side by side
@@ -173,8 +175,11 @@ def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_ro
 
     # --recalibrate: statistics for H * sign(W); the file says so; the packed model is the recalibrated one
     out2 = tmp_path / "r.bcnn"
-    assert main(["export", str(run), "-o", str(out2), "--evaluate", "--recalibrate", "20", "--data-dir", str(data_root),
-                 "--json"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(run), "-o", str(out2), "--evaluate", "--recalibrate", "20", "--data-dir",
+                     str(data_root), "--json"]) == 0
+    assert not [w for w in caught if "--recalibrate" in str(w.message)]
     result = json.loads(capsys.readouterr().out)
     assert result["recalibrated_examples"] == 20 * 100 and result["recalibrated_agreement"] == 1.0
     assert result["model_test_error"] == pytest.approx(summary["test_error"])

@@ -385,6 +385,7 @@ def _cmd_export(args) -> int:
         result["recalibrated_examples"] = recalibrated["examples"]
     if args.json:
         print(json.dumps(result))
+        _warn_unfit_statistics(net, out, recalibrated)
         return 0
     c = result["compression"]  # float layers are stored as float32: such a file is a little larger
     ratio = f"{c:.1f}x smaller than" if c >= 1 else f"{1 / c:.4f}x the size of"
@@ -403,7 +404,18 @@ def _cmd_export(args) -> int:
             print(f"the model packed ({recalibrated['weights']}, recomputed statistics) in PyTorch: test error "
                   f"{100 * result['recalibrated_model_test_error']:.2f}%, same prediction as the packed model on "
                   f"{100 * result['recalibrated_agreement']:.2f}%")
+    _warn_unfit_statistics(net, out, recalibrated)
     return 0
+
+
+def _warn_unfit_statistics(net, out: Path, recalibrated) -> None:
+    """A stochastic model packed without --recalibrate: its batch norms' statistics fit the sampled weights."""
+    if net.source.get("stochastic_weights") and not recalibrated:
+        sys.stdout.flush()  # after the lines above on a terminal
+        warnings.warn(f"{out} holds H * sign(W) with the batch-norm statistics of the stochastic training, which fit "
+                      "its sampled weights, not these: such a file can err far more often than the model (MNIST, "
+                      "RESULTS.md: 17.04% against 1.26%). Export it again with --recalibrate 100 (it reads the "
+                      "training data) to recompute them for H * sign(W)", stacklevel=1)
 
 
 def _add_predict(sub) -> None:
