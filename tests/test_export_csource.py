@@ -115,10 +115,20 @@ def _lenet() -> nn.Sequential:
         nn.Flatten(), BinaryLinear(8 * 7 * 7, 10), nn.BatchNorm1d(10))
 
 
-def test_the_paper_mlp_in_c_matches_the_eval_model(tmp_path):
+@pytest.mark.parametrize("table_floats", [None, 25087], ids=["byte-tables", "half-byte-tables"])
+def test_the_paper_mlp_in_c_matches_the_eval_model(table_floats, tmp_path):
+    """Binary linear layers add one entry of 256 signed sums per byte of weights where those tables fit the
+    budget (the 784 inputs' take 98 x 256 = 25,088 floats), else one of 16 per half-byte."""
     model = calibrate(create_model("mlp", hidden=256), torch.rand(512, 1, 28, 28) * 2 - 1)
     net = export_model(model, (1, 28, 28))
-    check_c(model, net, torch.rand(20, 1, 28, 28) * 2 - 1, tmp_path)
+    options = {} if table_floats is None else {"table_floats": table_floats}
+    _, source, _, scratch = c_source(net, "net", **options)
+    calls = source.split("bcnn_linear(")[2:]  # after the function's own definition
+    flags = [call.split(");")[0].split(", ")[-2] for call in calls]  # its `bytes` argument
+    assert flags == (["1", "1", "1", "1"] if table_floats is None else ["0", "1", "1", "1"])
+    # the largest tables (784 inputs: 98 x 256 floats; else those of 256 inputs, 32 x 256) and two activations
+    assert scratch == (256 * 98 if table_floats is None else 256 * 32) + 2 * 256
+    check_c(model, net, torch.rand(20, 1, 28, 28) * 2 - 1, tmp_path, **options)
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: _small_convnet(True), (3, 16, 16)),

@@ -553,7 +553,9 @@ def _add_export_c(sub) -> None:
     p.add_argument("--table-floats", type=_positive_int, default=None, metavar="N",
                    help="the most working memory, in floats, a binary stride-1 convolution's table of signed sums "
                         "may take: a larger layer runs in bands of output rows (at least one row; fewer rows "
-                        "are slower); lowers the working memory for small targets (default 2097152, 8 MiB)")
+                        "are slower); a binary linear layer whose byte tables (256 floats per 8 inputs) exceed "
+                        "it takes half-byte tables (32 per 8 inputs, slower); lowers the working memory for "
+                        "small targets (default 2097152, 8 MiB)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_export_c)
 

@@ -89,7 +89,8 @@ def _runtime(functions: set[str]) -> str:
 # (so a layer whose one-row band exceeds it still takes that). Bands cost a table rebuild per band and
 # shorter runs of additions: on the 2-vCPU EPYC (1 MiB L2 per core) the CIFAR-10 convnet ran 2.3x slower
 # with tables of at most 64 Ki floats than unbanded (2.4 MB for its largest layer), so by default only
-# large images band.
+# large images band. A binary linear layer takes its byte tables (256 floats per 8 inputs) where they fit
+# in it, else its half-byte tables (32 floats per 8 inputs).
 TABLE_FLOATS = 1 << 21
 
 
@@ -147,11 +148,13 @@ def c_source(net: PackedNetwork, name: str = "bcnn_model",
             comment = f"{'binary' if layer['binary'] else 'float'} weights{', ReLU' if relu else ''}"
             if kind == "linear":
                 c, o = layer["in_features"], layer["out_features"]
-                if layer["binary"]:  # its table of signed sums: 16 floats per 4 inputs (padding included)
-                    work_floats = max(work_floats, 32 * ((c + 7) // 8))
+                bytes_ = 0
+                if layer["binary"]:  # its tables of signed sums: bytes (256 per 8 inputs) where they fit
+                    bytes_ = int(256 * ((c + 7) // 8) <= table_floats)
+                    work_floats = max(work_floats, (256 if bytes_ else 32) * ((c + 7) // 8))
                 calls.append(f"    /* layer {i}: linear {c}->{o}, {comment} */\n"
                              f"    bcnn_linear({current}, {out}, {c}, {o}, {weights}, {prefix}_scale, {prefix}_offset, "
-                             f"{relu}, work);")
+                             f"{relu}, {bytes_}, work);")
             else:
                 (c, h, w), (o, oh, ow) = shape_in, shape_out
                 geometry = (*layer["kernel_size"], *layer["stride"], *layer["padding"], *layer["dilation"])
