@@ -16,6 +16,7 @@ hardware and software versions.
     python bench/bench_train_step.py --network mnist --compile-mode reduce-overhead   # + CUDA graphs
     python bench/bench_train_step.py --network mnist --cuda-graph      # the whole step as CUDA graphs
     python bench/bench_train_step.py --cuda-graph --profile 5     # + where each variant's device time goes
+    python bench/bench_train_step.py --cuda-graph --serial-groups # Adam's groups recorded one after the other
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -96,7 +97,7 @@ def make_variant(binarization: str, state: dict, args, device: torch.device, x: 
 
     if args.cuda_graph:  # as train.fit runs it with --cuda-graph: batch into the static inputs, two replays
         graph = GraphedStep(lambda a, b: square_hinge_loss(forward(a), b), model, optimizer, x, y,
-                            generators=[generator])
+                            generators=[generator], concurrent_groups=not args.serial_groups)
 
         def graphed_step(x, y):
             graph.load(x, y)
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cuda-graph", action="store_true",
                    help="record each variant's whole step (passes, Adam, clipping) as CUDA graphs, as train "
                         "--cuda-graph does (CUDA only; not with --compile-mode reduce-overhead/max-autotune)")
+    p.add_argument("--serial-groups", action="store_true",
+                   help="with --cuda-graph: record the optimizer's parameter groups (one per binarized layer) one "
+                        "after the other, as before, instead of side by side on streams of their own")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after the timing, run STEPS more steps of each variant under torch.profiler and print "
                         "its kernels (on the CPU: its operators) by self time per step, the most costly first")
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = device.type == "cuda"
     if args.cuda_graph and not on_gpu:
         p.error(f"--cuda-graph needs a CUDA device; the device is {device}")
+    if args.serial_groups and not args.cuda_graph:
+        p.error("--serial-groups goes with --cuda-graph (without it the groups are always stepped in turn)")
     if args.cuda_graph and args.compile_mode in CUDA_GRAPH_MODES:
         p.error(f"--cuda-graph records the whole step itself; --compile-mode {args.compile_mode} cannot be "
                 "nested in it")
@@ -225,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
         "rounds": args.rounds, "compile": args.compile, "compile_mode": args.compile_mode, "amp": args.amp,
         "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
+        "concurrent_groups": args.cuda_graph and not args.serial_groups,
         "median_step_ms": {v: 1e3 * t for v, t in median.items()},
         "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                            for v, r in ratios.items()},
@@ -243,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     kind = "MLP, 3 hidden layers" if args.network == "mnist" else "convnet"
     print(f"network {args.network} {kind} (hidden {args.hidden}), batch {batch}, {steps} steps x {args.rounds} "
           f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} ({args.compile_mode}) "
-          f"amp={args.amp} channels_last={args.channels_last} cuda_graph={args.cuda_graph}")
+          f"amp={args.amp} channels_last={args.channels_last} cuda_graph={args.cuda_graph}"
+          + (f" concurrent_groups={result['concurrent_groups']}" if args.cuda_graph else ""))
     names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
     for v in VARIANTS:
         line = f"  {names[v]:14s} {1e3 * median[v]:10.2f} ms/step"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from binaryconnect.binarize import (
+    _probability_and_uniforms,
     binarize_deterministic,
     binarize_ste,
     binarize_stochastic,
@@ -186,6 +187,23 @@ def test_training_forward_on_the_cpu_is_the_public_binarization_bit_for_bit(dtyp
     assert torch.equal(torch.signbit(binarize_ste(w, "deterministic", H)), torch.signbit(binarize_deterministic(w, H)))
     got = binarize_ste(w, "stochastic", H, generator=torch.Generator().manual_seed(4))
     assert got.dtype == dtype and torch.equal(got, binarize_stochastic(w, H, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [1.0, 0.7, 3.0])
+def test_the_probability_is_w_over_H_plus_one_halved_bit_for_bit(dtype, H, device):
+    """The sampler computes p in one pass (``0.5 + 0.5 * W / H``): the same floats as ``(W / H + 1) * 0.5``,
+    for the edge values and, for the 16-bit dtypes, every value the dtype has."""
+    w = _special(dtype, H)
+    if dtype.itemsize == 2:
+        w = torch.cat([w, torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)])
+    w = w.to(device)
+    p, _ = _probability_and_uniforms(w, H, None)
+    expected = (w / H + 1) * 0.5
+    assert p.dtype == dtype
+    assert torch.equal(p.isnan(), expected.isnan())
+    assert torch.equal(p[~p.isnan()], expected[~expected.isnan()])
 
 
 def test_the_public_binarizations_work_under_vmap():

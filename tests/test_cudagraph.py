@@ -60,13 +60,13 @@ def _train_eager(model, batches, lrs, seed, device="cpu"):
     return optimizer, generator, losses
 
 
-def _train_graphed(model, batches, lrs, seed, capture, device="cpu"):
+def _train_graphed(model, batches, lrs, seed, capture, device="cpu", concurrent_groups=True):
     optimizer = make_optimizer(model, 1e-3)
     generator = torch.Generator(device=device).manual_seed(seed)
     set_generator(model, generator)
     model.train()
     step = GraphedStep(lambda x, y: square_hinge_loss(model(x), y), model, optimizer, *batches[0],
-                       generators=[generator], capture=capture)
+                       generators=[generator], capture=capture, concurrent_groups=concurrent_groups)
     losses = []
     for (x, y), lr in zip(batches, lrs, strict=True):
         set_lr(optimizer, lr)
@@ -307,6 +307,24 @@ def test_recorded_step_trains_as_the_eager_step_on_a_gpu(binarization):
     assert losses_g == pytest.approx(losses_e, rel=1e-4, abs=1e-6)
     _assert_same_state(eager, graphed, opt_e, opt_g, exact=False, atol=1e-4)
     assert torch.equal(gen_e.get_state(), gen_g.get_state())
+
+
+@cuda
+@pytest.mark.parametrize("binarization", ["deterministic", "stochastic"])
+def test_groups_recorded_side_by_side_train_bit_identically_to_groups_recorded_in_turn(binarization):
+    # the same kernels on other streams: parallel branches of the graph change no value
+    batches = _batches(12, "cuda", features=64, batch=32)
+    lrs = [5e-2] * 6 + [1e-3] * 6  # large enough at first that latent weights reach the clip
+    runs = {}
+    for concurrent in (True, False):
+        model = _mlp(binarization, "cuda", 64)
+        runs[concurrent] = (model, *_train_graphed(model, batches, lrs, seed=7, capture=True, device="cuda",
+                                                   concurrent_groups=concurrent))
+    (a, opt_a, gen_a, losses_a), (b, opt_b, gen_b, losses_b) = runs[True], runs[False]
+    assert losses_a == losses_b
+    _assert_same_state(a, b, opt_a, opt_b)
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())
+    assert any(bool((m.weight.abs() == m.H).any()) for m in a.modules() if getattr(m, "is_binary", False))
 
 
 @cuda

@@ -16,7 +16,10 @@ from binaryconnect.optim import (
     make_optimizer,
     param_groups,
     set_lr,
+    step_groups_concurrently,
 )
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_glorot_scale_for_known_shapes():
@@ -138,6 +141,101 @@ def test_clip_respects_H_and_skips_float_layers(foreach):
     for layer, want in zip(layers, expected, strict=True):
         assert torch.equal(layer.weight, want)
         assert torch.equal(torch.signbit(layer.weight), torch.signbit(want))  # -0.0 stays -0.0, as clamp_ leaves it
+
+
+def _mixed_net(device="cpu"):
+    """Binary layers of two H (each a group of its own), a float layer and batch norms (the group "other")."""
+    torch.manual_seed(11)
+    return nn.Sequential(BinaryLinear(12, 16, H=0.5), nn.BatchNorm1d(16), nn.ReLU(),
+                         BinaryLinear(16, 16, binarization="stochastic"), nn.BatchNorm1d(16), nn.ReLU(),
+                         BinaryLinear(16, 8, binarization="none", bias=True),
+                         BinaryLinear(8, 5, H=0.5, bias=True)).to(device)
+
+
+def _train(net, stepper, device="cpu", steps=6, lr=0.3):
+    """A few steps at a learning rate large enough that Adam pushes latent weights past H (clipped)."""
+    opt = make_optimizer(net, lr=lr)
+    from binaryconnect.layers import set_generator
+
+    set_generator(net, torch.Generator(device=device).manual_seed(4))
+    g = torch.Generator().manual_seed(2)
+    clipped = 0
+    for _ in range(steps):
+        x = torch.randn(32, 12, generator=g).to(device)
+        loss = net(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        stepper(opt)
+        clipped += sum(int((m.weight.abs() == m.H).sum()) for m in net if getattr(m, "is_binary", False))
+    return opt, clipped
+
+
+def _assert_bit_identical(a, b, opt_a, opt_b):
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(u, v), name
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for key, value in opt_a.state[pa].items():
+            assert torch.equal(value, opt_b.state[pb][key]), key
+
+
+def test_groups_stepped_one_by_one_train_bit_identically_to_one_step_and_are_clipped(one_thread):
+    plain, grouped = _mixed_net(), _mixed_net()
+    opt_p, clipped_p = _train(plain, lambda opt: opt.step())
+    opt_g, clipped_g = _train(grouped, step_groups_concurrently)
+    assert len(opt_g.param_groups) == 4  # three binarized weights, one group for the rest
+    assert clipped_p > 100 and clipped_g == clipped_p  # the clip was reached, and applied group by group
+    _assert_bit_identical(plain, grouped, opt_p, opt_g)
+    assert all(m.weight.abs().max() <= m.H for m in grouped if getattr(m, "is_binary", False))
+    assert grouped[6].weight.abs().max() > 1.0  # the float layer is not clipped
+
+
+def test_a_step_over_some_groups_clips_only_their_latent_weights():
+    net = _mixed_net()
+    opt = make_optimizer(net, lr=1e-3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(5.0)
+    groups = opt.param_groups
+    first = next(g for g in groups if g["params"][0] is net[0].weight)
+    opt.param_groups = [first]  # what step_groups_concurrently does for each group in turn
+    opt.step()  # no gradients: Adam changes nothing, the hook clips
+    opt.param_groups = groups
+    assert torch.all(net[0].weight == 0.5)
+    assert torch.all(net[3].weight == 5.0) and torch.all(net[7].weight == 5.0)  # other groups' weights untouched
+
+
+def test_clipping_survives_loading_an_optimizer_state():
+    # load_state_dict replaces the group dicts (and their list): the hook knows the latent weights by identity
+    net = _mixed_net()
+    opt = make_optimizer(net, lr=0.3)
+    _train(_mixed_net(), lambda o: o.step())
+    other = make_optimizer(_mixed_net(), lr=0.3)
+    opt.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        net[3].weight.fill_(7.0)
+    for stepper in (lambda o: o.step(), step_groups_concurrently):
+        stepper(opt)
+        assert torch.all(net[3].weight == 1.0)
+        with torch.no_grad():
+            net[3].weight.fill_(7.0)
+
+
+def test_one_group_is_one_plain_step():
+    net = nn.Sequential(nn.Linear(3, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    before = net[0].weight.detach().clone()
+    step_groups_concurrently(opt)
+    assert not torch.equal(net[0].weight, before)
+
+
+@cuda
+def test_groups_on_side_streams_train_bit_identically_on_a_gpu():
+    plain, grouped = _mixed_net("cuda"), _mixed_net("cuda")
+    opt_p, clipped_p = _train(plain, lambda opt: opt.step(), "cuda")
+    opt_g, clipped_g = _train(grouped, step_groups_concurrently, "cuda")
+    assert clipped_p > 100 and clipped_g == clipped_p
+    _assert_bit_identical(plain, grouped, opt_p, opt_g)
 
 
 def test_exponential_schedule():

@@ -56,8 +56,15 @@ def binarize_stochastic(
 def _probability_and_uniforms(w: torch.Tensor, H: float, generator: torch.Generator | None):
     """``(p, u)`` of eq. (2): ``p = (W / H + 1) / 2`` in W's dtype, and ``u ~ U[0, 1)`` (float32) from
     ``generator``. ``u < hard_sigmoid(x)`` is ``u < (x + 1) / 2`` for u in [0, 1): the clip changes no
-    comparison, so it is skipped."""
-    p = (w.detach() / H).add_(1.0).mul_(0.5)
+    comparison, so it is skipped.
+
+    ``p`` is computed as ``0.5 - (-0.5) * q`` (``torch.rsub``), ``q = W / H`` (``W`` itself for H = 1, which
+    dividing would not change): one pass over the weights instead of three. Bit for bit
+    ``(q + 1) * 0.5``: ``0.5 * q`` is exact (or, for subnormal q, far below half an ulp of the sum), so both
+    round the exact ``(q + 1) / 2`` once (halving is exact). Checked on 40 M float32 values (random bit
+    patterns, a sweep of [-1.5, 1.5], infinities, zeros, subnormals) and every bfloat16 and float16 value."""
+    q = w.detach() if H == 1.0 else w.detach() / H
+    p = torch.rsub(q, 0.5, alpha=-0.5)
     return p, torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
 
 

@@ -9,7 +9,9 @@ waits on Python. ``torch.compile(mode="reduce-overhead")`` graphs the forward an
 1. ``forward_backward``: forward pass, square hinge loss, backward pass (gradients written into the
    parameters' ``.grad``, the loss into a static tensor);
 2. ``step``: the Adam step of every parameter group and the clipping of the latent weights to [-H, H]
-   (the optimizer's post-step hook, recorded with it).
+   (the optimizer's post-step hook, recorded with it), each group's on a stream of its own
+   (``optim.step_groups_concurrently``): parallel branches of the graph, since each group's fused Adam
+   kernel alone fills a fraction of the GPU. ``concurrent_groups=False`` records them one after the other.
 
 Between the two the host reads nothing from the device, so the training loop keeps its NaN guard: the
 loss of each step is copied into the guard's window, checked before the optimizer step of the window's
@@ -50,6 +52,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, CudaGraphError
+from .optim import step_groups_concurrently
 
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -94,12 +97,15 @@ class GraphedStep:
     are in their final state: the warm-up is taken back, and the recording keeps pointers to the
     parameters, gradients, optimizer state and learning rates, so these must be updated in place
     afterwards (``load_state_dict`` of the model is, ``optim.set_lr`` is). Replay with the training device
-    as the current CUDA device (``torch.cuda.device``), as it is while recording.
+    as the current CUDA device (``torch.cuda.device``), as it is while recording. ``concurrent_groups``
+    (default) steps the optimizer's parameter groups side by side (``optim.step_groups_concurrently``);
+    False, one after the other (``optimizer.step()``), the same values either way.
     """
 
     def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
                  optimizer: torch.optim.Optimizer, sample_x: torch.Tensor, sample_y: torch.Tensor,
-                 generators: Iterable[torch.Generator] = (), capture: bool = True, warmup_steps: int = 3) -> None:
+                 generators: Iterable[torch.Generator] = (), capture: bool = True, warmup_steps: int = 3,
+                 concurrent_groups: bool = True) -> None:
         device = sample_x.device
         if capture and device.type != "cuda":
             raise ConfigError(f"CUDA graphs (--cuda-graph) need a CUDA device; the training device is {device}")
@@ -108,6 +114,7 @@ class GraphedStep:
         if capture:
             check_recordable(model)
         self.loss_fn, self.model, self.optimizer, self.capture = loss_fn, model, optimizer, capture
+        self._optimizer_step = (lambda: step_groups_concurrently(optimizer)) if concurrent_groups else optimizer.step
         self.device = device
         self.generators = list(generators)
         self.x = sample_x.detach().clone()
@@ -159,7 +166,7 @@ class GraphedStep:
         if self._step_graph is not None:
             self._step_graph.replay()
         else:
-            self.optimizer.step()
+            self._optimizer_step()
 
     # --- building ---
     def _eager_forward_backward(self) -> torch.Tensor:
@@ -202,7 +209,7 @@ class GraphedStep:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(steps):
                 self._eager_forward_backward()
-                self.optimizer.step()
+                self._optimizer_step()
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
@@ -231,7 +238,7 @@ class GraphedStep:
             group["capturable"] = True
         step = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step, stream=stream):
-            self.optimizer.step()
+            self._optimizer_step()
         self._forward_backward_graph, self._step_graph = forward_backward, step
 
 
