@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from binaryconnect.binarize import (
+    _SIGNED_H,
     _probability_and_uniforms,
+    _signed_H,
     binarize_deterministic,
     binarize_ste,
     binarize_stochastic,
@@ -204,6 +206,46 @@ def test_the_probability_is_w_over_H_plus_one_halved_bit_for_bit(dtype, H, devic
     assert p.dtype == dtype
     assert torch.equal(p.isnan(), expected.isnan())
     assert torch.equal(p[~p.isnan()], expected[~expected.isnan()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("H", [1.0, 0.7, 3.0, 1e-30])
+def test_binary_weights_in_another_dtype_are_the_cast_of_the_float32_ones(H, out_dtype, device):
+    """What autocast's cast of the float32 binary weights gives, made directly: on a GPU by one torch.where on
+    device-held (+H, -H) (made on the CPU too here, so that their values are checked everywhere)."""
+    w = _special(torch.float32, H).to(device)
+    cond = w >= 0
+    expected = plus_minus(cond, H, torch.float32).to(out_dtype)
+    got = plus_minus(cond, H, torch.float32, out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, expected)
+    assert torch.equal(torch.where(cond, *_signed_H(torch.device(device), H, torch.float32, out_dtype)), expected)
+    assert torch.equal(binarize_deterministic(w, H, out_dtype), binarize_deterministic(w, H).to(out_dtype))
+    g = torch.Generator(device)
+    assert torch.equal(binarize_stochastic(w, H, g.manual_seed(1), out_dtype),
+                       binarize_stochastic(w, H, g.manual_seed(1)).to(out_dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_cold_start():
+    # recording before (+H, -H) exist on the device: the cast path is recorded instead, values unchanged
+    _SIGNED_H.clear()
+    w = torch.randn(10_000, device="cuda")
+    static = torch.empty(10_000, dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        static.copy_(binarize_deterministic(w, 0.5, torch.bfloat16))  # warm-up, as recording needs
+    torch.cuda.current_stream().wait_stream(s)
+    _SIGNED_H.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(binarize_deterministic(w, 0.5, torch.bfloat16))
+    assert not _SIGNED_H
+    w.neg_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, binarize_deterministic(w, 0.5).to(torch.bfloat16))
 
 
 def test_the_public_binarizations_work_under_vmap():

@@ -210,6 +210,61 @@ def _with_weights(net: nn.Module, make) -> nn.Module:
     return ref
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_under_autocast_the_binary_weights_come_in_its_dtype_and_nothing_else_changes(mode, ste, device):
+    # Oracle: the same layer made to give its weights in float32 (as before), which autocast then casts: the
+    # output and the gradients (W's float32, the input's) must be the same bit for bit
+    torch.manual_seed(0)
+    conv = BinaryConv2d(3, 8, 3, padding=1, binarization=mode, ste=ste, H=0.75).to(device)
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # some latent weights beyond H: the clipped STE zeroes their gradient
+    x = torch.randn(4, 3, 8, 8, device=device)
+    seen = []
+
+    def run(out_dtype_of):
+        from binaryconnect import layers
+
+        original = layers._autocast_dtype
+        layers._autocast_dtype = out_dtype_of
+        try:
+            conv.generator = torch.Generator(device).manual_seed(5)
+            xi = x.clone().requires_grad_(True)
+            conv.weight.grad = None
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                wb = conv.effective_weight()
+                seen.append(wb.dtype)
+                y = conv(xi)
+            y.float().square().sum().backward()
+            return y, conv.weight.grad.clone(), xi.grad
+        finally:
+            layers._autocast_dtype = original
+
+    from binaryconnect.layers import _autocast_dtype
+
+    y, gw, gx = run(_autocast_dtype)
+    y0, gw0, gx0 = run(lambda w: None)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert y.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    assert torch.equal(y, y0) and torch.equal(gw, gw0) and torch.equal(gx, gx0)
+    assert (gw == 0).any() == (ste == "clipped")
+
+
+def test_outside_autocast_and_for_float_layers_the_weights_keep_their_dtype():
+    from binaryconnect.layers import _autocast_dtype
+
+    w = torch.zeros(3)
+    assert _autocast_dtype(w) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_dtype(w) is torch.bfloat16
+        float_layer = BinaryLinear(4, 2, binarization="none")
+        assert float_layer.effective_weight() is float_layer.weight  # autocast casts it, as any float weight
+
+
 @pytest.mark.parametrize("H", [1.0, 0.5])
 def test_binarize_modules_computes_the_float_network_with_binary_weights(H):
     """Every conv and linear layer replaced, options (stride, padding mode, dilation, groups, 'same'), bias,

@@ -23,34 +23,65 @@ def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
-def plus_minus(condition: torch.Tensor, H: float, dtype: torch.dtype) -> torch.Tensor:
-    """``+H`` where ``condition`` (a bool tensor) holds, else ``-H``, in ``dtype``.
+def plus_minus(condition: torch.Tensor, H: float, dtype: torch.dtype, out_dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """``+H`` where ``condition`` (a bool tensor) holds, else ``-H``, in ``dtype``; with ``out_dtype``, those
+    values converted to ``out_dtype`` (what autocast's cast of them would give).
 
     Computed as ``condition * 2H - H``, exact (``2H - H = H`` by Sterbenz's lemma, ``0 * 2H - H = -H``)
     and H as ``dtype`` represents it. On a GPU with float32 weights (what training uses) as one
     ``torch.where`` kernel instead of three; on the CPU ``torch.where`` with two scalars is not
-    vectorized (about 4 ns per element on one core, against 1.3 for the arithmetic).
+    vectorized (about 4 ns per element on one core, against 1.3 for the arithmetic). On a GPU with
+    another ``out_dtype`` (bfloat16 under autocast), also one ``torch.where``, on the two values held as
+    0-dim tensors of the device (``_signed_H``): written once in ``out_dtype`` instead of in ``dtype`` and
+    then cast.
     """
+    if out_dtype is not None and out_dtype != dtype:
+        if condition.device.type != "cpu":
+            pair = _signed_H(condition.device, H, dtype, out_dtype)
+            if pair is not None:
+                return torch.where(condition, *pair)
+        return plus_minus(condition, H, dtype).to(out_dtype)
     if condition.device.type != "cpu" and dtype == torch.float32:
         return torch.where(condition, H, -H).to(dtype)  # no copy when the default dtype is float32
     return condition.to(dtype).mul_(2.0 * H).sub_(H)
 
 
-def binarize_deterministic(w: torch.Tensor, H: float = 1.0) -> torch.Tensor:
-    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``)."""
-    return plus_minus(w >= 0, H, w.dtype)
+_SIGNED_H: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _signed_H(device: torch.device, H: float, dtype: torch.dtype, out_dtype: torch.dtype):
+    """``(+H, -H)``, H as ``dtype`` represents it converted to ``out_dtype``, as 0-dim tensors on ``device``,
+    made once per process (a fill kernel, no copy from the host). None while a CUDA graph is being
+    recorded and they are not made yet: made inside the recording, they would hold their values only once
+    the graph is replayed."""
+    key = (device, float(H), dtype, out_dtype)
+    pair = _SIGNED_H.get(key)
+    if pair is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        h = torch.full((), H, dtype=dtype, device=device).to(out_dtype)
+        pair = _SIGNED_H[key] = (h, -h)
+    return pair
+
+
+def binarize_deterministic(w: torch.Tensor, H: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Eq. (1): ``Wb = +H if W >= 0 else -H``. Zero maps to +H (unlike ``torch.sign``). ``out_dtype``: the
+    result converted to it (default: W's dtype)."""
+    return plus_minus(w >= 0, H, w.dtype, out_dtype)
 
 
 def binarize_stochastic(
-    w: torch.Tensor, H: float = 1.0, generator: torch.Generator | None = None
+    w: torch.Tensor, H: float = 1.0, generator: torch.Generator | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Eq. (2): ``Wb = +H with probability p = hard_sigmoid(W / H), else -H``.
 
     ``u ~ U[0, 1)`` is drawn from ``generator`` (same device as ``w``), and ``Wb = +H`` where ``u < p``:
     so ``P(Wb = +H) = p`` exactly, ``W >= H`` always gives ``+H`` and ``W <= -H`` always gives ``-H``.
+    ``out_dtype``: the result converted to it (default: W's dtype).
     """
     p, u = _probability_and_uniforms(w, H, generator)
-    return plus_minus(u < p, H, w.dtype)
+    return plus_minus(u < p, H, w.dtype, out_dtype)
 
 
 def _probability_and_uniforms(w: torch.Tensor, H: float, generator: torch.Generator | None):
@@ -94,12 +125,15 @@ def binarize_ste(
     H: float = 1.0,
     ste: str = "identity",
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Binarize ``w`` for the forward pass and pass the gradient straight through (Algorithm 1).
 
     Forward: ``Wb = binarize(W)`` with the chosen ``mode`` (``"none"`` returns ``w`` itself).
     Backward: the gradient with respect to ``Wb`` is applied to the latent ``W`` unchanged
-    (``ste="identity"``, the paper), or zeroed where ``|W| > H`` (``ste="clipped"``).
+    (``ste="identity"``, the paper), or zeroed where ``|W| > H`` (``ste="clipped"``), in W's dtype.
+    ``out_dtype`` (the layers pass autocast's dtype under autocast): ``Wb`` in that dtype, the values
+    autocast's cast of the W-dtype ``Wb`` would give, written once on a GPU instead of written and cast.
     """
     if mode == "none":
         return w
@@ -108,8 +142,8 @@ def binarize_ste(
     if ste not in STE_VARIANTS:
         raise ValueError(f"unknown straight-through estimator {ste!r}; choose one of {', '.join(STE_VARIANTS)}")
     if torch.compiler.is_compiling():  # True while Dynamo traces (torch >= 2.3, this project's floor)
-        return _straight_through_traced(w, mode, float(H), ste, generator)
-    return _StraightThrough.apply(w, mode, float(H), ste, generator)
+        return _straight_through_traced(w, mode, float(H), ste, generator)  # (Inductor fuses autocast's cast)
+    return _StraightThrough.apply(w, mode, float(H), ste, generator, out_dtype)
 
 
 def _straight_through_traced(w, mode, H, ste, generator):
@@ -132,12 +166,16 @@ class _StraightThrough(torch.autograd.Function):
     MNIST MLP). Under torch.compile, ``binarize_ste`` uses ``_straight_through_traced`` instead."""
 
     @staticmethod
-    def forward(ctx, w, mode, H, ste, generator):  # runs without autograd: w is not tracked here
+    def forward(ctx, w, mode, H, ste, generator, out_dtype):  # runs without autograd: w is not tracked here
         if w.device.type == "cpu":
             wb = _binarize_cpu(w, mode, H, generator)
+            if out_dtype is not None and out_dtype != wb.dtype:
+                wb = wb.to(out_dtype)
+        elif mode == "deterministic":
+            wb = binarize_deterministic(w, H, out_dtype)
         else:
-            wb = binarize_deterministic(w, H) if mode == "deterministic" else binarize_stochastic(w, H, generator)
-        ctx.ste, ctx.H = ste, H
+            wb = binarize_stochastic(w, H, generator, out_dtype)
+        ctx.ste, ctx.H, ctx.dtype = ste, H, w.dtype
         if ste == "clipped":
             ctx.save_for_backward(w)
         return wb
@@ -147,7 +185,7 @@ class _StraightThrough(torch.autograd.Function):
         if ctx.ste == "clipped":
             (w,) = ctx.saved_tensors
             grad = grad * (w.abs() <= ctx.H).to(grad.dtype)
-        return grad, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None
 
 
 def check_binarization(mode: str) -> str:

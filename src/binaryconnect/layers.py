@@ -37,6 +37,20 @@ def fans(layer: nn.Module) -> tuple[int, int]:
     return w.shape[1] * receptive, w.shape[0] * receptive
 
 
+def _autocast_dtype(w: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``w`` to for a convolution or matrix product, or None outside autocast (or with
+    a torch before 2.4, whose autocast queries differ: the weight is then cast by autocast itself)."""
+    if torch.compiler.is_compiling():  # binarize_ste then takes its traced form, which ignores it (Inductor
+        return None  # fuses the cast), and Dynamo need not trace the queries
+    device_type = w.device.type
+    try:
+        if w.is_floating_point() and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
 class _BinaryMixin:
     """Shared state and behaviour of the binary layers."""
 
@@ -80,11 +94,13 @@ class _BinaryMixin:
                 self.bias.zero_()
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight this forward pass propagates with (binary, sampled binary, or real)."""
+        """The weight this forward pass propagates with (binary, sampled binary, or real). Under autocast the
+        binary weights come in autocast's dtype (the values its cast would give), ready for the convolution or
+        matrix product, which autocast runs in that dtype."""
         mode = self.binarization
         if not self.training and mode == "stochastic" and self.stochastic_eval == "real":
             mode = "none"
-        return binarize_ste(self.weight, mode, self.H, self.ste, self.generator)
+        return binarize_ste(self.weight, mode, self.H, self.ste, self.generator, _autocast_dtype(self.weight))
 
     def binary_weight(self) -> torch.Tensor:
         """The deterministic binary weight ``+-H`` (eq. 1), detached. For a stochastic layer this is

@@ -7,7 +7,8 @@ channels-last memory format.
   the layout tensor-core convolutions prefer. Values are unchanged.
 - ``amp="bf16"``: the forward pass runs under ``torch.autocast(dtype=torch.bfloat16)``. The binary
   weights ``+-H`` are exact in bfloat16 (for H a power of two), so binarized layers lose nothing in
-  the weights; activations are rounded to 8 bits of mantissa (batch norm outputs bfloat16 for bfloat16
+  the weights (the layers write them in bfloat16 directly: ``layers._autocast_dtype``); activations are
+  rounded to 8 bits of mantissa (batch norm outputs bfloat16 for bfloat16
   inputs; its parameters and running statistics stay float32), and the output is cast back to float32
   for the loss. The latent weights, the optimizer state and the updates stay float32: BinaryConnect
   needs the small real-valued updates to accumulate.
