@@ -15,7 +15,7 @@ from torch import nn
 from binaryconnect.cli import main
 from binaryconnect.data import load_dataset
 from binaryconnect.errors import ConfigError
-from binaryconnect.export import PackedModel, export_model, load_packed
+from binaryconnect.export import PackedModel, csource, export_model, load_packed
 from binaryconnect.export.csource import c_source, check_name, write_c_source
 from binaryconnect.export.format import layer_shapes
 from binaryconnect.layers import BinaryConv2d, BinaryLinear
@@ -309,3 +309,11 @@ def test_export_c_refuses_bad_names_existing_files_and_non_packed_inputs(tmp_pat
         with pytest.raises(ConfigError, match="table_floats must be a positive number"):
             write_c_source(net, tmp_path / "d", "net", table_floats=bad)
     assert not (tmp_path / "d").exists()
+
+
+def test_the_table_floats_help_gives_the_default_the_exporter_takes(capsys):
+    # the CLI writes the number out (importing csource when the parser is built would slow every command)
+    with pytest.raises(SystemExit):
+        main(["export-c", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {csource.TABLE_FLOATS}, {csource.TABLE_FLOATS * 4 // 2**20} MiB)" in help_text
