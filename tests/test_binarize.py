@@ -229,6 +229,7 @@ def test_binary_weights_in_another_dtype_are_the_cast_of_the_float32_ones(H, out
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_cold_start():
     # recording before (+H, -H) exist on the device: the cast path is recorded instead, values unchanged
+    saved = dict(_SIGNED_H)  # (put back after: graphs recorded by other tests may read them)
     _SIGNED_H.clear()
     w = torch.randn(10_000, device="cuda")
     static = torch.empty(10_000, dtype=torch.bfloat16, device="cuda")
@@ -246,6 +247,21 @@ def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, binarize_deterministic(w, 0.5).to(torch.bfloat16))
+    _SIGNED_H.update(saved)
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+def test_the_traced_straight_through_estimator_gives_the_dtype_asked_for_too(mode):
+    # what torch.compile runs (binarize_ste's traced form): Wb in out_dtype, the identity gradient in W's dtype
+    w = torch.empty(1000).uniform_(-1.5, 1.5).requires_grad_(True)
+    f = torch.compile(lambda v: binarize_ste(v, mode, 0.5, out_dtype=torch.bfloat16), backend="eager")
+    wb = f(w)
+    assert wb.dtype == torch.bfloat16 and bool((wb.float().abs() == 0.5).all())
+    if mode == "deterministic":
+        assert torch.equal(wb, binarize_deterministic(w.detach(), 0.5, torch.bfloat16))
+    g = torch.randn(1000, dtype=torch.bfloat16)
+    wb.backward(g)
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, g.float())
 
 
 def test_the_public_binarizations_work_under_vmap():

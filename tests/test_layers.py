@@ -263,6 +263,12 @@ def test_outside_autocast_and_for_float_layers_the_weights_keep_their_dtype():
         assert _autocast_dtype(w) is torch.bfloat16
         float_layer = BinaryLinear(4, 2, binarization="none")
         assert float_layer.effective_weight() is float_layer.weight  # autocast casts it, as any float weight
+        # float64: autocast casts no float64 tensor, so neither do the layers
+        double = BinaryLinear(4, 2, dtype=torch.float64)
+        assert _autocast_dtype(double.weight) is None
+        x = torch.randn(3, 4, dtype=torch.float64)
+        y = double(x)
+        assert y.dtype == torch.float64 and torch.equal(y, F.linear(x, binarize_deterministic(double.weight.detach())))
 
 
 @pytest.mark.parametrize("H", [1.0, 0.5])

@@ -152,21 +152,32 @@ def _mixed_net(device="cpu"):
                          BinaryLinear(8, 5, H=0.5, bias=True)).to(device)
 
 
-def _train(net, stepper, device="cpu", steps=6, lr=0.3):
-    """A few steps at a learning rate large enough that Adam pushes latent weights past H (clipped)."""
+def _train(net, stepper, device="cpu", steps=6, lr=0.3, delays=False):
+    """A few steps at a learning rate large enough that Adam pushes latent weights past H (clipped).
+
+    ``delays`` (CUDA): the backward pass queued behind a 10-million-cycle sleep of the current stream, and each
+    group's step behind one on its own stream, with the weights copied on the current stream right after the
+    step: a side stream that did not wait for the gradients, or a current stream that did not wait for the side
+    streams, would read values not yet written."""
     opt = make_optimizer(net, lr=lr)
     from binaryconnect.layers import set_generator
 
     set_generator(net, torch.Generator(device=device).manual_seed(4))
+    if delays:
+        opt.register_step_pre_hook(lambda o, args, kwargs: torch.cuda._sleep(10**7))
     g = torch.Generator().manual_seed(2)
-    clipped = 0
+    clipped, copies = 0, []
     for _ in range(steps):
         x = torch.randn(32, 12, generator=g).to(device)
         loss = net(x).square().mean()
         opt.zero_grad(set_to_none=True)
+        if delays:
+            torch.cuda._sleep(10**7)
         loss.backward()
         stepper(opt)
+        copies.append([p.detach().clone() for p in net.parameters()])  # on the current stream
         clipped += sum(int((m.weight.abs() == m.H).sum()) for m in net if getattr(m, "is_binary", False))
+    opt.copies = copies
     return opt, clipped
 
 
@@ -233,9 +244,11 @@ def test_one_group_is_one_plain_step():
 def test_groups_on_side_streams_train_bit_identically_on_a_gpu():
     plain, grouped = _mixed_net("cuda"), _mixed_net("cuda")
     opt_p, clipped_p = _train(plain, lambda opt: opt.step(), "cuda")
-    opt_g, clipped_g = _train(grouped, step_groups_concurrently, "cuda")
+    opt_g, clipped_g = _train(grouped, step_groups_concurrently, "cuda", delays=True)
     assert clipped_p > 100 and clipped_g == clipped_p
     _assert_bit_identical(plain, grouped, opt_p, opt_g)
+    for after_p, after_g in zip(opt_p.copies, opt_g.copies, strict=True):  # what the next step reads, each step
+        assert all(torch.equal(a, b) for a, b in zip(after_p, after_g, strict=True))
 
 
 def test_exponential_schedule():

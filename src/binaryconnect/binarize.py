@@ -52,7 +52,7 @@ _SIGNED_H: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _signed_H(device: torch.device, H: float, dtype: torch.dtype, out_dtype: torch.dtype):
     """``(+H, -H)``, H as ``dtype`` represents it converted to ``out_dtype``, as 0-dim tensors on ``device``,
-    made once per process (a fill kernel, no copy from the host). None while a CUDA graph is being
+    made once per process (a fill kernel, no copy from the host, waited for). None while a CUDA graph is being
     recorded and they are not made yet: made inside the recording, they would hold their values only once
     the graph is replayed."""
     key = (device, float(H), dtype, out_dtype)
@@ -61,7 +61,10 @@ def _signed_H(device: torch.device, H: float, dtype: torch.dtype, out_dtype: tor
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         h = torch.full((), H, dtype=dtype, device=device).to(out_dtype)
-        pair = _SIGNED_H[key] = (h, -h)
+        pair = (h, -h)
+        if device.type == "cuda":  # filled on this stream: done before any other stream reads them
+            torch.cuda.current_stream(device).synchronize()
+        _SIGNED_H[key] = pair
     return pair
 
 
@@ -142,11 +145,11 @@ def binarize_ste(
     if ste not in STE_VARIANTS:
         raise ValueError(f"unknown straight-through estimator {ste!r}; choose one of {', '.join(STE_VARIANTS)}")
     if torch.compiler.is_compiling():  # True while Dynamo traces (torch >= 2.3, this project's floor)
-        return _straight_through_traced(w, mode, float(H), ste, generator)  # (Inductor fuses autocast's cast)
+        return _straight_through_traced(w, mode, float(H), ste, generator, out_dtype)
     return _StraightThrough.apply(w, mode, float(H), ste, generator, out_dtype)
 
 
-def _straight_through_traced(w, mode, H, ste, generator):
+def _straight_through_traced(w, mode, H, ste, generator, out_dtype=None):
     """The straight-through estimator for torch.compile, as ``Wb + (W' - W'.detach())`` with ``W' = W``
     (identity) or ``W * 1[|W| <= H]`` (clipped): forward value ``Wb + 0 = Wb`` exactly (``x - x = 0`` for
     finite x), gradient to W the incoming one, unchanged or zeroed where ``|W| > H``. Under Inductor the
@@ -156,7 +159,8 @@ def _straight_through_traced(w, mode, H, ste, generator):
     with torch.no_grad():
         wb = binarize_deterministic(w, H) if mode == "deterministic" else binarize_stochastic(w, H, generator)
     through = w if ste == "identity" else w * (w.detach().abs() <= H).to(w.dtype)
-    return wb + (through - through.detach())
+    out = wb + (through - through.detach())
+    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)  # (fused by Inductor)
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -38,13 +38,14 @@ def fans(layer: nn.Module) -> tuple[int, int]:
 
 
 def _autocast_dtype(w: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast casts ``w`` to for a convolution or matrix product, or None outside autocast (or with
-    a torch before 2.4, whose autocast queries differ: the weight is then cast by autocast itself)."""
+    """The dtype autocast casts ``w`` to for a convolution or matrix product, or None outside autocast, for a
+    weight autocast leaves alone (float64: autocast casts only float32, float16 and bfloat16 tensors) and with
+    a torch before 2.4 (whose autocast queries differ: the weight is then cast by autocast itself)."""
     if torch.compiler.is_compiling():  # binarize_ste then takes its traced form, which ignores it (Inductor
         return None  # fuses the cast), and Dynamo need not trace the queries
     device_type = w.device.type
     try:
-        if w.is_floating_point() and torch.is_autocast_enabled(device_type):
+        if w.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
     except (TypeError, AttributeError, RuntimeError):
         pass

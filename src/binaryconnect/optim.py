@@ -174,11 +174,20 @@ def step_groups_concurrently(optimizer: torch.optim.Optimizer) -> None:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 optimizer.param_groups = [group]
                 optimizer.step()
-    finally:
+    except BaseException:
         optimizer.param_groups = groups
-        if on_gpu:
-            for stream in dict.fromkeys(streams):
-                current.wait_stream(stream)
+        if on_gpu:  # (a failed recording has invalidated the streams: its own error is the one to see)
+            with contextlib.suppress(RuntimeError):
+                _join(current, streams)
+        raise
+    optimizer.param_groups = groups
+    if on_gpu:
+        _join(current, streams)
+
+
+def _join(current, streams: list) -> None:
+    for stream in dict.fromkeys(streams):
+        current.wait_stream(stream)
 
 
 def exponential_lr(epoch: int, epochs: int, lr_start: float, lr_end: float) -> float:
