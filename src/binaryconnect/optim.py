@@ -60,10 +60,14 @@ def param_groups(model: nn.Module, lr: float, lr_scale: str = "glorot") -> list[
 
 def _latent_weights_by_H(model: nn.Module) -> list[tuple[float, list[torch.Tensor]]]:
     """The latent weights of the binarized layers, grouped by their H."""
+    return _by_H([(layer.weight, layer.H) for layer in binary_layers(model) if layer.is_binary])
+
+
+def _by_H(weights: list[tuple[torch.Tensor, float]]) -> list[tuple[float, list[torch.Tensor]]]:
+    """``(weight, H)`` pairs grouped by H, in the order of first appearance."""
     groups: dict[float, list[torch.Tensor]] = {}
-    for layer in binary_layers(model):
-        if layer.is_binary:
-            groups.setdefault(layer.H, []).append(layer.weight)
+    for w, H in weights:
+        groups.setdefault(H, []).append(w)
     return list(groups.items())
 
 
@@ -80,13 +84,6 @@ def _clip_(groups: list[tuple[float, list[torch.Tensor]]], foreach: bool | None 
         else:
             for w in weights:
                 w.clamp_(-H, H)
-
-
-def _by_H(weights: list[tuple[torch.Tensor, float]]) -> list[tuple[float, list[torch.Tensor]]]:
-    groups: dict[float, list[torch.Tensor]] = {}
-    for w, H in weights:
-        groups.setdefault(H, []).append(w)
-    return list(groups.items())
 
 
 def clip_latent_(model: nn.Module) -> None:
@@ -121,7 +118,7 @@ def make_optimizer(
 
     # the layers are fixed once their parameters are in the optimizer; the latent weights are known by identity
     # (a group's keys may be replaced by load_state_dict, its parameters are not)
-    latent = {id(w): (w, H) for H, weights in _latent_weights_by_H(model) for w in weights}
+    latent = {id(layer.weight): (layer.weight, layer.H) for layer in binary_layers(model) if layer.is_binary}
     to_clip: dict[tuple[int, ...], list] = {}  # the parameters a step updated -> their latent weights, by H
 
     def _clip_after_step(opt, args, kwargs):
