@@ -4,10 +4,15 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
+
+#: The CPU, and a GPU where there is one (the GPU cases skipped without one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def small_config(**kw):
@@ -49,3 +54,13 @@ def make_image_tree(root: Path, classes=("cat", "dog", "emu"), n_train=6, n_test
                 value = ci * 100 + i + (50 if split == "test" else 0)
                 (root / split / c / f"{i:03d}.png").write_bytes(png_bytes(value))
     return root
+
+
+def assert_same_training_state(a, b, opt_a, opt_b, exact=True, atol=0.0):
+    """Models ``a`` and ``b`` (state dicts) and their optimizers' states equal: bit for bit, or within ``atol``."""
+    check = (lambda u, v: torch.equal(u, v)) if exact else (lambda u, v: torch.allclose(u, v, atol=atol, rtol=0))
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert check(u.float(), v.float()), name
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for key, value in opt_a.state[pa].items():
+            assert check(value.float().cpu(), opt_b.state[pb][key].float().cpu()), key

@@ -16,9 +16,7 @@ from binaryconnect.binarize import (
     hard_sigmoid,
     plus_minus,
 )
-
-#: The CPU, and a GPU where there is one: on a GPU ``plus_minus`` takes another path (one ``torch.where``).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+from helpers import DEVICES  # the CPU, and a GPU: there ``plus_minus`` takes another path (one ``torch.where``)
 
 
 def test_hard_sigmoid_exact_values():

@@ -26,7 +26,7 @@ from binaryconnect.losses import square_hinge_loss
 from binaryconnect.models import create_model
 from binaryconnect.optim import make_optimizer, set_lr
 from binaryconnect.train import fit, resume
-from helpers import assert_one_line_error, quiet, small_config
+from helpers import assert_one_line_error, assert_same_training_state, quiet, small_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -76,15 +76,6 @@ def _train_graphed(model, batches, lrs, seed, capture, device="cpu", concurrent_
     return optimizer, generator, losses
 
 
-def _assert_same_state(a, b, opt_a, opt_b, exact=True, atol=0.0):
-    check = (lambda u, v: torch.equal(u, v)) if exact else (lambda u, v: torch.allclose(u, v, atol=atol, rtol=0))
-    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert check(u.float(), v.float()), name
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        for key, value in opt_a.state[pa].items():
-            assert check(value.float().cpu(), opt_b.state[pb][key].float().cpu()), key
-
-
 @pytest.mark.parametrize("binarization", ["deterministic", "stochastic", "none"])
 def test_step_machinery_without_recording_trains_exactly_as_the_plain_loop(binarization, one_thread):
     # the warm-up steps (3) are taken back: parameters, batch-norm statistics, Adam's state (created by
@@ -96,7 +87,7 @@ def test_step_machinery_without_recording_trains_exactly_as_the_plain_loop(binar
     opt_e, gen_e, losses_e = _train_eager(eager, batches, lrs, seed=7)
     opt_g, gen_g, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=False)
     assert losses_g == losses_e
-    _assert_same_state(eager, graphed, opt_e, opt_g)
+    assert_same_training_state(eager, graphed, opt_e, opt_g)
     assert torch.equal(gen_e.get_state(), gen_g.get_state())
     assert all(torch.is_tensor(g["lr"]) for g in opt_g.param_groups)
     assert [g["lr"].item() for g in opt_g.param_groups] == pytest.approx([g["lr"] for g in opt_e.param_groups])
@@ -305,7 +296,7 @@ def test_recorded_step_trains_as_the_eager_step_on_a_gpu(binarization):
     opt_e, gen_e, losses_e = _train_eager(eager, batches, lrs, seed=7, device="cuda")
     opt_g, gen_g, losses_g = _train_graphed(graphed, batches, lrs, seed=7, capture=True, device="cuda")
     assert losses_g == pytest.approx(losses_e, rel=1e-4, abs=1e-6)
-    _assert_same_state(eager, graphed, opt_e, opt_g, exact=False, atol=1e-4)
+    assert_same_training_state(eager, graphed, opt_e, opt_g, exact=False, atol=1e-4)
     assert torch.equal(gen_e.get_state(), gen_g.get_state())
 
 
@@ -322,7 +313,7 @@ def test_groups_recorded_side_by_side_train_bit_identically_to_groups_recorded_i
                                                    concurrent_groups=concurrent))
     (a, opt_a, gen_a, losses_a), (b, opt_b, gen_b, losses_b) = runs[True], runs[False]
     assert losses_a == losses_b
-    _assert_same_state(a, b, opt_a, opt_b)
+    assert_same_training_state(a, b, opt_a, opt_b)
     assert torch.equal(gen_a.get_state(), gen_b.get_state())
     assert any(bool((m.weight.abs() == m.H).any()) for m in a.modules() if getattr(m, "is_binary", False))
 
@@ -488,5 +479,5 @@ def test_warm_up_gives_back_pytorchs_global_generator(one_thread):
         runs[capture] = losses, model, optimizer, torch.get_rng_state()
     (losses_e, eager, opt_e, rng_e), (losses_g, graphed, opt_g, rng_g) = runs[None], runs[False]
     assert losses_g == losses_e
-    _assert_same_state(eager, graphed, opt_e, opt_g)
+    assert_same_training_state(eager, graphed, opt_e, opt_g)
     assert torch.equal(rng_g, rng_e)

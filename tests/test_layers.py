@@ -6,8 +6,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from binaryconnect import layers
 from binaryconnect.binarize import binarize_deterministic, binarize_stochastic
-from binaryconnect.layers import BinaryConv2d, BinaryLinear, binarize_modules_, set_generator, set_stochastic_eval
+from binaryconnect.layers import (
+    BinaryConv2d,
+    BinaryLinear,
+    _autocast_dtype,
+    binarize_modules_,
+    set_generator,
+    set_stochastic_eval,
+)
+from helpers import DEVICES
 
 BACKEND = "aot_eager"  # Dynamo + AOTAutograd, where the straight-through gradient is traced; no C++ build
 
@@ -210,13 +219,10 @@ def _with_weights(net: nn.Module, make) -> nn.Module:
     return ref
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
 @pytest.mark.parametrize("ste", ["identity", "clipped"])
-def test_under_autocast_the_binary_weights_come_in_its_dtype_and_nothing_else_changes(mode, ste, device):
+def test_under_autocast_the_binary_weights_come_in_its_dtype_and_nothing_else_changes(mode, ste, device, monkeypatch):
     # Oracle: the same layer made to give its weights in float32 (as before), which autocast then casts: the
     # output and the gradients (W's float32, the input's) must be the same bit for bit
     torch.manual_seed(0)
@@ -227,24 +233,16 @@ def test_under_autocast_the_binary_weights_come_in_its_dtype_and_nothing_else_ch
     seen = []
 
     def run(out_dtype_of):
-        from binaryconnect import layers
-
-        original = layers._autocast_dtype
-        layers._autocast_dtype = out_dtype_of
-        try:
-            conv.generator = torch.Generator(device).manual_seed(5)
-            xi = x.clone().requires_grad_(True)
-            conv.weight.grad = None
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                wb = conv.effective_weight()
-                seen.append(wb.dtype)
-                y = conv(xi)
-            y.float().square().sum().backward()
-            return y, conv.weight.grad.clone(), xi.grad
-        finally:
-            layers._autocast_dtype = original
-
-    from binaryconnect.layers import _autocast_dtype
+        monkeypatch.setattr(layers, "_autocast_dtype", out_dtype_of)
+        conv.generator = torch.Generator(device).manual_seed(5)
+        xi = x.clone().requires_grad_(True)
+        conv.weight.grad = None
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            wb = conv.effective_weight()
+            seen.append(wb.dtype)
+            y = conv(xi)
+        y.float().square().sum().backward()
+        return y, conv.weight.grad.clone(), xi.grad
 
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # same algorithms both times
         y, gw, gx = run(_autocast_dtype)
@@ -256,8 +254,6 @@ def test_under_autocast_the_binary_weights_come_in_its_dtype_and_nothing_else_ch
 
 
 def test_outside_autocast_and_for_float_layers_the_weights_keep_their_dtype():
-    from binaryconnect.layers import _autocast_dtype
-
     w = torch.zeros(3)
     assert _autocast_dtype(w) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from binaryconnect import optim
-from binaryconnect.layers import BinaryConv2d, BinaryLinear
+from binaryconnect.layers import BinaryConv2d, BinaryLinear, set_generator
 from binaryconnect.optim import (
     clip_latent_,
     exponential_lr,
@@ -18,6 +18,7 @@ from binaryconnect.optim import (
     set_lr,
     step_groups_concurrently,
 )
+from helpers import assert_same_training_state
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -160,8 +161,6 @@ def _train(net, stepper, device="cpu", steps=6, lr=0.3, delays=False):
     step: a side stream that did not wait for the gradients, or a current stream that did not wait for the side
     streams, would read values not yet written."""
     opt = make_optimizer(net, lr=lr)
-    from binaryconnect.layers import set_generator
-
     set_generator(net, torch.Generator(device=device).manual_seed(4))
     if delays:
         opt.register_step_pre_hook(lambda o, args, kwargs: torch.cuda._sleep(10**7))
@@ -181,21 +180,13 @@ def _train(net, stepper, device="cpu", steps=6, lr=0.3, delays=False):
     return opt, clipped
 
 
-def _assert_bit_identical(a, b, opt_a, opt_b):
-    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(u, v), name
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        for key, value in opt_a.state[pa].items():
-            assert torch.equal(value, opt_b.state[pb][key]), key
-
-
 def test_groups_stepped_one_by_one_train_bit_identically_to_one_step_and_are_clipped(one_thread):
     plain, grouped = _mixed_net(), _mixed_net()
     opt_p, clipped_p = _train(plain, lambda opt: opt.step())
     opt_g, clipped_g = _train(grouped, step_groups_concurrently)
     assert len(opt_g.param_groups) == 4  # three binarized weights, one group for the rest
     assert clipped_p > 100 and clipped_g == clipped_p  # the clip was reached, and applied group by group
-    _assert_bit_identical(plain, grouped, opt_p, opt_g)
+    assert_same_training_state(plain, grouped, opt_p, opt_g)
     assert all(m.weight.abs().max() <= m.H for m in grouped if getattr(m, "is_binary", False))
     assert grouped[6].weight.abs().max() > 1.0  # the float layer is not clipped
 
@@ -246,7 +237,7 @@ def test_groups_on_side_streams_train_bit_identically_on_a_gpu():
     opt_p, clipped_p = _train(plain, lambda opt: opt.step(), "cuda")
     opt_g, clipped_g = _train(grouped, step_groups_concurrently, "cuda", delays=True)
     assert clipped_p > 100 and clipped_g == clipped_p
-    _assert_bit_identical(plain, grouped, opt_p, opt_g)
+    assert_same_training_state(plain, grouped, opt_p, opt_g)
     for after_p, after_g in zip(opt_p.copies, opt_g.copies, strict=True):  # what the next step reads, each step
         assert all(torch.equal(a, b) for a, b in zip(after_p, after_g, strict=True))
 
