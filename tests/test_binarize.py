@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from binaryconnect import binarize
 from binaryconnect.binarize import (
-    _SIGNED_H,
     _probability_and_uniforms,
     _signed_H,
     binarize_deterministic,
@@ -225,10 +225,10 @@ def test_binary_weights_in_another_dtype_are_the_cast_of_the_float32_ones(H, out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_cold_start():
+def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_cold_start(monkeypatch):
     # recording before (+H, -H) exist on the device: the cast path is recorded instead, values unchanged
-    saved = dict(_SIGNED_H)  # (put back after: graphs recorded by other tests may read them)
-    _SIGNED_H.clear()
+    cache = {}  # an empty cache for this test; the process's own comes back after it, failed or not (graphs
+    monkeypatch.setattr(binarize, "_SIGNED_H", cache)  # recorded by other tests may read its pairs)
     w = torch.randn(10_000, device="cuda")
     static = torch.empty(10_000, dtype=torch.bfloat16, device="cuda")
     s = torch.cuda.Stream()
@@ -236,16 +236,15 @@ def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_
     with torch.cuda.stream(s):
         static.copy_(binarize_deterministic(w, 0.5, torch.bfloat16))  # warm-up, as recording needs
     torch.cuda.current_stream().wait_stream(s)
-    _SIGNED_H.clear()
+    cache.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static.copy_(binarize_deterministic(w, 0.5, torch.bfloat16))
-    assert not _SIGNED_H
+    assert not cache
     w.neg_()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, binarize_deterministic(w, 0.5).to(torch.bfloat16))
-    _SIGNED_H.update(saved)
 
 
 @pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
