@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from binaryconnect.errors import ConfigError
+from binaryconnect.errors import ConfigError, DataError
 from binaryconnect.export import engine, native
 from binaryconnect.export.pack import pack_bits
 
@@ -264,3 +264,52 @@ def test_engine_choice_from_environment(monkeypatch, kernels):
     monkeypatch.setenv(engine.ENV_ENGINE, "gpu")
     with pytest.raises(ConfigError, match="unknown engine 'gpu'"):
         engine.resolve_engine()
+
+
+def _small_packed(kind):
+    from binaryconnect.export import export_model
+    from binaryconnect.models import create_model
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return export_model(create_model("mlp", input_shape=(1, 8, 8), hidden=32).eval(), (1, 8, 8))
+    model = create_model("convnet", input_shape=(3, 8, 8), channels=(4, 4, 4), hidden=8).eval()
+    return export_model(model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "convnet"])
+@pytest.mark.parametrize("eng", ["native", "torch"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan"), 2e38, -3e38])
+def test_packed_model_refuses_inputs_that_make_its_logits_non_finite(kind, eng, bad):
+    """An infinity (which the native engine's doubled sums turn into NaN), a NaN, or a value beyond half
+    float32's largest (where those sums overflow) in one example: a ``DataError`` naming that example, on either
+    engine, instead of NaN or infinite logits; the same batch without it gives finite logits."""
+    model = engine.PackedModel(_small_packed(kind), engine=eng)
+    x = torch.randn(4, *model.input_shape)
+    assert engine._all_finite(model(x))
+    x.view(4, -1)[2, 5] = bad
+    message = "NaN or infinite values \\(example 2 of 4\\)" if abs(bad) > 3.5e38 or bad != bad else "beyond"
+    with pytest.raises(DataError, match=message):
+        model(x)
+
+
+def test_packed_model_returns_logits_that_overflow_from_inputs_within_range():
+    """Finite inputs below half float32's largest whose sums still overflow deeper in the network: not the
+    input's fault as the engine sees it, returned as they are (float32 PyTorch overflows there too)."""
+    model = engine.PackedModel(_small_packed("mlp"), engine="native")
+    x = torch.randn(2, *model.input_shape).sign() * 1e38  # sums of 64 of them, +-1e38 each, overflow
+    assert x.abs().max() < engine.HALF_FLOAT32_MAX
+    assert not engine._all_finite(model(x))
+
+
+@pytest.mark.parametrize("n", [1, 10, 256, 257, 5000])
+def test_all_finite_on_both_paths(n):
+    t = torch.full((n,), 3e38)  # their float32 sum overflows, their sum in doubles does not
+    assert engine._all_finite(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[n // 2] = bad
+        assert not engine._all_finite(u)
+    u = t.clone()
+    u[0], u[-1] = float("inf"), -float("inf")
+    assert not engine._all_finite(u)  # inf - inf = NaN in the sum

@@ -21,7 +21,7 @@ header declares::
 The input is preprocessed as the training data were. Float constants are written as C99 hexadecimal
 literals, so they are exactly the file's float32 values; the sums run in another order than PyTorch's,
 so logits agree with the packed model to float32 rounding (tests/test_export_csource.py); an infinite input
-gives the +-inf logits float32 PyTorch gives (the native engine gives NaN there).
+gives the +-inf logits float32 PyTorch gives (the native engine's kernels give NaN there; ``PackedModel`` refuses it).
 """
 
 from __future__ import annotations

@@ -9,12 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .engine import PackedModel
+from .engine import HALF_FLOAT32_MAX, PackedModel
 from .format import PackedNetwork
-
-#: The largest input magnitude ``predict`` accepts: half float32's largest value (about 1.7e38). Beyond it the
-#: native engine's sums (doubled, then another subtracted) overflow where float32 PyTorch's do not.
-HALF_FLOAT32_MAX = float(torch.finfo(torch.float32).max) / 2
 
 
 def read_inputs(path: str | os.PathLike) -> torch.Tensor:
