@@ -163,8 +163,9 @@ def test_predict_and_export_refuse_to_lose_files_and_bad_arrays(trained, exporte
 def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_root, tmp_path, capsys):
     run, summary = _train(tmp_path_factory, mnist, "stochastic", "sto", hidden=64, depth=1)
     out = tmp_path / "s.bcnn"
-    with pytest.warns(UserWarning, match="again with --recalibrate 100"):  # its statistics do not fit sign(W)
-        assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root)]) == 0
+    with pytest.warns(UserWarning, match="again without --recalibrate 0"):  # its statistics do not fit sign(W)
+        assert main(["export", str(run), "-o", str(out), "--evaluate", "--data-dir", str(data_root),
+                     "--recalibrate", "0"]) == 0
     text = capsys.readouterr().out
     assert "note: stochastic layers exported as H * sign(W)" in text
     # the paper's evaluation (real-valued weights) and the packed network's, side by side
@@ -189,6 +190,19 @@ def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_ro
     error = int((recal.predict(mnist.test_x) != mnist.test_y).sum()) / 10_000
     assert error == pytest.approx(result["packed_test_error"], abs=1e-12)
     assert error < packed_error  # for this stochastic model, recalibration helps the packed network
+
+    # by default a stochastic run's export recalibrates, on 100 batches: 10,000 of MNIST's 50,000 training images
+    out3 = tmp_path / "d.bcnn"
+    assert main(["export", str(run), "-o", str(out3), "--data-dir", str(data_root)]) == 0
+    assert "(100 batches, the default for a stochastic run; --recalibrate 0 skips it)" in capsys.readouterr().out
+    assert load_packed(out3).net.source["batch_norm_recalibrated"]["examples"] == 10_000
+    assert main(["summary", str(run)]) == 0  # the size of --recalibrate 0's file, said so
+    assert f"`binaryconnect export --recalibrate 0` would write {out.stat().st_size:,} bytes" in capsys.readouterr().out
+    # without the training data, the default is an error that says what to do, and writes nothing
+    assert main(["export", str(run), "-o", str(tmp_path / "e.bcnn"), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "MNIST not found" in err and "give --data-dir, or --recalibrate 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "e.bcnn").exists()
 
 
 def test_recalibrating_a_float_run_says_its_weights_are_the_float_ones(tmp_path_factory, mnist, data_root, tmp_path,

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import rundir
 from .binarize import BINARIZATIONS, STE_VARIANTS
 from .config import RECIPES, list_recipes, recipe_config
-from .errors import BinaryConnectError, ConfigError, TrainingInterrupted
+from .errors import BinaryConnectError, ConfigError, DataError, TrainingInterrupted
 from .layers import STOCHASTIC_EVAL
 from .optim import LR_SCALES
 from .speed import AMP_MODES, COMPILE_MODES
@@ -50,6 +50,10 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negative number")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+#: ``export``'s default ``--recalibrate`` for a run with stochastic layers: 100 batches (10,000 MNIST training
+#: images at the recipe's batch of 100; 1,000 recover most of the accuracy, RESULTS.md).
+RECALIBRATE_BATCHES = 100
 
 
 def _parse_duration(text: str) -> float:
@@ -331,12 +335,13 @@ def _add_export(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--evaluate", action="store_true",
                    help="also report the test error of the training model and of the packed model")
-    p.add_argument("--recalibrate", type=_positive_int, metavar="BATCHES",
+    p.add_argument("--recalibrate", type=_non_negative_int, metavar="BATCHES",
                    help="first recompute the batch-norm statistics for the exported weights H * sign(W) on this "
-                        "many batches (the run's batch size) of its training split: a stochastic model needs it "
-                        "(100 is plenty for MNIST)")
-    p.add_argument("--data-dir", help="dataset root for --evaluate and --recalibrate (default: the run's where that "
-                                      "folder exists, else $BINARYCONNECT_DATA, else ./data)")
+                        f"many batches (the run's batch size) of its training split; default: {RECALIBRATE_BATCHES} "
+                        "for a run with stochastic layers (its statistics fit its sampled weights, not H * sign(W); "
+                        "it reads the training data), 0 (none) otherwise")
+    p.add_argument("--data-dir", help="dataset root for --evaluate and the recalibration (default: the run's where "
+                                      "that folder exists, else $BINARYCONNECT_DATA, else ./data)")
     p.add_argument("--engine", choices=ENGINES, help="engine for --evaluate (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_export)
@@ -355,12 +360,22 @@ def _cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     model, config, meta = load_run_with_metadata(args.run)  # read once, for the export and for --evaluate
-    data = None  # the run's dataset, for --recalibrate and --evaluate: read before writing (a bad --data-dir)
-    if args.recalibrate or args.evaluate:  # the data root: --data-dir, the run's where it exists, the default
-        data = run_dataset(config, meta, args.data_dir, "the recalibration" if args.recalibrate else "the test error")
+    stochastic = any(m.binarization == "stochastic" for m in binary_layers(model))
+    batches = args.recalibrate if args.recalibrate is not None else RECALIBRATE_BATCHES if stochastic else 0
+    data = None  # the run's dataset, for the recalibration and --evaluate: read before writing (a bad --data-dir)
+    if batches or args.evaluate:  # the data root: --data-dir, the run's where it exists, the default
+        try:
+            data = run_dataset(config, meta, args.data_dir, "the recalibration" if batches else "the test error")
+        except DataError as exc:
+            if args.recalibrate is not None or not batches:
+                raise
+            raise DataError(f"{str(exc).rstrip('.')}. (A stochastic run's export recomputes its batch-norm "
+                            "statistics for H * sign(W) on its training data by default: give --data-dir, or "
+                            "--recalibrate 0 to pack the statistics as trained, "
+                            "which fit its sampled weights)") from None
     packed_model, recalibrated = model, None
-    if args.recalibrate:
-        packed_model, used = recalibrate_batch_norm(model, data.train_x, args.recalibrate, config.batch_size)
+    if batches:
+        packed_model, used = recalibrate_batch_norm(model, data.train_x, batches, config.batch_size)
         binary = any(m.is_binary for m in binary_layers(model))
         recalibrated = {"examples": used, "batch_size": config.batch_size, "split": "train", "seed": 0,
                         "weights": "H * sign(W) in binary layers" if binary else "W (no binary layer)"}
@@ -395,7 +410,9 @@ def _cmd_export(args) -> int:
         print(f"note: stochastic layers exported as {net.source['stochastic_weights']}")
     if recalibrated:
         print(f"batch-norm statistics recomputed for the exported weights on {recalibrated['examples']:,} training "
-              f"examples")
+              f"examples" + ("" if args.recalibrate is not None else
+                             f" ({RECALIBRATE_BATCHES} batches, the default for a stochastic run; --recalibrate 0 "
+                             "skips it)"))
     if args.evaluate:
         print(f"test error: training model (eval mode) {100 * result['model_test_error']:.2f}%, packed model "
               f"{100 * result['packed_test_error']:.2f}% ({result['engine']} engine); same prediction on "
@@ -409,13 +426,14 @@ def _cmd_export(args) -> int:
 
 
 def _warn_unfit_statistics(net, out: Path, recalibrated) -> None:
-    """A stochastic model packed without --recalibrate: its batch norms' statistics fit the sampled weights."""
+    """A stochastic model packed with --recalibrate 0: its batch norms' statistics fit the sampled weights."""
     if net.source.get("stochastic_weights") and not recalibrated:
         sys.stdout.flush()  # after the lines above on a terminal
         warnings.warn(f"{out} holds H * sign(W) with the batch-norm statistics of the stochastic training, which fit "
                       "its sampled weights, not these: such a file can err far more often than the model (MNIST, "
-                      "RESULTS.md: 17.04% against 1.26%). Export it again with --recalibrate 100 (it reads the "
-                      "training data) to recompute them for H * sign(W)", stacklevel=1)
+                      f"RESULTS.md: 17.04% against 1.26%). Export it again without --recalibrate 0 (it then reads "
+                      f"the training data, {RECALIBRATE_BATCHES} batches) to recompute them for H * sign(W)",
+                      stacklevel=1)
 
 
 def _add_predict(sub) -> None:
@@ -603,7 +621,12 @@ def _cmd_summary(args) -> int:
     else:
         net = export_run(path)
         data = net.to_bytes()
-        title = f"{path}: not exported yet; `binaryconnect export` would write {len(data):,} bytes"
+        if net.source.get("stochastic_weights"):  # export recalibrates such a run by default; its data are not read
+            title = (f"{path}: not exported yet; `binaryconnect export --recalibrate 0` would write {len(data):,} "
+                     "bytes; by default `export` recomputes a stochastic run's batch-norm statistics, which needs its "
+                     "data, and records how in the file: about 150 bytes more")
+        else:
+            title = f"{path}: not exported yet; `binaryconnect export` would write {len(data):,} bytes"
     summary = summarize(net, data)
     print(summary_json(summary) if args.json else format_summary(summary, title))
     return 0

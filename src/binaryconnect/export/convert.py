@@ -19,7 +19,7 @@ float32. A batch norm that does not directly follow a linear/conv layer becomes 
 Stochastic BinaryConnect: its test-time network uses the real-valued weights (the paper), which cannot
 be packed; the export carries ``H * sign(W)`` (eq. 1 applied to the latent weights) and says so in
 ``source["stochastic_weights"]``. Its batch norms' statistics do not fit those weights:
-``recalibrate_batch_norm`` recomputes them first (``export --recalibrate``).
+``recalibrate_batch_norm`` recomputes them first (``binaryconnect export`` does, by default, for such a run).
 """
 
 from __future__ import annotations
