@@ -484,16 +484,19 @@ def test_each_process_s_first_epoch_is_left_out_of_the_pace(tmp_path, mnist, mon
         seen.append((len(history), set(first_epochs)))
         return pace(history, first_epochs)
 
-    costs, replan = [], train._replan
+    costs, replans, replan = [], [], train._replan
 
     def spy_replan(plan, config, history, first_epochs, elapsed, checkpoint_seconds, log):
         costs.append(checkpoint_seconds)
+        replans.append((len(history), set(first_epochs)))
         return replan(plan, config, history, first_epochs, elapsed, checkpoint_seconds, log)
 
     monkeypatch.setattr(train, "epoch_pace", spy)
     monkeypatch.setattr(train, "_replan", spy_replan)
     summary = resume(run, progress=False, log=quiet, data=_light(mnist))
-    assert seen == [(3, {0, 2}), (4, {0, 2}), (5, {0, 2})]  # after epochs 3, 4 and 5 (not after the last)
+    # after epochs 3, 4 and 5 (not after the last), for the replan and for the epoch line's time to go
+    assert {(n, frozenset(first)) for n, first in seen} == {(n, frozenset({0, 2})) for n in (3, 4, 5)}
+    assert replans == [(3, {0, 2}), (4, {0, 2}), (5, {0, 2})]
     # before the resumed process writes a checkpoint, a checkpoint costs what the plan measured, not nothing
     plan = json.loads((run / "config.json").read_text())["plan"]
     assert costs[0] == plan["checkpoint_seconds"] > 0

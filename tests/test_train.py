@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from binaryconnect import train
 from binaryconnect.checkpoint import load_tensors
 from binaryconnect.config import TrainConfig, recipe_config
 from binaryconnect.errors import ConfigError
@@ -264,3 +265,33 @@ def test_a_registered_network_of_ones_own_trains_reloads_and_exports(tmp_path, m
     packed = PackedModel(export_run(run), engine="torch")
     with torch.no_grad():
         assert torch.equal(packed(mnist.test_x[:500]).argmax(1), model(mnist.test_x[:500]).argmax(1))
+
+
+def test_each_epoch_line_says_about_how_long_the_rest_takes(tmp_path, mnist, monkeypatch):
+    """After each epoch but the last: the epochs left at the run's pace (the lower median of its recent epochs
+    but the first, which pays for the warm-up; after the first, its own time); from a minute to go (here
+    from no time at all: these epochs are short)."""
+    monkeypatch.setattr(train, "TIME_TO_GO_FROM", 0.0)
+    lines = []
+    fit(_small(epochs=4), tmp_path / "run", progress=False, log=lines.append, data=mnist)
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 4 and "to go" not in epochs[-1]
+    paces = [rows[0]["seconds"], rows[1]["seconds"], min(rows[1]["seconds"], rows[2]["seconds"])]
+    for line, left, pace in zip(epochs[:3], (3, 2, 1), paces, strict=True):
+        assert line.endswith(f"s, about {train._span(left * pace)} to go)"), line
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (89, "89 s"), (90, "2 min"), (5399, "90 min"),
+                                           (5400, "1.5 h"), (47 * 3600, "47.0 h"), (553_000, "6.4 days")])
+def test_spans_are_said_as_people_say_them(seconds, text):
+    assert train._span(seconds) == text
+
+
+def test_a_short_time_to_go_goes_unsaid():
+    history = [{"seconds": 20.0}, {"seconds": 9.0}, {"seconds": 11.0}]
+    assert train._time_to_go(7, history, []) == ", about 63 s to go"  # 7 x the lower median of 9 and 11
+    assert train._time_to_go(6, history, []) == ""  # 54 s
+    assert train._time_to_go(3, history[:1], []) == ", about 60 s to go"  # the first epoch's own time
+    assert train._time_to_go(6, history, [{"epoch": 1}]) == ", about 66 s to go"  # 1: a resumed process's first
+    assert train._time_to_go(0, history, []) == ""

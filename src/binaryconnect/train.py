@@ -341,6 +341,37 @@ def _replan(plan: dict, config: TrainConfig, history: list[dict], first_epochs: 
     return True
 
 
+def _first_epochs(resumes: list[dict]) -> set[int]:
+    """The first epoch (0-based) each process of a run trained: the run's start and every resume."""
+    return {0, *(r["epoch"] for r in resumes)}
+
+
+#: The least time to go that the epoch log line mentions (seconds).
+TIME_TO_GO_FROM = 60.0
+
+
+def _time_to_go(epochs_left: int, history: list[dict], resumes: list[dict]) -> str:
+    """``, about 6.4 days to go`` for the epoch log line: ``epochs_left`` at the run's pace (``epoch_pace``,
+    without each process's first epoch, which pays for its warm-up; after the first epoch alone, its time);
+    empty when none are left or they take less than ``TIME_TO_GO_FROM``."""
+    if epochs_left <= 0:
+        return ""
+    pace, n = epoch_pace(history, _first_epochs(resumes))
+    seconds = epochs_left * (pace if n else history[-1]["seconds"])
+    return f", about {_span(seconds)} to go" if seconds >= TIME_TO_GO_FROM else ""
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: ``45 s``, ``12 min``, ``3.5 h``, ``6.4 days``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _epochs(n: int) -> str:
     return f"{n} epoch{'s' * (n != 1)}"
 
@@ -769,8 +800,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 planning, timer, planned = False, None, True
             elif "plan" in info and info["plan"]["epochs"] == config.epochs > epoch + 1:  # on its plan (not given
                 # other --epochs when resumed), epochs to go: if off the plan's pace, fewer
-                first_epochs = {0, *(r["epoch"] for r in info["resumes"])}  # each process's first
-                planned = _replan(info["plan"], config, p.history, first_epochs, elapsed, checkpoint_cost, log)
+                planned = _replan(info["plan"], config, p.history, _first_epochs(info["resumes"]), elapsed,
+                                  checkpoint_cost, log)
             if planned:
                 config.epochs = info["plan"]["epochs"]
                 info["config"] = config.to_dict()  # the planned epochs: what checkpoints and config.json hold
@@ -779,7 +810,8 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                     p.best_metadata = {**p.best_metadata, "config": json.dumps(info["config"], sort_keys=True)}
                     best_written = None
             log(f"epoch {epoch + 1:4d}/{config.epochs}  lr {p.lr:.2e}  loss {record['train_loss']:.4f}  "
-                f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s)")
+                f"val {100 * val_error:.2f}%  test {100 * test_error:.2f}%  ({record['seconds']:.1f}s"
+                f"{_time_to_go(config.epochs - epoch - 1, p.history, info['resumes'])})")
             p.epoch, p.step, p.perm, p.loss_sum = epoch + 1, 0, None, None
             if (stop.signum or epoch + 1 == config.epochs
                     or time.perf_counter() - saved_at >= config.checkpoint_seconds
