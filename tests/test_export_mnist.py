@@ -203,6 +203,12 @@ def test_stochastic_run_reports_both_accuracies(tmp_path_factory, mnist, data_ro
     err = capsys.readouterr().err
     assert "MNIST not found" in err and "give --data-dir, or --recalibrate 0" in err and err.count("\n") == 1
     assert not (tmp_path / "e.bcnn").exists()
+    # with --evaluate, which needs the data whatever the recalibration, the error does not offer --recalibrate 0
+    assert main(["export", str(run), "-o", str(tmp_path / "e.bcnn"), "--evaluate", "--data-dir",
+                 str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "MNIST not found" in err and "--recalibrate" not in err and err.count("\n") == 1
+    assert not (tmp_path / "e.bcnn").exists()
 
 
 def test_recalibrating_a_float_run_says_its_weights_are_the_float_ones(tmp_path_factory, mnist, data_root, tmp_path,

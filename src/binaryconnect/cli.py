@@ -367,7 +367,7 @@ def _cmd_export(args) -> int:
         try:
             data = run_dataset(config, meta, args.data_dir, "the recalibration" if batches else "the test error")
         except DataError as exc:
-            if args.recalibrate is not None or not batches:
+            if args.recalibrate is not None or not batches or args.evaluate:  # (--evaluate needs the data too)
                 raise
             raise DataError(f"{str(exc).rstrip('.')}. (A stochastic run's export recomputes its batch-norm "
                             "statistics for H * sign(W) on its training data by default: give --data-dir, or "
