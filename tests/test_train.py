@@ -282,8 +282,9 @@ def test_each_epoch_line_says_about_how_long_the_rest_takes(tmp_path, mnist, mon
         assert line.endswith(f"s, about {train._span(left * pace)} to go)"), line
 
 
-@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (89, "89 s"), (90, "2 min"), (5399, "90 min"),
-                                           (5400, "1.5 h"), (47 * 3600, "47.0 h"), (553_000, "6.4 days")])
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (89.4, "89 s"), (89.6, "1 min"), (150, "2 min"),
+                                           (5369, "89 min"), (5399, "1.5 h"), (5400, "1.5 h"),
+                                           (47 * 3600, "47.0 h"), (172_790, "2.0 days"), (553_000, "6.4 days")])
 def test_spans_are_said_as_people_say_them(seconds, text):
     assert train._span(seconds) == text
 
@@ -293,5 +294,8 @@ def test_a_short_time_to_go_goes_unsaid():
     assert train._time_to_go(7, history, []) == ", about 63 s to go"  # 7 x the lower median of 9 and 11
     assert train._time_to_go(6, history, []) == ""  # 54 s
     assert train._time_to_go(3, history[:1], []) == ", about 60 s to go"  # the first epoch's own time
-    assert train._time_to_go(6, history, [{"epoch": 1}]) == ", about 66 s to go"  # 1: a resumed process's first
+    assert train._time_to_go(6, history, [{"epoch": 1, "step": 0}]) == ", about 66 s to go"  # a resumed
+    # process's first epoch (1) is left out of the pace; one it began in its middle, when it is all there is:
+    assert train._time_to_go(240, history[:2], [{"epoch": 1, "step": 30}]) == ""  # (its 9 s: part of an epoch)
+    assert train._time_to_go(240, history[:2], [{"epoch": 1, "step": 0}]) == ", about 36 min to go"
     assert train._time_to_go(0, history, []) == ""

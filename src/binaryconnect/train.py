@@ -353,21 +353,27 @@ TIME_TO_GO_FROM = 60.0
 def _time_to_go(epochs_left: int, history: list[dict], resumes: list[dict]) -> str:
     """``, about 6.4 days to go`` for the epoch log line: ``epochs_left`` at the run's pace (``epoch_pace``,
     without each process's first epoch, which pays for its warm-up; after the first epoch alone, its time);
-    empty when none are left or they take less than ``TIME_TO_GO_FROM``."""
+    empty when none are left, when they take less than ``TIME_TO_GO_FROM``, or when the only epoch timed is
+    the rest of one a resumed process began in its middle."""
     if epochs_left <= 0:
         return ""
     pace, n = epoch_pace(history, _first_epochs(resumes))
-    seconds = epochs_left * (pace if n else history[-1]["seconds"])
+    if not n:
+        if resumes and resumes[-1]["step"] > 0 and resumes[-1]["epoch"] == len(history) - 1:
+            return ""
+        pace = history[-1]["seconds"]
+    seconds = epochs_left * pace
     return f", about {_span(seconds)} to go" if seconds >= TIME_TO_GO_FROM else ""
 
 
 def _span(seconds: float) -> str:
-    """A duration as people say it: ``45 s``, ``12 min``, ``3.5 h``, ``6.4 days``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
+    """A duration as people say it: ``45 s``, ``12 min``, ``3.5 h``, ``6.4 days`` (each unit up to the
+    rounded value at which the next takes over)."""
+    if round(seconds) < 90:
+        return f"{round(seconds)} s"
+    if round(seconds / 60) < 90:
+        return f"{round(seconds / 60)} min"
+    if round(seconds / 3600, 1) < 48:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
 
