@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .engine import HALF_FLOAT32_MAX, PackedModel
+from .engine import PackedModel, check_input
 from .format import PackedNetwork
 
 
@@ -42,12 +42,7 @@ def read_inputs(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"cannot read inputs from {path}: use a .npy or .safetensors file")
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"{path} holds no examples (shape {list(x.shape)}); expected [N, *input_shape], N >= 1")
-    if not torch.isfinite(x).all():
-        raise DataError(f"{path} holds NaN or infinite values (or values beyond float32's range): inputs must be "
-                        "finite, preprocessed as the model's training data were")
-    if x.abs().max() > HALF_FLOAT32_MAX:  # the native engine doubles sums: it would give +-inf or NaN
-        raise DataError(f"{path} holds values beyond +-{HALF_FLOAT32_MAX:.3g} (half float32's largest), where the "
-                        "packed engine's sums overflow: inputs must be preprocessed as the model's training data were")
+    check_input(x, str(path))  # before any example runs (``PackedModel`` checks each batch again)
     return x
 
 
