@@ -17,8 +17,9 @@ Engines:
   unpacked once, at load, to +-1 float32 weights used with ``F.linear``/``F.conv2d`` (so it does use
   multiplications and 32x the memory); results agree with ``native`` to float32 rounding. Exceptions:
   an infinite input gives ``native`` NaN where ``torch``, float32 PyTorch and the C source export give
-  +-inf, and a finite input beyond half float32's largest value (about 1.7e38) can give it +-inf or NaN
-  where they stay finite (its tables and single columns double a sum, then subtract another: inf - inf);
+  +-inf, and a finite input beyond half float32's largest value (about 1.7e38) can give it +-inf, NaN or
+  finite nonsense where float32 PyTorch's sums stay finite or become NaN (its tables and single columns double
+  a sum, then subtract another: inf - inf);
   ``PackedModel`` refuses both kinds of input, and NaN, with ``DataError`` on either engine (one
   ``torch.aminmax`` pass over each batch: about 2 us for an MNIST image), and so does ``binaryconnect predict``
   before running anything (``tools.read_inputs``). Finite inputs within that range whose sums overflow deeper
