@@ -17,6 +17,12 @@ hardware and software versions.
     python bench/bench_train_step.py --network mnist --cuda-graph      # the whole step as CUDA graphs
     python bench/bench_train_step.py --cuda-graph --profile 5     # + where each variant's device time goes
     python bench/bench_train_step.py --cuda-graph --serial-groups # Adam's groups recorded one after the other
+    python bench/bench_train_step.py --amp bf16 --channels-last --fp32-baseline   # + what bf16 / NHWC buy
+
+``--fp32-baseline`` times a fourth variant in the same rounds: the float network with the same options but
+float32 and the default memory format (no ``--amp``, no ``--channels-last``), and prints how much faster
+each variant is than it: what the precision and layout options buy, measured against their baseline in the
+same run.
 
 The project's goals (issue 3) are for one H100: deterministic at most 1.10x and stochastic at most
 1.20x the float step. CPU ratios say little about them (no fused kernels, different bottlenecks).
@@ -47,6 +53,7 @@ from binaryconnect.optim import make_optimizer  # noqa: E402
 from binaryconnect.speed import AMP_MODES, COMPILE_MODES, CUDA_GRAPH_MODES, training_forward  # noqa: E402
 
 VARIANTS = ("none", "deterministic", "stochastic")  # float, deterministic, stochastic BinaryConnect
+FP32 = "none-fp32"  # --fp32-baseline: the float network in float32 and the default memory format
 NETWORKS = {"cifar10": CIFAR10_CHANNELS, "svhn": SVHN_CHANNELS, "mnist": None}  # mnist: the paper's MLP
 
 
@@ -85,7 +92,8 @@ def loadavg() -> str:
 
 
 def make_variant(binarization: str, state: dict, args, device: torch.device, x: torch.Tensor, y: torch.Tensor):
-    """Model (initial weights ``state``), optimizer and step function of one variant."""
+    """Model (initial weights ``state``), optimizer and step function of one variant (``args``: its speed
+    options)."""
     model = build(args.network, args.hidden, binarization).to(device)
     model.load_state_dict(state)
     model.train()
@@ -177,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="after the timing, run STEPS more steps of each variant under torch.profiler and print "
                         "its kernels (on the CPU: its operators) by self time per step, the most costly first")
     p.add_argument("--top", type=int, default=12, help="kernels printed per variant with --profile (default 12)")
+    p.add_argument("--fp32-baseline", action="store_true",
+                   help="also time the float network in float32 and the default memory format (the other options "
+                        "the same) in the same rounds, and print each variant's speed-up over it: what --amp and "
+                        "--channels-last buy")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
     if args.profile < 0 or args.top < 1:
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch_size or (100 if args.network == "mnist" else 50 if on_gpu else 8)
     steps = args.steps or (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    if args.fp32_baseline and args.amp == "none" and not args.channels_last:
+        p.error("--fp32-baseline measures what --amp bf16 and/or --channels-last buy: give one of them")
     if on_gpu:
         torch.backends.cudnn.benchmark = True
 
@@ -204,9 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, 10, (batch,), device=device)
     load_before = loadavg()
 
+    variants = VARIANTS + ((FP32,) if args.fp32_baseline else ())
     steppers, compile_seconds = {}, {}
-    for v in VARIANTS:
-        steppers[v] = make_variant(v, state, args, device, x, y)
+    for v in variants:
+        if v == FP32:  # the float network with these options, but in float32 and the default memory format
+            steppers[v] = make_variant("none", state, argparse.Namespace(**{**vars(args), "amp": "none",
+                                                                            "channels_last": False}), device, x, y)
+        else:
+            steppers[v] = make_variant(v, state, args, device, x, y)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -214,9 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         compile_seconds[v] = time.perf_counter() - t0
 
-    per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    per_step: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for v in VARIANTS:
+        for v in variants:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -237,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
                            for v, r in ratios.items()},
         "warmup_seconds": compile_seconds,
     }
+    if args.fp32_baseline:  # each variant's speed-up over the float32 float step, per round
+        result["speedup_over_fp32_float"] = {
+            v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
+            for v in VARIANTS for r in [[b / a for a, b in zip(per_step[v], per_step[FP32], strict=True)]]}
 
     if args.profile:
         result["profile"] = {v: profile_steps(steppers[v], x, y, args.profile, device) for v in VARIANTS}
@@ -252,14 +275,21 @@ def main(argv: list[str] | None = None) -> dict:
           f"interleaved rounds after {warmup} warm-up steps; compile={args.compile} ({args.compile_mode}) "
           f"amp={args.amp} channels_last={args.channels_last} cuda_graph={args.cuda_graph}"
           + (f" concurrent_groups={result['concurrent_groups']}" if args.cuda_graph else ""))
-    names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic"}
-    for v in VARIANTS:
+    names = {"none": "float", "deterministic": "deterministic", "stochastic": "stochastic", FP32: "float, fp32"}
+    for v in variants:
         line = f"  {names[v]:14s} {1e3 * median[v]:10.2f} ms/step"
-        if v != "none":
+        if v in result["ratio_to_float"]:
             r = result["ratio_to_float"][v]
             line += f"   {r['median']:.3f}x float (rounds: {r['min']:.3f}..{r['max']:.3f})"
         print(line)
     print("goals (one H100): deterministic <= 1.10x, stochastic <= 1.20x the float step")
+    if args.fp32_baseline:
+        options = " ".join(o for o, on in (("--amp bf16", args.amp == "bf16"),
+                                           ("--channels-last", args.channels_last)) if on)
+        print(f"speed-up of {options} over the float step in float32 and the default memory format "
+              f"(rounds min..max): " + ", ".join(
+                  f"{names[v]} {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f})"
+                  for v, r in result["speedup_over_fp32_float"].items()))
     for v, prof in result.get("profile", {}).items():
         unit = "kernels" if on_gpu else "operators"
         print(f"profile {names[v]}: {prof['per_step']:.1f} {unit} and {prof['self_us_per_step']:.1f} us of self "
