@@ -326,3 +326,52 @@ def test_compile_options_reach_torch_compile(monkeypatch, mode, graph_steps):
     forward(x)
     assert modes == [None if mode == "default" else mode] and len(steps) == graph_steps
     assert all(layer.generator is None for layer in binary_layers(model))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_hint_only_for_a_float32_convnet_on_a_cpu_with_native_bf16(monkeypatch, native):
+    from binaryconnect import speed
+
+    monkeypatch.setattr(speed, "cpu_computes_bf16", lambda: native)
+    convnet = create_model("convnet", channels=[4, 8, 8], hidden=16)
+    mlp = create_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=16, depth=1)
+    cpu = torch.device("cpu")
+    hint = speed.cpu_bf16_hint(convnet, cpu, "none")
+    if native:
+        assert hint.startswith("hint: this CPU computes bfloat16 natively: --amp bf16 --channels-last")
+    else:
+        assert hint is None
+    assert speed.cpu_bf16_hint(convnet, cpu, "bf16") is None  # already asked for
+    assert speed.cpu_bf16_hint(mlp, cpu, "none") is None  # no convolution
+    assert speed.cpu_bf16_hint(convnet, torch.device("cuda"), "none") is None  # not a CPU
+
+
+def test_cpu_computes_bf16_is_oneDNNs_answer_and_false_without_it(monkeypatch):
+    from binaryconnect import speed
+
+    assert speed.cpu_computes_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    class NoOneDNN:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", NoOneDNN())
+    assert speed.cpu_computes_bf16() is False
+
+
+@pytest.mark.parametrize("amp, expect_hint", [("none", True), ("bf16", False)])
+def test_fit_logs_the_cpu_bf16_hint_once(tmp_path, monkeypatch, amp, expect_hint):
+    from binaryconnect import speed
+    from binaryconnect.data import Splits
+    from binaryconnect.train import fit
+
+    monkeypatch.setattr(speed, "cpu_computes_bf16", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 3, 32, 32, generator=g), torch.randint(0, 10, (60,), generator=g)
+    data = Splits(x[:40], y[:40], x[40:50], y[40:50], x[50:], y[50:], num_classes=10)
+    config = recipe_config("cifar10-deterministic", model_kwargs={"channels": [4, 8, 8], "hidden": 16},
+                           epochs=1, batch_size=20, device="cpu", amp=amp)
+    lines = []
+    fit(config, tmp_path / "run", progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a))), data=data)
+    hints = [line for line in lines if line.startswith("hint: this CPU computes bfloat16")]
+    assert len(hints) == (1 if expect_hint else 0)

@@ -70,7 +70,7 @@ from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
 from .optim import exponential_lr, make_optimizer, set_lr
-from .speed import training_forward
+from .speed import cpu_bf16_hint, training_forward
 
 
 def finite_check_interval(device: torch.device) -> int:
@@ -711,6 +711,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
         f"{n_train} train / {len(data.val_x)} val / {len(data.test_x)} test, {n_params:,} parameters, "
         + (f"at most {_epochs(config.epochs)} in {config.time_budget:g} s (planned after the first)" if planning
            else _epochs(config.epochs)) + f", device {device}, run dir {run_dir}")
+    hint = cpu_bf16_hint(model, device, config.amp)
+    if hint:
+        log(hint)
 
     # a run that fails (a NaN loss, an error) leaves the best model of its finished epochs: each passed the
     # NaN/Inf check before it was evaluated, so no weight a bad step touched is in it
