@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,19 +51,21 @@ def test_the_fp32_baseline_is_timed_in_the_same_rounds_and_gives_each_variant_it
     assert "speed-up of --amp bf16 over the float step in float32" in out
 
 
-def test_the_fp32_baseline_variant_runs_in_float32_and_the_default_layout(bench, monkeypatch):
-    seen = []
-    make_variant = bench.make_variant
+@pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--channels-last"]])
+def test_the_fp32_baseline_variant_differs_from_the_others_only_in_precision_and_layout(bench, monkeypatch, options):
+    built = []
 
-    def spy(binarization, state, args, device, x, y):
-        seen.append((binarization, args.amp, args.channels_last))
-        return make_variant(binarization, state, args, device, x, y)
+    def make_variant(binarization, state, args, device, x, y):  # records the options, builds nothing
+        built.append((binarization, dict(vars(args))))
+        return lambda x, y: None
 
-    monkeypatch.setattr(bench, "make_variant", spy)
-    bench.main(TINY[:3] + ["cifar10", "--hidden", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                           "--rounds", "1", "--amp", "bf16", "--channels-last", "--fp32-baseline"])
-    assert seen == [("none", "bf16", True), ("deterministic", "bf16", True), ("stochastic", "bf16", True),
-                    ("none", "none", False)]
+    monkeypatch.setattr(bench, "make_variant", make_variant)
+    bench.main(TINY + options + ["--fp32-baseline"])
+    assert [b for b, _ in built] == ["none", "deterministic", "stochastic", "none"]
+    main_args = built[0][1]
+    assert all(a == main_args for _, a in built[1:3])
+    assert main_args["channels_last"] and main_args["amp"] == ("bf16" if "--amp" in options else "none")
+    assert built[3][1] == {**main_args, "amp": "none", "channels_last": False}
 
 
 def test_the_fp32_baseline_needs_an_option_to_measure(bench, capsys):
@@ -104,7 +107,7 @@ def test_the_ratios_are_the_statistics_of_the_per_round_quotients(bench, monkeyp
             order.clear()
 
     monkeypatch.setattr(bench, "sync", sync)
-    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=perf_counter))  # the script's clock only
     result = bench.main(TINY[:10] + ["--warmup", "0", "--rounds", "3", "--amp", "bf16", "--fp32-baseline"])
     assert result["ratio_to_float"]["deterministic"] == {"median": 1.5, "min": 1.0, "max": 2.0}
     assert result["ratio_to_float"]["stochastic"]["median"] == 1.5

@@ -346,16 +346,29 @@ def test_cpu_bf16_hint_only_for_a_float32_convnet_on_a_cpu_with_native_bf16(monk
     assert speed.cpu_bf16_hint(convnet, torch.device("cuda"), "none") is None  # not a CPU
 
 
-def test_cpu_computes_bf16_is_oneDNNs_answer_and_false_without_it(monkeypatch):
+@pytest.mark.parametrize("machine, avx512_bf16, amx, expected", [
+    ("x86_64", True, False, True),  # AMD Zen 4, Cooper Lake
+    ("x86_64", False, True, True),  # AMX
+    ("x86_64", False, False, False),  # AVX-512 alone (Skylake to Ice Lake): oneDNN emulates bf16
+    ("AMD64", True, False, True),  # Windows' name
+    ("aarch64", True, True, False),  # not measured on Arm
+])
+def test_cpu_computes_bf16_asks_for_the_bf16_instructions(monkeypatch, machine, avx512_bf16, amx, expected):
     from binaryconnect import speed
 
-    assert speed.cpu_computes_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(speed.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)  # not asked
+    assert speed.cpu_computes_bf16() is expected
 
-    class NoOneDNN:
-        def __getattr__(self, name):
-            raise AttributeError(name)
 
-    monkeypatch.setattr(torch.ops, "mkldnn", NoOneDNN())
+def test_cpu_computes_bf16_is_false_when_torch_has_no_probe(monkeypatch):
+    from binaryconnect import speed
+
+    monkeypatch.setattr(speed.platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert speed.cpu_computes_bf16() is False
 
 

@@ -28,6 +28,7 @@ The model itself is left usable as before (``state_dict`` keys unchanged, evalua
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 
 import torch
@@ -52,11 +53,11 @@ def check_amp(amp: str) -> str:
 
 
 def cpu_bf16_hint(model: nn.Module, device: torch.device, amp: str) -> str | None:
-    """A one-line suggestion for a convolutional network trained in float32 on a CPU that computes bfloat16
-    natively (oneDNN's check: AVX512-BF16 or AMX), where ``amp="bf16"`` about halves the training step
-    (BENCHMARKS.md, "bf16 autocast and channels-last on the CPU"); None on another device, with ``amp``
-    already set, for a network without convolutions (the MLP gains less, and its stochastic step none), and
-    on a CPU that would emulate bfloat16."""
+    """A one-line suggestion for a convolutional network trained in float32 on an x86 CPU with bfloat16
+    instructions (AVX512-BF16 or AMX: ``cpu_computes_bf16``), where ``amp="bf16"`` about halved the training
+    step (BENCHMARKS.md, "bf16 autocast and channels-last on the CPU"); None on another device, with ``amp``
+    already set, for a network without convolutions (the MLP gains less), and on a CPU without those
+    instructions, where bfloat16 is emulated."""
     if device.type != "cpu" or amp != "none" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return None
     if not cpu_computes_bf16():
@@ -67,11 +68,19 @@ def cpu_bf16_hint(model: nn.Module, device: torch.device, amp: str) -> str | Non
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX), as PyTorch's own tests ask."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
+    """Whether this is an x86 CPU with bfloat16 instructions: AVX512-BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4
+    and later) or AMX. Not oneDNN's ``_is_mkldnn_bf16_supported``, which is also true where oneDNN emulates
+    bfloat16 with AVX-512 (Skylake to Ice Lake). Other architectures: False (not measured here)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)  # private to torch.cpu (torch 2.14); absent: not known
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def check_compile_mode(mode: str) -> str:
