@@ -244,7 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
             per_step[v].append((time.perf_counter() - t0) / steps)
 
     median = {v: statistics.median(t) for v, t in per_step.items()}
-    ratios = {v: [a / b for a, b in zip(per_step[v], per_step["none"], strict=True)] for v in VARIANTS[1:]}
+
+    def per_round(num: str, den: str) -> dict:
+        """The quotient per_step[num] / per_step[den] of each round: its median, min and max over the rounds."""
+        r = [a / b for a, b in zip(per_step[num], per_step[den], strict=True)]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
     result = {
         "environment": environment(device), "loadavg_before": load_before, "loadavg_after": loadavg(),
         "network": args.network, "hidden": args.hidden, "batch_size": batch, "steps": steps, "warmup": warmup,
@@ -252,14 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
         "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
         "concurrent_groups": args.cuda_graph and not args.serial_groups,
         "median_step_ms": {v: 1e3 * t for v, t in median.items()},
-        "ratio_to_float": {v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
-                           for v, r in ratios.items()},
+        "ratio_to_float": {v: per_round(v, "none") for v in VARIANTS[1:]},
         "warmup_seconds": compile_seconds,
     }
     if args.fp32_baseline:  # each variant's speed-up over the float32 float step, per round
-        result["speedup_over_fp32_float"] = {
-            v: {"median": statistics.median(r), "min": min(r), "max": max(r)}
-            for v in VARIANTS for r in [[b / a for a, b in zip(per_step[v], per_step[FP32], strict=True)]]}
+        result["speedup_over_fp32_float"] = {v: per_round(FP32, v) for v in VARIANTS}
 
     if args.profile:
         result["profile"] = {v: profile_steps(steppers[v], x, y, args.profile, device) for v in VARIANTS}
