@@ -372,6 +372,51 @@ def test_cpu_computes_bf16_is_false_when_torch_has_no_probe(monkeypatch):
     assert speed.cpu_computes_bf16() is False
 
 
+@pytest.mark.parametrize("machine, native, device, amp, warned", [
+    ("x86_64", False, "cpu", "bf16", True),  # AVX2 or AVX-512 alone: emulated
+    ("AMD64", False, "cpu", "bf16", True),
+    ("x86_64", True, "cpu", "bf16", False),  # AVX512-BF16 or AMX
+    ("x86_64", False, "cpu", "none", False),  # float32
+    ("x86_64", False, "cuda", "bf16", False),  # not a CPU
+    ("aarch64", False, "cpu", "bf16", False),  # not measured on Arm
+])
+def test_cpu_bf16_emulated_warning_only_for_bf16_on_an_x86_cpu_without_bf16_instructions(
+        monkeypatch, machine, native, device, amp, warned):
+    from binaryconnect import speed
+
+    monkeypatch.setattr(speed.platform, "machine", lambda: machine)
+    monkeypatch.setattr(speed, "cpu_computes_bf16", lambda: native)
+    warning = speed.cpu_bf16_emulated_warning(torch.device(device), amp)
+    if warned:
+        assert warning.startswith("--amp bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX)")
+        assert "leave out --amp bf16" in warning
+    else:
+        assert warning is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fit_warns_once_when_bf16_is_emulated(tmp_path, monkeypatch, native):
+    import warnings
+
+    from binaryconnect import speed
+    from binaryconnect.data import Splits
+    from binaryconnect.train import fit
+
+    monkeypatch.setattr(speed.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(speed, "cpu_computes_bf16", lambda: native)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, 32, 32, generator=g), torch.randint(0, 10, (30,), generator=g)
+    data = Splits(x[:20], y[:20], x[20:25], y[20:25], x[25:], y[25:], num_classes=10)
+    config = recipe_config("cifar10-deterministic", model_kwargs={"channels": [2, 2, 2], "hidden": 8},
+                           epochs=1, batch_size=10, device="cpu", amp="bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(config, tmp_path / "run", progress=False, log=lambda *a, **k: None, data=data)
+    emulated = [w for w in caught if "bfloat16 is emulated here" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+    assert (tmp_path / "run" / "summary.json").exists()  # a warning, not a refusal: the run trains
+
+
 @pytest.mark.parametrize("amp, expect_hint", [("none", True), ("bf16", False)])
 def test_fit_logs_the_cpu_bf16_hint_once(tmp_path, monkeypatch, amp, expect_hint):
     from binaryconnect import speed

@@ -67,6 +67,20 @@ def cpu_bf16_hint(model: nn.Module, device: torch.device, amp: str) -> str | Non
             "latent weights and updates stay float32")
 
 
+def cpu_bf16_emulated_warning(device: torch.device, amp: str) -> str | None:
+    """A warning for ``amp="bf16"`` on an x86 CPU without bfloat16 instructions (``cpu_computes_bf16`` false),
+    where oneDNN emulates bfloat16 and the training step is many times slower than in float32 (BENCHMARKS.md,
+    "bf16 autocast on a CPU without bf16 instructions"); None on another device, without ``amp``, on a CPU with
+    those instructions, and on another architecture (not measured there)."""
+    if device.type != "cpu" or amp != "bf16" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if cpu_computes_bf16():
+        return None
+    return ("--amp bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated here, "
+            "which made the training step 20x slower than float32 for the CIFAR-10 convnet and 27x for the MNIST "
+            "MLP on a 2-vCPU AVX2 AMD EPYC (BENCHMARKS.md); leave out --amp bf16 on this machine")
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this is an x86 CPU with bfloat16 instructions: AVX512-BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4
     and later) or AMX. Not oneDNN's ``_is_mkldnn_bf16_supported``, which is also true where oneDNN emulates

@@ -70,7 +70,7 @@ from .layers import set_generator
 from .losses import square_hinge_loss
 from .models import create_model
 from .optim import exponential_lr, make_optimizer, set_lr
-from .speed import cpu_bf16_hint, training_forward
+from .speed import cpu_bf16_emulated_warning, cpu_bf16_hint, training_forward
 
 
 def finite_check_interval(device: torch.device) -> int:
@@ -714,6 +714,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
     hint = cpu_bf16_hint(model, device, config.amp)
     if hint:
         log(hint)
+    emulated = cpu_bf16_emulated_warning(device, config.amp)
+    if emulated:
+        warnings.warn(emulated, stacklevel=2)
 
     # a run that fails (a NaN loss, an error) leaves the best model of its finished epochs: each passed the
     # NaN/Inf check before it was evaluated, so no weight a bad step touched is in it
