@@ -452,30 +452,34 @@ def test_short_cifar_run_lowers_the_loss(cifar_subset_splits, tmp_path, binariza
 
     data = cifar_subset_splits
     config = recipe_config(f"cifar10-{binarization}", model_kwargs={"channels": [8, 16, 32], "hidden": 64},
-                           epochs=4, batch_size=50, device="cpu", val_size=100, lr_start=3e-3, lr_end=1e-3)
+                           epochs=10, batch_size=50, device="cpu", val_size=100, lr_start=3e-3, lr_end=1e-3)
     logged: list[str] = []
     summary = fit(config, tmp_path / "run", progress=False, log=lambda *a, **k: logged.append(" ".join(map(str, a))),
                   data=data)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records]
-    # it trained on the 300 training images: 300 // 50 = 6 steps an epoch, 4 epochs
+    # it trained on the 300 training images: 300 // 50 = 6 steps an epoch, 10 epochs
     assert "300 train / 100 val / 100 test" in logged[0]
-    assert read_checkpoint_state(tmp_path / "run" / "checkpoint.safetensors")["global_step"] == 4 * 6
-    # measured (seed 0): deterministic 1.84 -> 1.36, stochastic 1.92 -> 1.74 in 4 epochs
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.95 * losses[0]
+    assert read_checkpoint_state(tmp_path / "run" / "checkpoint.safetensors")["global_step"] == 10 * 6
+    # measured, seed 0 (the test's) and seeds 1-5, on a 2-vCPU AVX2 AMD EPYC: deterministic 1.84 -> 0.94 in 10
+    # epochs (last/first 0.51; seeds 1-5 at most 0.58), stochastic 1.92 -> 1.39 (0.73; at most 0.74)
+    assert [r["epoch"] for r in records] == list(range(1, 11)) and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.85 * losses[0]
     # the summary's test error is that of the best-validation epoch (ties: the later), and the model file holds
-    # that epoch's model: evaluated again on the test images it gives the same error. 4 epochs on 300 images do
-    # not generalise (measured test error 0.90 for both, the chance level of the 10 x 10 test images), so there
-    # is no threshold on it. The deterministic model fits its training images: measured training error 0.74 in
-    # eval mode, against 0.91 untrained and 0.88 after epoch 1; the stochastic one, evaluated with its
-    # real-valued weights, does not yet (0.91), so it gets no such check
+    # that epoch's model: evaluated again on the test images it gives the same error. 10 epochs on 300 images do
+    # not generalise (the 100 test images stay near the chance level), so there is no threshold on it, and which
+    # epoch is best on 100 validation images is close to chance too. The deterministic model fits its training
+    # images whichever epoch that is: measured training error in eval mode 0.43 for seed 0's best model (epoch
+    # 10), 0.52-0.66 for seeds 1-5 (epochs 7-10), against 0.91 untrained. (An earlier 4-epoch version measured
+    # 0.74 for seed 0 on an AVX-512 CPU and 0.88 on the AVX2 one, where epoch 1 came out best; 0.76-0.88 over
+    # seeds, too close to its 0.84 threshold.) The stochastic one, evaluated with its real-valued weights, does
+    # not yet (0.88-0.91), so it gets no such check
     best = max(r["epoch"] for r in records if r["val_error"] == min(q["val_error"] for q in records))
     assert summary["best_epoch"] == best and summary["test_error"] == records[best - 1]["test_error"]
     model, run_config = load_run(tmp_path / "run")
     assert evaluate(model, data.test_x, data.test_y, run_config.eval_batch_size)[0] == summary["test_error"]
     if binarization == "deterministic":
-        assert evaluate(model, data.train_x, data.train_y)[0] < 0.84  # measured 0.74; margin 0.10
+        assert evaluate(model, data.train_x, data.train_y)[0] < 0.80  # measured 0.43 (seeds 1-5: at most 0.66)
 
 
 def test_cli_trains_and_evaluates_an_imagefolder_run(tmp_path, capsys):
