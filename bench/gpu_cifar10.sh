@@ -50,6 +50,13 @@ if [ "$DEVICE" != cpu ] && [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-con
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/bc-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/bc-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d && mps=1
+  # a daemon that clients cannot reach would fail every run: check that a process gets the GPU through it
+  if [ "$mps" = 1 ] && ! timeout 60 python -c "import torch; torch.ones(1, device='cuda').sum().item()" \
+      >> "$OUT/environment.txt" 2>&1; then
+    echo quit | nvidia-cuda-mps-control; mps=0
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "mps: a CUDA process failed through the daemon; stopped it" >> "$OUT/environment.txt"
+  fi
 fi
 echo "mps: $mps" >> "$OUT/environment.txt"
 
