@@ -140,13 +140,35 @@ def test_the_real_plan_with_a_large_and_a_tiny_budget(tmp_path, mnist, one_threa
     fit(_config(epochs=3, time_budget=86_400.0), tmp_path / "day", progress=False, log=lines.append, data=data)
     assert any(line.endswith(": 3 epochs (all of the --epochs cap)") for line in lines)
     assert len(_metrics(tmp_path / "day")) == 3
+    assert not any("past the time budget" in line for line in lines)
     lines = []
     summary = fit(_config(time_budget=1e-6), tmp_path / "tiny", progress=False, log=lines.append, data=data)
     assert summary["epochs"] == 1 and len(_metrics(tmp_path / "tiny")) == 1
     [plan] = [line for line in lines if line.startswith("time budget")]
     assert ": 1 epoch of at most 8; the first epoch alone took " in plan
+    # said at half the first epoch (600 images, batch 100: 3 of 6 steps), before the plan
+    [overrun] = [line for line in lines if "past the time budget" in line]
+    assert overrun.startswith("the first epoch's first 3 of 6 steps took ") and lines.index(overrun) < lines.index(plan)
+    assert "past the time budget of 1e-06 s; it is trained whole" in overrun
+
     state = read_checkpoint_state(tmp_path / "tiny" / CHECKPOINT_NAME)
     assert (state["epoch"], state["step"], state["config"]["epochs"]) == (1, 0, 1)  # the final checkpoint
+
+
+@pytest.mark.parametrize("elapsed, done, steps, said", [
+    (10.0, 5, 10, False),  # projected 20 s: the budget exactly, not past it
+    (10.1, 5, 10, True),
+    (30.0, 100, 900, True),  # 270 s
+    (2.0, 450, 900, False),
+    (5.0, 0, 10, False),  # no step done: nothing to project
+])
+def test_the_first_epoch_overrun_is_said_when_its_projection_passes_the_budget(elapsed, done, steps, said):
+    lines = []
+    train._say_if_first_epoch_overruns(20.0, elapsed, done, steps, lines.append)  # projected elapsed * steps / done
+    assert len(lines) == (1 if said else 0)
+    if said:
+        assert f"first {done} of {steps} steps took {elapsed:.0f} s" in lines[0]
+        assert f"about {elapsed * steps / done:.0f} s of training" in lines[0]
 
 
 def test_the_plan_s_measurements_come_from_the_run(tmp_path, mnist, monkeypatch, one_thread):

@@ -257,6 +257,19 @@ def _epoch_end_checkpoints(epoch_seconds: float, config: TrainConfig) -> float:
     return 1.0 if config.checkpoint_seconds == 0 else min(1.0, epoch_seconds / config.checkpoint_seconds)
 
 
+def _say_if_first_epoch_overruns(budget: float, elapsed: float, done: int, steps: int, log) -> None:
+    """Log a line when the first epoch's training alone, at the pace of its first ``done`` of ``steps`` steps
+    (``elapsed`` seconds of the run), will take longer than the time budget: the plan comes at the end of
+    the epoch, which is trained whole, so the budget is overrun; said at half the epoch instead of after it."""
+    if done <= 0:
+        return
+    projected = elapsed * steps / done
+    if projected > budget:
+        log(f"the first epoch's first {done} of {steps} steps took {elapsed:.0f} s: the epoch alone takes about "
+            f"{projected:.0f} s of training (its evaluation apart), past the time budget of {budget:g} s; it is "
+            "trained whole, since a budget is not a deadline (Ctrl-C stops the run at a step, with a checkpoint)")
+
+
 def _plan(config: TrainConfig, timer: _FirstEpochTimer, elapsed: float, checkpoint_seconds: float, data: Splits,
           log) -> dict:
     """The plan of a run with a time budget, made at the end of its first epoch (``elapsed`` seconds of
@@ -774,6 +787,9 @@ def _run(config: TrainConfig, run_dir: Path, progress: bool | None, log, data: S
                 p.step, p.global_step = step + 1, p.global_step + 1
                 if timer is not None:
                     timer.after_step(p.step)
+                    if p.step == timer.mark:  # half the first epoch done: does the epoch alone overrun the budget?
+                        _say_if_first_epoch_overruns(config.time_budget, p.seconds + time.perf_counter() - start,
+                                                     p.step, steps, log)
                 every = config.checkpoint_every
                 if stop.signum or (every and p.global_step % every == 0 and p.step < steps):
                     p.loss_sum = loss_sum
