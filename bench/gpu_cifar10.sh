@@ -8,7 +8,8 @@
 #
 #   PYTHONPATH=src BUDGET=540 OUT=/tmp/out bash bench/gpu_cifar10.sh      # on the GPU machine
 #
-# Data: DATA (default .data) holds cifar10-jpeg.tar.gz, or any CIFAR-10 source the `cifar10` loader takes.
+# Data: DATA (default .data) holds cifar10-jpeg.tar.gz, or any CIFAR-10 source the `cifar10` loader takes, and
+# MNIST/ for the GPU tests (`pytest -m gpu`: the tests that need CUDA).
 # Settings (environment): BUDGET seconds for the whole command (default 540); RECIPES (default the three
 # paper recipes); SEEDS (default 0,1); JOBS runs at a time (default: all); SPEED the train speed options
 # (default --amp bf16 --channels-last --cuda-graph); TRAIN more train options (e.g. --train-subset 500 for a
@@ -61,7 +62,7 @@ fi
 echo "mps: $mps" >> "$OUT/environment.txt"
 
 if [ "${TESTS:-1}" = 1 ] && [ "$DEVICE" != cpu ]; then  # beside the data preparation, which uses the CPU
-  ( timeout 150 python -m pytest -q -m gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1;
+  ( BINARYCONNECT_DATA="$DATA" timeout 150 python -m pytest -q -rs -m gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1;
     echo "exit $?" >> "$OUT/gpu-tests.log" ) &
 fi
 

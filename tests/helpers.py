@@ -11,8 +11,20 @@ from PIL import Image
 from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 
+#: The marks of a test that needs CUDA: ``gpu`` (``pytest -m gpu`` runs those alone, on a GPU machine) and skipped
+#: where there is no CUDA device.
+NEEDS_CUDA = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+def needs_cuda(test):
+    """Decorate ``test`` with ``NEEDS_CUDA``."""
+    for mark in NEEDS_CUDA:
+        test = mark(test)
+    return test
+
+
 #: The CPU, and a GPU where there is one (the GPU cases skipped without one).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 def small_config(**kw):

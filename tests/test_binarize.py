@@ -16,7 +16,9 @@ from binaryconnect.binarize import (
     hard_sigmoid,
     plus_minus,
 )
-from helpers import DEVICES  # the CPU, and a GPU: there ``plus_minus`` takes another path (one ``torch.where``)
+
+# DEVICES: the CPU, and a GPU: there ``plus_minus`` takes another path (one ``torch.where``)
+from helpers import DEVICES, needs_cuda
 
 
 def test_hard_sigmoid_exact_values():
@@ -224,7 +226,7 @@ def test_binary_weights_in_another_dtype_are_the_cast_of_the_float32_ones(H, out
                        binarize_stochastic(w, H, g.manual_seed(1)).to(out_dtype))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@needs_cuda
 def test_binary_weights_in_another_dtype_can_be_recorded_in_a_cuda_graph_from_a_cold_start(monkeypatch):
     # recording before (+H, -H) exist on the device: the cast path is recorded instead, values unchanged
     cache = {}  # an empty cache for this test; the process's own comes back after it, failed or not (graphs

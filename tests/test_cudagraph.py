@@ -26,9 +26,9 @@ from binaryconnect.losses import square_hinge_loss
 from binaryconnect.models import create_model
 from binaryconnect.optim import make_optimizer, set_lr
 from binaryconnect.train import fit, resume
-from helpers import assert_one_line_error, assert_same_training_state, quiet, small_config
+from helpers import assert_one_line_error, assert_same_training_state, needs_cuda, quiet, small_config
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = needs_cuda
 
 
 def _mlp(binarization: str, device: str = "cpu", features: int = 20) -> torch.nn.Module:

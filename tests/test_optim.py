@@ -18,9 +18,9 @@ from binaryconnect.optim import (
     set_lr,
     step_groups_concurrently,
 )
-from helpers import assert_same_training_state
+from helpers import assert_same_training_state, needs_cuda
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = needs_cuda
 
 
 def test_glorot_scale_for_known_shapes():

@@ -29,7 +29,7 @@ from binaryconnect.cli import main
 from binaryconnect.config import recipe_config
 from binaryconnect.errors import CheckpointError, ConfigError, TrainingInterrupted
 from binaryconnect.train import fit, resume
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, needs_cuda
 from helpers import quiet as _quiet
 from helpers import small_config as _small
 
@@ -360,7 +360,7 @@ def test_checkpoint_on_the_cpu_holds_no_cuda_generator_state(tmp_path, mnist, on
     assert "rng.cuda" not in tensors
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("compile_", [False, True])
 def test_stochastic_gpu_run_resumes_bit_identically(tmp_path, mnist, compile_):
     # Compiled stochastic layers draw their binary weights from PyTorch's default CUDA generator (Dynamo
