@@ -72,7 +72,7 @@ def cpu_bf16_emulated_warning(device: torch.device, amp: str) -> str | None:
     where oneDNN emulates bfloat16 and the training step is many times slower than in float32 (BENCHMARKS.md,
     "bf16 autocast on a CPU without bf16 instructions"); None on another device, without ``amp``, on a CPU with
     those instructions, and on another architecture (not measured there)."""
-    if device.type != "cpu" or amp != "bf16" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if device.type != "cpu" or amp != "bf16" or not _x86():
         return None
     if cpu_computes_bf16():
         return None
@@ -81,11 +81,16 @@ def cpu_bf16_emulated_warning(device: torch.device, amp: str) -> str | None:
             "MLP on a 2-vCPU AVX2 AMD EPYC (BENCHMARKS.md); leave out --amp bf16 on this machine")
 
 
+def _x86() -> bool:
+    """Whether this machine is x86-64 (Linux's name, or Windows')."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this is an x86 CPU with bfloat16 instructions: AVX512-BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4
     and later) or AMX. Not oneDNN's ``_is_mkldnn_bf16_supported``, which is also true where oneDNN emulates
     bfloat16 with AVX-512 (Skylake to Ice Lake). Other architectures: False (not measured here)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86():
         return False
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)  # private to torch.cpu (torch 2.14); absent: not known
